@@ -1,0 +1,195 @@
+"""The ``harness`` command: wires the modules together; all printing happens here."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+from dataclasses import fields
+from typing import Any, NoReturn
+
+from harness.errors import HarnessError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one line and exit 2 (no usage dump)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {self.prog}: {message}; see '{self.prog} --help'\n")
+
+
+def _add_corpus_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--corpus", default="default",
+                   help="'default' (embedded Wikipedia text), a text file, a directory with train/valid/test, "
+                        "or 'synthetic:k=12'")
+    p.add_argument("--tokenizer", choices=("word", "char"), default="word")
+    p.add_argument("--lower", action="store_true", help="lower-case the text")
+    p.add_argument("--split-punct", action="store_true", help="split punctuation off words")
+    p.add_argument("--max-vocab", type=int, default=None, help="cap the vocabulary; the rest becomes <unk>")
+
+
+def _corpus_spec(args: argparse.Namespace):
+    from harness.corpus import CorpusSpec
+
+    return CorpusSpec(source=args.corpus, tokenizer=args.tokenizer, lower=args.lower,
+                      split_punct=args.split_punct, max_vocab=args.max_vocab)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="harness", description="Measure which bptt and batch size to use on this machine.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("corpus", help="show a corpus: tokens per split, vocabulary, source, licence")
+    p.add_argument("action", choices=("info",))
+    _add_corpus_args(p)
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("trial", help="train and evaluate one configuration")
+    _add_corpus_args(p)
+    p.add_argument("--bptt", type=int, default=35)
+    p.add_argument("--batch-size", type=int, default=20)
+    p.add_argument("--model", choices=("lstm", "gru"), default="lstm")
+    p.add_argument("--emsize", type=int, default=200)
+    p.add_argument("--nhid", type=int, default=200)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--dropout", type=float, default=0.2)
+    p.add_argument("--tied", action="store_true")
+    p.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd")
+    p.add_argument("--lr", type=float, default=20.0)
+    p.add_argument("--clip", type=float, default=0.25)
+    p.add_argument("--tokens", type=int, default=200_000, help="training-token budget")
+    p.add_argument("--epochs", type=float, default=None, help="budget in passes over train (overrides --tokens)")
+    p.add_argument("--seconds", type=float, default=None, help="a training-time budget instead of tokens")
+    p.add_argument("--checkpoints", type=int, default=4)
+    p.add_argument("--variable-bptt", action="store_true")
+    p.add_argument("--test", action="store_true", help="also evaluate the test split")
+    p.add_argument("--amp", choices=("bf16",), default=None)
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--timeout", type=float, default=None, help="wall-clock limit in seconds")
+    p.add_argument("--memory-cap-mib", type=float, default=None)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-probe", action="store_true", help="skip the memory/energy probe")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+    p = sub.add_parser("doctor", help="show the device, probe and hardware fingerprint")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true")
+
+    from harness import study_cli
+    from harness.report import cli as report_cli
+
+    study_cli.add_commands(sub)
+    report_cli.add_commands(sub)
+    return parser
+
+
+def cmd_corpus(args: argparse.Namespace) -> int:
+    from harness.corpus import load
+
+    info = load(_corpus_spec(args)).info()
+    if args.json:
+        print(json.dumps(info))
+    else:
+        width = max(map(len, info))
+        for key, value in info.items():
+            print(f"{key:<{width}}  {value}")
+    return 0
+
+
+def cmd_trial(args: argparse.Namespace) -> int:
+    from harness.corpus import load
+    from harness.model import ModelConfig
+    from harness.probe import make_probe
+    from harness.trainer import TrainConfig, TrialSpec, resolve_device, run_trial
+
+    device = resolve_device(args.device)
+    model = ModelConfig(type=args.model, emsize=args.emsize, nhid=args.nhid, layers=args.layers,
+                        dropout=args.dropout, tied=args.tied)
+    train = TrainConfig(optimizer=args.optimizer, lr=args.lr, clip=args.clip,
+                        budget="seconds" if args.seconds else "tokens", tokens=args.tokens, epochs=args.epochs,
+                        seconds=args.seconds or 60.0, checkpoints=args.checkpoints, timeout_s=args.timeout,
+                        seed=args.seed, test=args.test, variable_bptt=args.variable_bptt, amp=args.amp,
+                        compile=args.compile, memory_cap_mib=args.memory_cap_mib)
+    spec = TrialSpec(bptt=args.bptt, batch_size=args.batch_size, model=model, train=train)
+    corpus = load(_corpus_spec(args))
+    probe = None if args.no_probe else make_probe(device)
+    if not args.json:
+        print(f"trial: {model.type} {model.layers}x{model.nhid} on {corpus.name} ({corpus.vocab_size} tokens "
+              f"in vocabulary), bptt={spec.bptt} bs={spec.batch_size}, device {device}", file=sys.stderr)
+
+    def on_checkpoint(i: int, point: dict) -> bool:
+        if not args.json:
+            print(f"  checkpoint {i + 1}/{train.checkpoints}: {point['tokens']:,} tokens, "
+                  f"{point['seconds']:.1f} s, val ppl {point['ppl']:.2f}", file=sys.stderr)
+        return False
+
+    result = run_trial(spec, corpus, device, probe=probe, on_checkpoint=on_checkpoint)
+    if args.json:
+        print(json.dumps(_jsonable(result.to_dict())))
+    else:
+        print(format_result(result))
+    return 0 if result.status == "ok" else 1
+
+
+def _jsonable(obj: Any) -> Any:
+    """JSON has no inf/nan: write them as null."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_jsonable(v) for v in obj]
+    return obj
+
+
+def format_result(result: Any) -> str:
+    skip = {"train_curve", "val_curve", "probe"}
+    lines = []
+    for f in fields(result):
+        if f.name in skip:
+            continue
+        value = getattr(result, f.name)
+        if value is None:
+            continue
+        if isinstance(value, float):
+            value = f"{value:.4g}"
+        lines.append(f"{f.name:<16} {value}")
+    for key, value in sorted(result.probe.items()):
+        if value is not None and not isinstance(value, (dict, list)):
+            lines.append(f"{'probe.' + key:<16} {value:.4g}" if isinstance(value, float) else f"{'probe.' + key:<16} {value}")
+    return "\n".join(lines)
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from harness.hardware import doctor_report
+
+    print(doctor_report(args.device, as_json=args.json))
+    return 0
+
+
+COMMANDS = {"corpus": cmd_corpus, "trial": cmd_trial, "doctor": cmd_doctor}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    from harness import study_cli
+    from harness.report import cli as report_cli
+
+    handler = COMMANDS.get(args.command) or study_cli.COMMANDS.get(args.command) or report_cli.COMMANDS[args.command]
+    try:
+        return handler(args)
+    except HarnessError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 1

@@ -1,0 +1,1 @@
+"""Trials -> DataFrame -> Pareto ranking -> CSV, self-contained HTML and a console table."""
