@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import sys
+import warnings
 from dataclasses import fields
 from typing import Any, NoReturn
 
@@ -174,11 +175,21 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 COMMANDS = {"corpus": cmd_corpus, "trial": cmd_trial, "doctor": cmd_doctor}
 
 
+def _quiet_libraries(verbose: bool) -> None:
+    """Optuna logs every trial and warns about experimental APIs; our own display says what matters."""
+    import optuna
+
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning, module="optuna")
+    optuna.logging.set_verbosity(optuna.logging.INFO if verbose else optuna.logging.WARNING)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    _quiet_libraries(args.verbose)
     from harness import study_cli
     from harness.report import cli as report_cli
 

@@ -1,11 +1,255 @@
-"""CLI commands of the study and report stages (sweep, worker, report, compare)."""
+"""``harness sweep`` and ``harness worker``: run a study with a live progress display."""
 
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
 
-COMMANDS: dict = {}
+from harness.errors import HarnessError
+
+
+class SweepInterrupted(HarnessError):
+    exit_code = 130
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    pass
+    p = sub.add_parser("sweep", help="run (or resume) a study file and write its report")
+    p.add_argument("study", help="a study file, e.g. studies/default.toml")
+    p.add_argument("--trials", type=int, default=None, help="finish this many trials (default: the study's)")
+    p.add_argument("--storage", default=None,
+                   help="sqlite:///file.db, journal:file.log or postgresql://user@host/db (default: "
+                        "results/<study>/study.db)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="worker processes on this host: one per visible GPU, or CPU workers sharing the cores")
+    p.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default: the study's)")
+    p.add_argument("--results-dir", default="results", help="where results/<study>/ goes")
+    p.add_argument("--no-report", action="store_true", help="skip the report at the end")
+
+    p = sub.add_parser("worker", help="join a running study from this machine (same storage and study name)")
+    p.add_argument("--study-name", required=True)
+    p.add_argument("--storage", required=True)
+    p.add_argument("--trials", type=int, default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads for this worker")
+    p.add_argument("--results-dir", default="results")
+    p.add_argument("--quiet", action="store_true", help="no per-trial lines (the parent sweep prints them)")
+
+
+class Display:
+    """One line per finished trial, plus a live bar on a terminal: n/N, current config, ETA, best, counts."""
+
+    def __init__(self, total: int, quiet: bool = False) -> None:
+        from rich.console import Console
+
+        self.total, self.quiet = total, quiet
+        self.console = Console(stderr=True, highlight=False, soft_wrap=True)
+        self.live = self.console.is_terminal and not quiet
+        self.started = time.monotonic()
+        self.finished_here = 0
+        self.bar = None
+        if self.live:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                TimeRemainingColumn(), console=self.console, transient=True)
+            self.task = self.bar.add_task("starting", total=total)
+            self.bar.start()
+
+    def set_done(self, done: int) -> None:
+        if self.bar:
+            self.bar.update(self.task, completed=done)
+
+    def start(self, trial: Any, params: dict) -> None:
+        if self.bar:
+            self.bar.update(self.task, description=f"trial {trial.number}: {_fmt_params(params)}")
+
+    def result(self, trial: Any, record: dict, study: Any = None) -> None:
+        from harness.study import progress
+
+        self.finished_here += 1
+        p = progress(trial.study if study is None else study)
+        if study is None:  # called from inside the trial, which is still RUNNING in the storage
+            p.done += 1
+            p.counts[record["status"]] = p.counts.get(record["status"], 0) + 1
+        self.set_done(p.done)
+        if self.quiet:
+            return
+        r = record["result"]
+        ppl = f"val_ppl {r['val_ppl']:.2f}" if r.get("val_ppl") else ""
+        tps = f"{r['tokens_per_s']:,.0f} tok/s" if r.get("tokens_per_s") else ""
+        best = p.best.user_attrs["record"] if p.best else None
+        best_s = f"best {best['result']['val_ppl']:.2f} ({best['config_key']})" if best else "best -"
+        elapsed = time.monotonic() - self.started
+        remaining = max(0, self.total - p.done)
+        eta = _fmt_s(elapsed / self.finished_here * remaining) if self.finished_here else "?"
+        counts = " ".join(f"{k} {v}" for k, v in sorted(p.counts.items()))
+        error = f" ({record['error'][:80]})" if record["status"] != "ok" and record.get("error") else ""
+        self.console.print(f"[{p.done}/{self.total}] {record['config_key']}: {record['status']}{error} "
+                           f"{ppl} {tps} {r.get('wall_s', 0):.1f}s | {best_s} | {counts} | ETA {eta}")
+
+    def close(self) -> None:
+        if self.bar:
+            self.bar.stop()
+
+
+def _fmt_params(params: dict) -> str:
+    return " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+
+
+def _fmt_s(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def _sigterm_as_interrupt() -> None:
+    """Slurm and kill send SIGTERM: treat it like Ctrl-C so the running trial is marked and retried."""
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def _report(config: Any, storage_url: str) -> None:
+    from harness.report import generate
+
+    paths = generate(config.results_dir, storage=storage_url, study_name=config.name)
+    print(paths.summary)
+    print(f"\nreport: {paths.html}\ntrials: {paths.csv}")
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from harness.config import load_study, redact
+    from harness.study import prepare, progress, resolve_storage, run_worker
+
+    config = load_study(args.study, results_root=Path(args.results_dir))
+    if args.trials is not None:
+        if args.trials < 1:
+            raise HarnessError(f"--trials {args.trials} must be >= 1")
+        config = replace(config, trials=args.trials)
+    workers = args.workers or config.workers
+    if workers < 1:
+        raise HarnessError(f"--workers {workers} must be >= 1")
+    storage_url = resolve_storage(config, args.storage, workers)
+    if workers > 1 and storage_url.startswith("sqlite"):
+        raise HarnessError(f"storage {redact(storage_url)} is SQLite, which does not take several workers; "
+                           "use --storage journal:results/<study>/journal.log or a postgresql:// URL")
+    study, corpus, device = prepare(config, storage_url, args.device)
+    n_target = config.n_trials()
+    _sigterm_as_interrupt()
+    already = progress(study).done
+    print(f"study {config.name}: {n_target} trials ({already} already done), {config.sampler} sampler, "
+          f"device {device}, storage {redact(storage_url)}", file=sys.stderr)
+    display = Display(n_target)
+    display.set_done(already)
+    try:
+        if workers == 1:
+            run_worker(study, config, corpus, device, n_target, on_result=display.result, on_start=display.start)
+        else:
+            _run_pool(config, storage_url, workers, device, n_target, display, study)
+    except KeyboardInterrupt:
+        display.close()
+        p = progress(study)
+        if not args.no_report and p.done:
+            _report(config, storage_url)
+        raise SweepInterrupted(
+            f"interrupted: {p.done} of {n_target} trials finished and are stored; the running trial was "
+            f"marked failed and will run again. Resume with: harness sweep {shlex.quote(args.study)}") from None
+    display.close()
+    if not args.no_report:
+        _report(config, storage_url)
+    return 0
+
+
+def _worker_env(index: int, device: Any, workers: int) -> tuple[dict, str, int]:
+    """Pin worker ``index`` to one GPU, or give it its share of the CPU cores."""
+    env = dict(os.environ)
+    if device.type == "cuda":
+        import torch
+
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        ids = [v for v in visible.split(",") if v] if visible else [str(i) for i in range(torch.cuda.device_count())]
+        if workers > len(ids):
+            raise HarnessError(f"--workers {workers} but only {len(ids)} GPU(s) are visible; "
+                               "one trial per GPU at a time")
+        env["CUDA_VISIBLE_DEVICES"] = ids[index]
+        return env, "cuda", 0
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    return env, "cpu", threads
+
+
+def _run_pool(config: Any, storage_url: str, workers: int, device: Any, n_target: int, display: Display,
+              study: Any) -> None:
+    from harness.study import progress
+
+    procs = []
+    for i in range(workers):
+        env, dev, threads = _worker_env(i, device, workers)
+        cmd = [sys.executable, "-m", "harness", "worker", "--study-name", config.name, "--storage", storage_url,
+               "--trials", str(n_target), "--device", dev, "--results-dir", str(config.results_root), "--quiet"]
+        if threads:
+            cmd += ["--threads", str(threads)]
+        procs.append(subprocess.Popen(cmd, env=env))
+    seen: set[int] = set()
+    try:
+        while True:
+            alive = [p for p in procs if p.poll() is None]
+            for t in study.get_trials(deepcopy=False):
+                if t.number not in seen and "record" in t.user_attrs and t.state.is_finished():
+                    seen.add(t.number)
+                    display.result(t, t.user_attrs["record"], study)
+            if not alive:
+                break
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGINT)
+        for p in procs:
+            try:
+                p.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        raise
+    failed = [p.returncode for p in procs if p.returncode not in (0, None)]
+    if failed and progress(study).done < n_target:
+        raise HarnessError(f"{len(failed)} worker(s) exited with errors (codes {failed}); "
+                           "the finished trials are stored; rerun the same command to resume")
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from harness.study import load_corpus, progress, run_worker
+    from harness.study import config_from_storage
+    from harness.trainer import resolve_device
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    config, study = config_from_storage(args.study_name, args.storage)
+    config = replace(config, results_root=Path(args.results_dir))
+    if args.trials is not None:
+        config = replace(config, trials=args.trials)
+    device = resolve_device(args.device or config.device)
+    corpus = load_corpus(config)
+    n_target = config.n_trials()
+    _sigterm_as_interrupt()
+    display = Display(n_target, quiet=args.quiet)
+    try:
+        run_worker(study, config, corpus, device, n_target, on_result=display.result, on_start=display.start)
+    except KeyboardInterrupt:
+        display.close()
+        raise SweepInterrupted(f"worker interrupted; {progress(study).done} of {n_target} trials are stored") from None
+    display.close()
+    return 0
+
+
+COMMANDS = {"sweep": cmd_sweep, "worker": cmd_worker}

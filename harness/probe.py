@@ -1,0 +1,543 @@
+"""Telemetry around the training part of a trial: peak memory, power, energy, CPU time.
+
+A :class:`Probe` is a context manager. Inside its window a background thread asks a *source* for a
+:class:`Sample` every ``interval_ms`` and folds it into running peaks and means; energy comes from a
+cumulative counter read at the window's start and end. Two sources exist:
+
+* :class:`NvmlSource` (NVIDIA, ``pynvml`` from nvidia-ml-py): device and per-process memory, power,
+  utilisation, SM clock, temperature, and the total-energy counter;
+* :class:`CpuSource`: resident memory of this process and Linux RAPL energy where readable.
+
+Nothing is invented: a number the source cannot read is ``None`` in :meth:`Probe.report`. The
+report is one flat dict with the keys in :data:`REPORT_KEYS`; the report module reads these names.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Protocol
+
+import psutil
+import torch
+
+from harness.errors import HarnessError
+
+log = logging.getLogger(__name__)
+
+MIB = 2**20
+
+REPORT_KEYS = (
+    "probe_kind", "probe_fallback_reason", "interval_ms", "samples", "duration_s",
+    "peak_mem_mib", "peak_mem_torch_mib", "peak_mem_torch_reserved_mib", "peak_mem_nvml_mib",
+    "peak_mem_nvml_process_mib", "nvml_process_mem_source", "idle_mem_nvml_mib",
+    "energy_j", "energy_source", "mean_power_w", "max_power_w", "mean_util_pct", "mean_sm_clock_mhz",
+    "max_temp_c", "peak_rss_mib", "rss_start_mib", "cpu_time_s", "cpu_util_pct",
+)
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One reading. ``None`` means the source could not read that quantity."""
+
+    mem_used_mib: float | None = None        # device memory used (NVML)
+    mem_process_mib: float | None = None     # this process's device memory (or device-level, see below)
+    process_mem_source: str | None = None    # "process" (PID found) | "device" (PID not visible)
+    power_w: float | None = None
+    util_pct: float | None = None
+    sm_clock_mhz: float | None = None
+    temp_c: float | None = None
+    rss_mib: float | None = None             # resident memory of this process
+
+
+class Source(Protocol):
+    """What the sampler thread reads. ``sample`` runs in the thread; the rest in the caller's."""
+
+    kind: str                   # the report's probe_kind
+    energy_kind: str | None     # what energy_mj() reads ("counter", "rapl") or None
+
+    def start(self) -> None: ...
+    def sample(self) -> Sample | None: ...
+    def energy_mj(self) -> float | None: ...   # a cumulative counter; only differences mean anything
+    def stop(self) -> None: ...
+
+
+# --------------------------------------------------------------------------- aggregation
+
+_PEAKS = ("mem_used_mib", "mem_process_mib", "power_w", "temp_c", "rss_mib")
+_MEANS = ("power_w", "util_pct", "sm_clock_mhz")
+
+
+@dataclass
+class Stats:
+    """Running peaks and sums: a long trial keeps no list of samples."""
+
+    n: int = 0
+    first: Sample | None = None
+    peak: dict[str, float] = field(default_factory=dict)
+    total: dict[str, float] = field(default_factory=dict)
+    count: dict[str, int] = field(default_factory=dict)
+    process_sources: set[str] = field(default_factory=set)
+
+    def add(self, s: Sample) -> None:
+        self.n += 1
+        if self.first is None:
+            self.first = s
+        for name in _PEAKS:
+            v = getattr(s, name)
+            if v is not None:
+                self.peak[name] = max(v, self.peak.get(name, v))
+        for name in _MEANS:
+            v = getattr(s, name)
+            if v is not None:
+                self.total[name] = self.total.get(name, 0.0) + v
+                self.count[name] = self.count.get(name, 0) + 1
+        if s.process_mem_source:
+            self.process_sources.add(s.process_mem_source)
+
+    def mean(self, name: str) -> float | None:
+        return self.total[name] / self.count[name] if self.count.get(name) else None
+
+
+def energy_estimate(e0_mj: float | None, e1_mj: float | None, counter_kind: str | None,
+                    mean_power_w: float | None, duration_s: float | None) -> tuple[float | None, str | None]:
+    """(joules, how they were obtained). A counter that moved wins; a counter that did not move in a
+    short window (or none at all) gives way to sampled mean power x duration (evenly spaced samples,
+    so this is the rectangle-rule integral); otherwise nothing is known."""
+    if e0_mj is not None and e1_mj is not None and e1_mj > e0_mj:
+        return (e1_mj - e0_mj) / 1000.0, counter_kind
+    if mean_power_w is not None and duration_s:
+        return mean_power_w * duration_s, "power-integral"
+    return None, None
+
+
+# --------------------------------------------------------------------------- the probe
+
+class Probe:
+    """Context manager measuring one window. Re-entering starts a fresh window.
+
+    Exceptions inside the window propagate; the thread is stopped and what was measured up to then
+    stays available through :meth:`report`.
+    """
+
+    def __init__(self, source: Source, device: torch.device | str | None = None, interval_ms: int = 50,
+                 fallback_reason: str | None = None, clock: Callable[[], float] = time.perf_counter) -> None:
+        if not isinstance(interval_ms, int) or isinstance(interval_ms, bool) or interval_ms < 1:
+            raise HarnessError(f"probe interval_ms={interval_ms!r} must be an integer >= 1")
+        self.source = source
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.interval_ms = interval_ms
+        self.fallback_reason = fallback_reason
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._reset()
+
+    @property
+    def kind(self) -> str:
+        return self.source.kind
+
+    def _reset(self) -> None:
+        self._stats = Stats()
+        self._t0 = self._t1 = None
+        self._cpu0 = self._cpu1 = None
+        self._e0 = self._e1 = None
+        self._torch_peaks: tuple[float, float] | None = None
+        self._errors = 0
+
+    def _cuda(self) -> bool:
+        return self.device.type == "cuda" and torch.cuda.is_available()
+
+    def read(self) -> Sample | None:
+        """One live reading outside any window (``harness doctor``)."""
+        self.source.start()
+        try:
+            return self.source.sample()
+        finally:
+            self.source.stop()
+
+    def __enter__(self) -> Probe:
+        if self._thread is not None:
+            raise RuntimeError("probe window is already open")
+        self._reset()
+        if self._cuda():
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.source.start()
+        self._e0 = self._read_energy()
+        self._cpu0 = time.process_time()
+        self._t0 = self._clock()
+        self._take()  # at once, so the window's idle memory is known and short windows have a sample
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="harness-probe", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> bool:
+        thread, self._thread = self._thread, None
+        self._stop.set()
+        if thread is not None:
+            thread.join()
+        try:
+            self._take()  # the end state: a caching allocator's reserved memory peaks here
+            self._t1 = self._clock()
+            self._cpu1 = time.process_time()
+            self._e1 = self._read_energy()
+            if self._cuda():
+                self._torch_peaks = (torch.cuda.max_memory_allocated(self.device) / MIB,
+                                     torch.cuda.max_memory_reserved(self.device) / MIB)
+        finally:
+            self.source.stop()
+        return False
+
+    def _run(self) -> None:
+        interval = self.interval_ms / 1000.0
+        while not self._stop.wait(interval):
+            self._take()
+
+    def _take(self) -> None:
+        try:
+            s = self.source.sample()
+        except Exception as e:  # noqa: BLE001 - a flaky reading must not end the trial
+            self._errors += 1
+            if self._errors == 1:
+                log.warning("probe %s: sample failed (%s); later failures are not logged", self.kind, e)
+            return
+        if s is not None:
+            with self._lock:
+                self._stats.add(s)
+
+    def _read_energy(self) -> float | None:
+        try:
+            return self.source.energy_mj()
+        except Exception as e:  # noqa: BLE001
+            log.warning("probe %s: energy counter read failed (%s)", self.kind, e)
+            return None
+
+    def report(self) -> dict[str, Any]:
+        """One flat dict with exactly :data:`REPORT_KEYS`; ``None`` where nothing was measured."""
+        with self._lock:
+            st = self._stats
+            peak, first, n = dict(st.peak), st.first, st.n
+            means = {k: st.mean(k) for k in _MEANS}
+            sources = set(st.process_sources)
+        duration = cpu_time = None
+        if self._t0 is not None:
+            duration = (self._t1 if self._t1 is not None else self._clock()) - self._t0
+            cpu_time = (self._cpu1 if self._cpu1 is not None else time.process_time()) - self._cpu0
+        energy_j, energy_source = energy_estimate(self._e0, self._e1, self.source.energy_kind,
+                                                  means["power_w"], duration)
+        mean_power = means["power_w"]
+        if mean_power is None and energy_j is not None and duration:
+            mean_power = energy_j / duration  # RAPL: a counter and no power readings
+        torch_alloc, torch_reserved = self._torch_peaks or (None, None)
+        peak_rss = peak.get("rss_mib")
+        return {
+            "probe_kind": self.kind,
+            "probe_fallback_reason": self.fallback_reason,
+            "interval_ms": self.interval_ms,
+            "samples": n,
+            "duration_s": duration,
+            # The memory this configuration needed: the allocator's reservation on CUDA, RSS on CPU.
+            "peak_mem_mib": torch_reserved if self.device.type == "cuda" else peak_rss,
+            "peak_mem_torch_mib": torch_alloc,
+            "peak_mem_torch_reserved_mib": torch_reserved,
+            "peak_mem_nvml_mib": peak.get("mem_used_mib"),
+            "peak_mem_nvml_process_mib": peak.get("mem_process_mib"),
+            "nvml_process_mem_source": ("device" if "device" in sources else "process") if sources else None,
+            "idle_mem_nvml_mib": first.mem_used_mib if first else None,
+            "energy_j": energy_j,
+            "energy_source": energy_source,
+            "mean_power_w": mean_power,
+            "max_power_w": peak.get("power_w"),
+            "mean_util_pct": means["util_pct"],
+            "mean_sm_clock_mhz": means["sm_clock_mhz"],
+            "max_temp_c": peak.get("temp_c"),
+            "peak_rss_mib": peak_rss,
+            "rss_start_mib": first.rss_mib if first else None,
+            "cpu_time_s": cpu_time,
+            # Percent of one core, as top and psutil count it (several threads can exceed 100).
+            "cpu_util_pct": 100.0 * cpu_time / duration if cpu_time is not None and duration else None,
+        }
+
+
+# --------------------------------------------------------------------------- CPU source
+
+def rapl_delta(prev_uj: int, cur_uj: int, max_range_uj: int) -> int:
+    """Energy between two reads of a RAPL counter that wraps at ``max_range_uj``."""
+    return cur_uj - prev_uj if cur_uj >= prev_uj else cur_uj + max_range_uj - prev_uj
+
+
+class Rapl:
+    """Sum of the package domains under /sys/class/powercap, accumulated across wraparounds.
+
+    Read at every sample, so a counter that wraps every ~40 minutes at full load never wraps
+    twice between reads. Sub-domains (core, uncore, dram: ``intel-rapl:0:0``) are skipped: the
+    package counter already includes core and uncore.
+    """
+
+    def __init__(self, domains: list[tuple[Path, int]]) -> None:
+        self._domains = domains
+        self._lock = threading.Lock()
+        self._last = [self._read(p) for p, _ in domains]
+        self._total_uj = 0
+
+    @staticmethod
+    def _read(path: Path) -> int:
+        return int(path.read_text().strip())
+
+    @classmethod
+    def discover(cls, root: Path = Path("/sys/class/powercap")) -> Rapl | None:
+        domains = []
+        for d in sorted(root.glob("intel-rapl:*")):
+            if not re.fullmatch(r"intel-rapl:\d+", d.name):
+                continue
+            try:
+                domains.append((d / "energy_uj", cls._read(d / "max_energy_range_uj")))
+                cls._read(d / "energy_uj")  # root-only on most kernels since 2020
+            except (OSError, ValueError):
+                return None
+        return cls(domains) if domains else None
+
+    def total_uj(self) -> int:
+        with self._lock:
+            for i, (path, max_range) in enumerate(self._domains):
+                cur = self._read(path)
+                self._total_uj += rapl_delta(self._last[i], cur, max_range)
+                self._last[i] = cur
+            return self._total_uj
+
+
+class CpuSource:
+    """Resident memory of this process, sampled for a resettable peak; RAPL energy where readable."""
+
+    kind = "cpu"
+
+    def __init__(self, rapl: Rapl | None = None, pid: int | None = None) -> None:
+        self._proc = psutil.Process(pid or os.getpid())
+        self._rapl = rapl
+        self.energy_kind = "rapl" if rapl else None
+
+    @classmethod
+    def create(cls) -> CpuSource:
+        return cls(Rapl.discover())
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+    def sample(self) -> Sample:
+        if self._rapl:
+            self._rapl.total_uj()  # keeps the wraparound accounting current
+        return Sample(rss_mib=self._proc.memory_info().rss / MIB)
+
+    def energy_mj(self) -> float | None:
+        return self._rapl.total_uj() / 1000.0 if self._rapl else None
+
+
+# --------------------------------------------------------------------------- NVML source
+
+class NvmlSource:
+    """NVML readings for one device. Readings the driver does not offer are found once at the first
+    ``start`` and skipped afterwards, so an unsupported call costs nothing per sample."""
+
+    kind = "nvml"
+
+    def __init__(self, nvml: ModuleType, handle: Any, pid: int | None = None) -> None:
+        self.nvml, self.handle = nvml, handle
+        self.pid = pid or os.getpid()
+        self._proc = psutil.Process(self.pid)
+        self._readers: dict[str, Callable[[], Any]] | None = None
+        self.energy_kind: str | None = "counter"
+        self.notes: dict[str, str] = {}   # which NVML call each reading uses, for doctor
+
+    def start(self) -> None:
+        if self._readers is None:
+            self._readers = self._find_readers()
+
+    def stop(self) -> None:
+        pass
+
+    def _find_readers(self) -> dict[str, Callable[[], Any]]:
+        nv, h = self.nvml, self.handle
+        candidates: dict[str, list[tuple[str, Callable[[], Any]]]] = {
+            # v2 counts driver-reserved memory apart from "used"; v1 folds it in.
+            "memory": [("nvmlDeviceGetMemoryInfo v2", lambda: nv.nvmlDeviceGetMemoryInfo(h, version=nv.nvmlMemory_v2)),
+                       ("nvmlDeviceGetMemoryInfo", lambda: nv.nvmlDeviceGetMemoryInfo(h))],
+            "processes": [("nvmlDeviceGetComputeRunningProcesses", lambda: nv.nvmlDeviceGetComputeRunningProcesses(h))],
+            # Instant power where offered; nvmlDeviceGetPowerUsage is a 1 s average on recent GPUs.
+            "power_mw": [("NVML_FI_DEV_POWER_INSTANT", self._instant_power),
+                         ("nvmlDeviceGetPowerUsage", lambda: nv.nvmlDeviceGetPowerUsage(h))],
+            "util": [("nvmlDeviceGetUtilizationRates", lambda: nv.nvmlDeviceGetUtilizationRates(h).gpu)],
+            "sm_clock": [("nvmlDeviceGetClockInfo SM", lambda: nv.nvmlDeviceGetClockInfo(h, nv.NVML_CLOCK_SM))],
+            "temp": [("nvmlDeviceGetTemperature", lambda: nv.nvmlDeviceGetTemperature(h, nv.NVML_TEMPERATURE_GPU))],
+        }
+        readers = {}
+        for name, options in candidates.items():
+            for label, fn in options:
+                try:
+                    fn()
+                except Exception:  # noqa: BLE001 - NVMLError_NotSupported and friends, or a missing symbol
+                    continue
+                readers[name] = fn
+                self.notes[name] = label
+                break
+            else:
+                self.notes[name] = "not offered"
+        try:
+            nv.nvmlDeviceGetTotalEnergyConsumption(h)
+            self.notes["energy"] = "nvmlDeviceGetTotalEnergyConsumption"
+        except Exception:  # noqa: BLE001 - pre-Volta GPUs
+            self.energy_kind = None
+            self.notes["energy"] = "not offered (energy from sampled power)"
+        return readers
+
+    def _instant_power(self) -> float:
+        fv = self.nvml.nvmlDeviceGetFieldValues(self.handle, [self.nvml.NVML_FI_DEV_POWER_INSTANT])[0]
+        if fv.nvmlReturn != self.nvml.NVML_SUCCESS:
+            raise self.nvml.NVMLError(fv.nvmlReturn)
+        return field_value(fv)
+
+    def _get(self, name: str) -> Any:
+        fn = self._readers.get(name) if self._readers else None
+        if fn is None:
+            return None
+        try:
+            return fn()
+        except Exception:  # noqa: BLE001 - one failed reading is a gap, not a crash
+            return None
+
+    def sample(self) -> Sample:
+        mem = self._get("memory")
+        used = mem.used / MIB if mem is not None else None
+        proc_mib, proc_source = used, "device" if used is not None else None
+        procs = self._get("processes")
+        for p in procs or ():
+            if p.pid == self.pid and p.usedGpuMemory is not None:
+                proc_mib, proc_source = p.usedGpuMemory / MIB, "process"
+                break
+        power = self._get("power_mw")
+        return Sample(mem_used_mib=used, mem_process_mib=proc_mib, process_mem_source=proc_source,
+                      power_w=power / 1000.0 if power is not None else None,
+                      util_pct=_num(self._get("util")), sm_clock_mhz=_num(self._get("sm_clock")),
+                      temp_c=_num(self._get("temp")), rss_mib=self._proc.memory_info().rss / MIB)
+
+    def energy_mj(self) -> float | None:
+        if self.energy_kind is None:
+            return None
+        return float(self.nvml.nvmlDeviceGetTotalEnergyConsumption(self.handle))
+
+
+def _num(v: Any) -> float | None:
+    return float(v) if v is not None else None
+
+
+def field_value(fv: Any) -> float:
+    """The number in an ``nvmlFieldValue_t``, whatever its declared type."""
+    member = {0: "dVal", 1: "uiVal", 2: "ulVal", 3: "ullVal", 4: "sllVal", 5: "siVal", 6: "usVal"}
+    return float(getattr(fv.value, member.get(fv.valueType, "uiVal")))
+
+
+# --------------------------------------------------------------------------- device mapping
+
+class NvmlUnavailable(Exception):
+    """Why the NVML probe cannot be used (logged; the CPU probe takes over)."""
+
+
+def nvml_target(index: int, visible: str | None) -> int | str:
+    """torch's ``cuda:<index>`` as an NVML index (int) or UUID or UUID prefix (str).
+
+    CUDA_VISIBLE_DEVICES lists NVML indices or UUIDs (``GPU-...``, ``MIG-...``, prefixes allowed);
+    torch's index counts positions in that list.
+    """
+    if visible is None or not visible.strip():
+        return index
+    entries = [e.strip() for e in visible.split(",") if e.strip()]
+    if index >= len(entries):
+        raise NvmlUnavailable(f"cuda:{index} is not in CUDA_VISIBLE_DEVICES={visible!r}")
+    entry = entries[index]
+    return int(entry) if entry.isdigit() else entry
+
+
+def _uuid_str(u: Any) -> str:
+    return u.decode() if isinstance(u, bytes) else str(u)
+
+
+def nvml_handle(nv: ModuleType, index: int, visible: str | None) -> Any:
+    # torch knows the UUID of its device: exact even when CUDA and NVML order devices differently.
+    try:
+        uuid = getattr(torch.cuda.get_device_properties(index), "uuid", None)
+        if uuid is not None:
+            return nv.nvmlDeviceGetHandleByUUID(f"GPU-{uuid}")
+    except Exception:  # noqa: BLE001 - MIG, old torch, or no CUDA runtime: use the variable
+        pass
+    target = nvml_target(index, visible)
+    if isinstance(target, int):
+        return nv.nvmlDeviceGetHandleByIndex(target)
+    try:
+        return nv.nvmlDeviceGetHandleByUUID(target)
+    except Exception:  # noqa: BLE001 - a prefix: match it against every device's UUID
+        for i in range(nv.nvmlDeviceGetCount()):
+            h = nv.nvmlDeviceGetHandleByIndex(i)
+            if _uuid_str(nv.nvmlDeviceGetUUID(h)).startswith(target):
+                return h
+    raise NvmlUnavailable(f"no NVML device matches {target!r} from CUDA_VISIBLE_DEVICES")
+
+
+def open_nvml(index: int) -> NvmlSource:
+    """Initialise NVML and return a source for torch's ``cuda:<index>``; :class:`NvmlUnavailable` if not."""
+    try:
+        import pynvml
+    except ImportError as e:
+        raise NvmlUnavailable(f"pynvml (nvidia-ml-py) cannot be imported: {e}") from None
+    try:
+        pynvml.nvmlInit()
+    except Exception as e:  # noqa: BLE001 - NVMLError_LibraryNotFound, DriverNotLoaded, ...
+        raise NvmlUnavailable(f"nvmlInit failed: {e}") from None
+    try:
+        handle = nvml_handle(pynvml, index, os.environ.get("CUDA_VISIBLE_DEVICES"))
+    except Exception as e:  # noqa: BLE001
+        pynvml.nvmlShutdown()
+        raise NvmlUnavailable(f"no NVML handle for cuda:{index}: {e}") from None
+    source = NvmlSource(pynvml, handle)
+    # nvmlInit is reference counted: give our reference back when the source goes away.
+    weakref.finalize(source, _quiet_shutdown, pynvml)
+    return source
+
+
+def _quiet_shutdown(nv: ModuleType) -> None:
+    try:
+        nv.nvmlShutdown()
+    except Exception:  # noqa: BLE001 - interpreter shutdown
+        pass
+
+
+def make_probe(device: torch.device | str, interval_ms: int = 50) -> Probe:
+    """The NVML probe for a CUDA device when NVML works, else the CPU probe (the reason is logged)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return Probe(CpuSource.create(), device, interval_ms)
+    index = device.index
+    if index is None:
+        index = torch.cuda.current_device() if torch.cuda.is_available() else 0
+    try:
+        source = open_nvml(index)
+    except NvmlUnavailable as e:
+        log.warning("NVML probe unavailable for %s (%s); using the CPU probe: no GPU power, energy or "
+                    "device memory will be recorded", device, e)
+        return Probe(CpuSource.create(), device, interval_ms, fallback_reason=str(e))
+    return Probe(source, device, interval_ms)
+
+
+def sample_dict(s: Sample | None) -> dict[str, Any]:
+    return {f.name: getattr(s, f.name) if s else None for f in fields(Sample)}

@@ -1,0 +1,94 @@
+"""Synthetic trial records with known laws, for tests, the benchmark and trying the report out.
+
+The laws are simple on purpose, so a test knows the answer: peak memory is
+``mem_base_mib + mem_slope_mib * bptt * batch_size`` (anything above the card is ``oom``),
+throughput saturates with tokens per step, and perplexity improves with more optimiser steps and
+with longer windows up to a point.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class SyntheticLaw:
+    mem_base_mib: float = 600.0
+    mem_slope_mib: float = 0.3
+    card_mib: float = 24_576.0
+    peak_tokens_per_s: float = 400_000.0
+    half_tokens_per_step: float = 3_000.0
+    budget_tokens: int = 2_000_000
+    power_w: float = 250.0
+    noise: float = 0.01
+    diverge_lr: float = 30.0  # configurations with lr >= this diverge
+
+
+def synthetic_records(bptts=(35, 70, 140, 280, 560), batch_sizes=(10, 20, 40, 80, 160, 320), *, repeats: int = 1,
+                      lrs=(20.0,), law: SyntheticLaw = SyntheticLaw(), seed: int = 0, study: str = "synthetic",
+                      machine_id: str = "m-synthetic", gpu_name: str | None = "Synthetic GPU 24GB",
+                      cost: str = "seconds_per_token") -> list[dict]:
+    """One record per (bptt, batch size, lr, repeat), shaped like ``trial.user_attrs["record"]``."""
+    rng = np.random.default_rng(seed)
+    out = []
+    number = 0
+    for bptt, bs, lr, rep in itertools.product(bptts, batch_sizes, lrs, range(repeats)):
+        x = bptt * bs
+        key = f"bptt={bptt},batch_size={bs}" + (f",lr={lr:g}" if len(lrs) > 1 else "")
+        mem = law.mem_base_mib + law.mem_slope_mib * x
+        tps = law.peak_tokens_per_s * x / (x + law.half_tokens_per_step) * (1 + law.noise * rng.standard_normal())
+        steps = max(1, law.budget_tokens // x)
+        ppl = 80.0 * (1 + 25 / math.sqrt(steps)) * (1 + 6 / bptt) * (1 + law.noise * rng.standard_normal())
+        train_s = law.budget_tokens / tps
+        status, error, diverged_step = "ok", None, None
+        if mem > law.card_mib:
+            status, error = "oom", f"CUDA out of memory. Tried to allocate {mem - law.card_mib:.0f} MiB"
+        elif lr >= law.diverge_lr:
+            status, error, diverged_step = "diverged", "non-finite loss or gradient norm", int(steps // 3)
+        final_loss = math.log(ppl)
+        v0 = math.log(4 * ppl)
+        val_curve = []
+        if status == "ok":
+            for k in range(1, 5):
+                loss = final_loss + (v0 - final_loss) * (1 - k / 4) ** 2
+                val_curve.append({"step": steps * k // 4, "tokens": law.budget_tokens * k // 4,
+                                  "seconds": round(train_s * k / 4, 4), "loss": loss, "ppl": math.exp(loss)})
+        ok = status == "ok"
+        result = {
+            "status": status, "error": error, "diverged_step": diverged_step, "bptt": bptt, "batch_size": bs,
+            "seed": rep, "device": "cuda" if gpu_name else "cpu",
+            "val_loss": final_loss if ok else None, "val_ppl": ppl if ok else None,
+            "best_val_loss": final_loss if ok else None, "best_val_ppl": ppl if ok else None, "test_ppl": None,
+            "train_tokens": law.budget_tokens if ok else 0, "steps": steps if ok else 0,
+            "tokens_per_s": tps if ok else None, "train_s": train_s if ok else 0.0, "eval_s": 0.5,
+            "wall_s": train_s + 1.0 if ok else 1.0, "max_grad_norm": 3.0, "clipped_frac": 0.4,
+            "n_params": 1_000_000, "flops_per_token": 6e6, "achieved_flops": 6e6 * tps if ok else None,
+            "final_lr": lr, "train_curve": [], "val_curve": val_curve,
+            "probe": ({"probe_kind": "nvml" if gpu_name else "cpu", "peak_mem_mib": mem,
+                       "peak_mem_torch_mib": mem * 0.9, "peak_mem_torch_reserved_mib": mem,
+                       "peak_mem_nvml_mib": mem + 500, "peak_mem_nvml_process_mib": mem + 400,
+                       "idle_mem_nvml_mib": 0.0 if gpu_name else None,
+                       "energy_j": law.power_w * train_s if gpu_name else None,
+                       "mean_power_w": law.power_w if gpu_name else None} if ok else {}),
+        }
+        out.append({
+            "status": status, "error": error, "config_key": key,
+            "config": {"bptt": bptt, "batch_size": bs, "lr": lr, "nhid": 650, "emsize": 650, "layers": 2,
+                       "dropout": 0.5, "model": "lstm", "optimizer": "sgd", "variable_bptt": False,
+                       "seed": rep, "repeat": rep},
+            "result": result,
+            "hardware": {"gpu_name": gpu_name, "gpu_memory_mib": law.card_mib if gpu_name else None,
+                         "machine_id": machine_id, "hostname": "synthetic-host", "cpu_model": "Synthetic CPU",
+                         "cpu_cores": 16},
+            "study": {"name": study, "corpus": "synthetic", "budget": "tokens",
+                      "budget_tokens": law.budget_tokens, "budget_seconds": None,
+                      "objectives": ["val_ppl", cost], "cost": cost},
+            "started_at": "2025-01-01T00:00:00+00:00", "finished_at": "2025-01-01T00:01:00+00:00",
+            "worker": "synthetic-host:1", "_trial_number": number,
+        })
+        number += 1
+    return out

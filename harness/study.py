@@ -1,0 +1,468 @@
+"""Optuna studies over bptt x batch size: objective, storage, resume, retries, workers.
+
+One Optuna trial = one :func:`harness.trainer.run_trial` under the probe. Its full measurement is
+stored as the trial's user attribute ``record`` (see :func:`make_record`), whatever its status:
+``oom`` and ``diverged`` trials complete with infinite values and a violated constraint, so TPE and
+NSGA-II learn the memory and stability walls; ``pruned`` trials are pruned; ``timeout`` and
+``failed`` trials fail. A trial whose worker died (SIGKILL, node lost) or was interrupted is failed
+and enqueued again with the same parameters, so a rerun of the same command resumes the study.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import glob
+import json
+import logging
+import math
+import os
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from harness.config import ParamSpace, StudyConfig, check_storage_url, redact
+from harness.corpus import Corpus, check_fits, load
+from harness.errors import HarnessError
+from harness.model import ModelConfig
+from harness.trainer import TrialSpec, resolve_device, run_trial
+
+log = logging.getLogger(__name__)
+
+INFEASIBLE = ("oom", "diverged")
+MAX_RETRIES = 2
+CANONICAL = {"bptt": 35, "batch_size": 20}
+# How long a remote worker may be silent before its RUNNING trial counts as dead (RDB storages).
+HEARTBEAT_S, GRACE_S = 10, 60
+
+
+class TrialFailed(Exception):
+    """Raised by the objective so Optuna records FAIL; the sweep goes on (``catch=``)."""
+
+
+# --------------------------------------------------------------------------- storage
+
+def resolve_storage(config: StudyConfig, cli_storage: str | None, workers: int) -> str:
+    """--storage, else the study file's, else the one this study already used, else a default.
+
+    The default is SQLite for one worker and a journal file for several (SQLite's locking does not
+    take concurrent writers well).
+    """
+    if cli_storage:
+        check_storage_url(cli_storage)
+        return cli_storage
+    if config.storage:
+        return config.storage
+    meta = config.results_dir / "study.json"
+    if meta.is_file():
+        try:
+            previous = json.loads(meta.read_text(encoding="utf-8")).get("storage", "")
+        except (OSError, ValueError):
+            previous = ""
+        if previous and "***" not in previous:
+            return previous
+    if workers > 1:
+        return f"journal:{(config.results_dir / 'journal.log').resolve()}"
+    return config.storage_url
+
+
+def open_storage(url: str) -> optuna.storages.BaseStorage:
+    """Open a storage, or fail with one line naming it (password hidden). Never overwrites a bad file."""
+    check_storage_url(url)
+    shown = redact(url)
+    if url.startswith("journal:"):
+        path = Path(url[len("journal:"):]).expanduser()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        from optuna.storages.journal import JournalFileBackend
+
+        try:
+            return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+        except Exception as e:  # noqa: BLE001 - any reader error means the file is not a journal
+            raise HarnessError(f"storage {shown}: cannot read the journal file: {_first_line(e)}") from None
+    if url.startswith("sqlite:///"):
+        path = Path(url[len("sqlite:///"):])
+        if path.exists() and path.stat().st_size and path.read_bytes()[:16] != b"SQLite format 3\x00":
+            raise HarnessError(f"storage {shown}: '{path}' is not an SQLite database (corrupted or another "
+                               "file); move it away or pass another --storage")
+        path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        return optuna.storages.RDBStorage(
+            url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+            heartbeat_stale_trial_callback=retry_trial,
+            engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None)
+    except Exception as e:  # noqa: BLE001 - sqlalchemy/driver errors vary; the user needs one line
+        raise HarnessError(f"storage {shown}: cannot open it: {_first_line(e)}") from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = redact(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+    return text[:300]
+
+
+# --------------------------------------------------------------------------- samplers
+
+def make_sampler(config: StudyConfig) -> optuna.samplers.BaseSampler:
+    constraints = _constraints
+    n = config.n_trials()
+    if config.sampler == "grid":
+        return optuna.samplers.GridSampler({k: p.grid() for k, p in config.search.items()}, seed=config.seed)
+    if config.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=config.seed)
+    if config.sampler == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=config.seed, constraints_func=constraints,
+                                             population_size=max(4, min(50, n // 3)))
+    return optuna.samplers.TPESampler(seed=config.seed, constraints_func=constraints,
+                                      n_startup_trials=max(3, min(10, n // 3)), multivariate=True)
+
+
+def make_pruner(config: StudyConfig) -> optuna.pruners.BasePruner:
+    if config.pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=0)
+    if config.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=config.train.checkpoints)
+    return optuna.pruners.NopPruner()
+
+
+def _constraints(trial: FrozenTrial) -> tuple[float, ...]:
+    """> 0 means infeasible: out of memory, diverged, or over the study's memory budget."""
+    return tuple(trial.user_attrs.get("constraint", (0.0,)))
+
+
+def create_study(config: StudyConfig, storage: optuna.storages.BaseStorage) -> optuna.Study:
+    directions = ["minimize"] * len(config.objectives)
+    study = optuna.create_study(study_name=config.name, storage=storage, directions=directions,
+                                sampler=make_sampler(config), pruner=make_pruner(config), load_if_exists=True)
+    if "study_config" not in study.user_attrs:
+        # Stored so `harness worker` on another machine can join with only the storage URL and name.
+        study.set_user_attr("study_config", json.loads(json.dumps(config.raw, default=str)))
+        if all(p.contains(CANONICAL[k]) for k, p in config.search.items() if k in CANONICAL):
+            # The canonical configuration first: every report has the reference point.
+            study.enqueue_trial(dict(CANONICAL), skip_if_exists=True)
+    elif study.directions != [optuna.study.StudyDirection.MINIMIZE] * len(config.objectives):
+        raise HarnessError(f"study {config.name!r} already exists in this storage with other objectives; "
+                           "use another name or storage")
+    return study
+
+
+# --------------------------------------------------------------------------- one trial
+
+def suggest(trial: optuna.Trial, search: dict[str, ParamSpace], grid: bool) -> dict[str, Any]:
+    params: dict[str, Any] = {}
+    for name, p in search.items():
+        if grid or p.choices is not None:
+            params[name] = trial.suggest_categorical(name, p.grid() if grid else list(p.choices))
+        elif p.kind == "int":
+            params[name] = trial.suggest_int(name, int(p.low), int(p.high), log=p.log, step=int(p.step or 1))
+        else:
+            params[name] = trial.suggest_float(name, p.low, p.high, log=p.log, step=p.step)
+    return params
+
+
+def trial_spec(config: StudyConfig, params: dict[str, Any], repeat: int) -> TrialSpec:
+    model_keys = {"nhid", "emsize", "layers", "dropout"}
+    model: ModelConfig = replace(config.model, **{k: v for k, v in params.items() if k in model_keys})
+    train = replace(config.train, seed=config.train.seed + repeat,
+                    **{k: v for k, v in params.items() if k in ("lr", "variable_bptt")})
+    return TrialSpec(bptt=params["bptt"], batch_size=params["batch_size"], model=model, train=train)
+
+
+def config_key(params: dict[str, Any]) -> str:
+    return ",".join(f"{k}={params[k]}" for k in sorted(params, key=lambda k: (k not in CANONICAL, k)))
+
+
+def cost_value(result: dict, cost: str) -> float | None:
+    """The study's cost from a stored result: seconds per token, peak memory (MiB) or joules per token."""
+    probe = result.get("probe") or {}
+    if cost == "seconds_per_token":
+        tps = result.get("tokens_per_s")
+        return 1.0 / tps if tps else None
+    if cost == "peak_memory":
+        return probe.get("peak_mem_mib")
+    energy, tokens = probe.get("energy_j"), result.get("train_tokens")
+    return energy / tokens if energy is not None and tokens else None
+
+
+def _finite_or_none(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite_or_none(v) for v in obj]
+    return obj
+
+
+def make_record(config: StudyConfig, corpus: Corpus, spec: TrialSpec, params: dict, repeat: int,
+                result: dict, hardware: dict, started: str) -> dict:
+    """The stored measurement of one trial; ``harness.report`` reads exactly this."""
+    return _finite_or_none({
+        "status": result["status"],
+        "error": result.get("error"),
+        "config_key": config_key(params),
+        "config": {"bptt": spec.bptt, "batch_size": spec.batch_size, "lr": spec.train.lr,
+                   "nhid": spec.model.nhid, "emsize": spec.model.emsize, "layers": spec.model.layers,
+                   "dropout": spec.model.dropout, "model": spec.model.type, "optimizer": spec.train.optimizer,
+                   "variable_bptt": spec.train.variable_bptt, "seed": spec.train.seed, "repeat": repeat},
+        "result": result,
+        "hardware": hardware,
+        "study": {"name": config.name, "corpus": corpus.name, "corpus_source": corpus.source,
+                  "corpus_licence": corpus.licence, "vocab_size": corpus.vocab_size,
+                  "budget": config.train.budget,
+                  "budget_tokens": config.train.tokens if config.train.budget == "tokens" else None,
+                  "budget_seconds": config.train.seconds if config.train.budget == "seconds" else None,
+                  "objectives": list(config.objectives), "cost": config.cost},
+        "started_at": started,
+        "finished_at": _now(),
+        "worker": worker_id(),
+    })
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+@dataclass
+class Objective:
+    """The Optuna objective: sample, train under the probe, store the record, return the values."""
+
+    config: StudyConfig
+    corpus: Corpus
+    device: Any
+    hardware: dict
+    on_result: Callable[[optuna.Trial, dict], None] | None = None
+    on_start: Callable[[optuna.Trial, dict], None] | None = None
+
+    def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
+        from harness.probe import make_probe
+
+        trial.set_user_attr("worker", worker_id())
+        params = suggest(trial, self.config.search, self.config.sampler == "grid")
+        repeat = int(trial.user_attrs.get("repeat", 0))
+        spec = trial_spec(self.config, params, repeat)
+        single = len(self.config.objectives) == 1
+        if self.on_start:
+            self.on_start(trial, params)
+
+        def on_checkpoint(i: int, point: dict) -> bool:
+            if not single or not math.isfinite(point["loss"]):
+                return False
+            trial.report(point["loss"], step=i)
+            return trial.should_prune()
+
+        started = _now()
+        try:
+            result = run_trial(spec, self.corpus, self.device, probe=make_probe(self.device),
+                               on_checkpoint=on_checkpoint).to_dict()
+        except KeyboardInterrupt:
+            record = make_record(self.config, self.corpus, spec, params, repeat,
+                                 {"status": "failed", "error": "interrupted (SIGINT); retried on resume"},
+                                 self.hardware, started)
+            trial.set_user_attr("interrupted", True)
+            trial.set_user_attr("record", record)
+            raise
+        record = make_record(self.config, self.corpus, spec, params, repeat, result, self.hardware, started)
+        trial.set_user_attr("record", record)
+        if repeat == 0 and self.config.repeats > 1 and "retry_of" not in trial.user_attrs:
+            for r in range(1, self.config.repeats):
+                trial.study.enqueue_trial(params, user_attrs={"repeat": r})
+        if self.on_result:
+            self.on_result(trial, record)
+        values, constraint = self._values(record)
+        # Optuna's constraints API: TPE and NSGA-II learn the memory and stability walls from this.
+        trial.set_user_attr("constraint", constraint)
+        return values
+
+    def _values(self, record: dict) -> tuple[float | tuple[float, ...], list[float]]:
+        status, result = record["status"], record["result"]
+        if status == "pruned":
+            raise optuna.TrialPruned(record["error"])
+        if status in ("timeout", "failed"):
+            raise TrialFailed(record["error"])
+        budget_mib = self.config.max_memory_gib * 1024 if self.config.max_memory_gib else None
+        peak = (result.get("probe") or {}).get("peak_mem_mib")
+        over = peak - budget_mib if budget_mib and peak and self.device.type == "cuda" else 0.0
+        infeasible = status in INFEASIBLE or over > 0
+        constraint = [1.0 if status in INFEASIBLE else max(0.0, over)]
+        values = [math.inf if status in INFEASIBLE else result["val_ppl"]]
+        if len(self.config.objectives) > 1:
+            cost = cost_value(result, self.config.cost)
+            values.append(math.inf if infeasible or cost is None else cost)
+        return (values[0] if len(values) == 1 else tuple(values)), constraint
+
+
+# --------------------------------------------------------------------------- progress and reaping
+
+@dataclass
+class Progress:
+    done: int
+    running: int
+    waiting: int
+    counts: dict[str, int]
+    best: FrozenTrial | None
+
+
+def _has_final_record(t: FrozenTrial) -> bool:
+    record = t.user_attrs.get("record")
+    return record is not None and not t.user_attrs.get("interrupted", False)
+
+
+def retry_trial(study: optuna.Study, trial: FrozenTrial) -> None:
+    """Enqueue a failed trial's parameters again (Optuna's heartbeat also calls this for stale trials)."""
+    retries = int(trial.user_attrs.get("retries", 0))
+    if retries >= MAX_RETRIES:
+        log.warning("trial %d failed %d times; not retrying it again", trial.number, retries + 1)
+        return
+    study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number, "retries": retries + 1,
+                                                  "repeat": trial.user_attrs.get("repeat", 0)})
+
+
+def _retried(trials: list[FrozenTrial]) -> set[int]:
+    return {t.user_attrs["retry_of"] for t in trials if "retry_of" in t.user_attrs}
+
+
+def progress(study: optuna.Study) -> Progress:
+    trials = study.get_trials(deepcopy=False)
+    retried = _retried(trials)
+    counts: dict[str, int] = {}
+    done = running = waiting = 0
+    best, best_ppl = None, math.inf
+    for t in trials:
+        if t.state == TrialState.RUNNING:
+            running += 1
+        elif t.state == TrialState.WAITING:
+            waiting += 1
+        elif _has_final_record(t) or (t.state == TrialState.FAIL and t.number not in retried
+                                      and int(t.user_attrs.get("retries", 0)) >= MAX_RETRIES):
+            done += 1
+            status = t.user_attrs["record"]["status"] if "record" in t.user_attrs else "failed"
+            counts[status] = counts.get(status, 0) + 1
+            ppl = (t.user_attrs.get("record") or {}).get("result", {}).get("val_ppl")
+            if status == "ok" and ppl is not None and ppl < best_ppl:
+                best, best_ppl = t, ppl
+    return Progress(done, running, waiting, counts, best)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def reap(study: optuna.Study) -> int:
+    """Fail RUNNING trials whose worker on this host is gone, then enqueue each dead or interrupted trial
+    once more (up to MAX_RETRIES times). Returns how many trials were enqueued again.
+
+    Remote workers' dead trials are failed by the RDB storage's heartbeat instead.
+    """
+    host = socket.gethostname()
+    storage = study._storage  # noqa: SLF001 - Optuna exposes no public call to fail another process's trial
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        w_host, _, pid = str(t.user_attrs.get("worker", "")).rpartition(":")
+        if w_host == host and pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            log.warning("trial %d: its worker (pid %s) is gone; marking it failed", t.number, pid)
+            try:
+                storage.set_trial_state_values(t._trial_id, TrialState.FAIL)  # noqa: SLF001
+            except RuntimeError:  # another process got there first
+                pass
+    trials = study.get_trials(deepcopy=False)
+    retried = _retried(trials)
+    enqueued = 0
+    for t in trials:
+        if t.state != TrialState.FAIL or t.number in retried or _has_final_record(t):
+            continue
+        if int(t.user_attrs.get("retries", 0)) >= MAX_RETRIES:
+            continue
+        retry_trial(study, t)
+        enqueued += 1
+    return enqueued
+
+
+# --------------------------------------------------------------------------- running
+
+def check_corpus_fits(config: StudyConfig, corpus: Corpus) -> None:
+    """Fail before the first trial if the largest window in the search space cannot fit the corpus."""
+    check_fits(corpus, config.search["batch_size"].max_value(), config.search["bptt"].max_value(),
+               config.train.eval_batch_size)
+
+
+def load_corpus(config: StudyConfig) -> Corpus:
+    corpus = load(config.corpus)
+    check_corpus_fits(config, corpus)
+    return corpus
+
+
+def check_cost_measurable(config: StudyConfig, device: Any) -> None:
+    if config.cost == "joules_per_token" and len(config.objectives) > 1 and device.type != "cuda":
+        readable = [p for p in glob.glob("/sys/class/powercap/intel-rapl:*/energy_uj") if os.access(p, os.R_OK)]
+        if not readable:
+            raise HarnessError("objective joules_per_token needs an energy reading, and this CPU-only machine "
+                               "has no readable RAPL counter; use seconds_per_token or peak_memory here")
+
+
+def run_worker(study: optuna.Study, config: StudyConfig, corpus: Corpus, device: Any, n_target: int,
+               on_result: Callable[[optuna.Trial, dict], None] | None = None,
+               on_start: Callable[[optuna.Trial, dict], None] | None = None) -> None:
+    """Run trials until the study holds ``n_target`` finished ones (counting every worker's)."""
+    from harness.hardware import fingerprint
+
+    objective = Objective(config, corpus, device, fingerprint(device), on_result, on_start)
+    while True:
+        reap(study)
+        p = progress(study)
+        if p.done >= n_target or (p.done + p.running >= n_target and p.waiting == 0):
+            return
+        study.optimize(objective, n_trials=1, catch=(TrialFailed,), gc_after_trial=True)
+
+
+def write_study_json(config: StudyConfig, storage_url: str) -> None:
+    """``results/<study>/study.json``: how ``harness report`` finds this study's storage."""
+    directory = config.results_dir
+    directory.mkdir(parents=True, exist_ok=True)
+    meta = {"study_name": config.name, "storage": redact(storage_url), "objectives": list(config.objectives),
+            "cost": config.cost, "sampler": config.sampler, "study_file": str(config.path) if config.path else None}
+    tmp = directory / f".study.json.{os.getpid()}"
+    tmp.write_text(json.dumps(meta, indent=2), encoding="utf-8")
+    os.replace(tmp, directory / "study.json")
+
+
+def prepare(config: StudyConfig, storage_url: str, device_name: str | None) -> tuple[optuna.Study, Corpus, Any]:
+    """Everything that can fail on bad input, before a single trial runs."""
+    device = resolve_device(device_name or config.device)
+    check_cost_measurable(config, device)
+    corpus = load_corpus(config)
+    study = create_study(config, open_storage(storage_url))
+    write_study_json(config, storage_url)
+    return study, corpus, device
+
+
+def config_from_storage(study_name: str, storage_url: str) -> tuple[StudyConfig, optuna.Study]:
+    """For ``harness worker``: the study file as stored by whoever created the study."""
+    from harness.config import parse_study
+
+    storage = open_storage(storage_url)
+    try:
+        summaries = optuna.get_all_study_summaries(storage)
+    except Exception as e:  # noqa: BLE001
+        raise HarnessError(f"storage {redact(storage_url)}: cannot list studies: {_first_line(e)}") from None
+    names = [s.study_name for s in summaries]
+    if study_name not in names:
+        raise HarnessError(f"study {study_name!r} is not in storage {redact(storage_url)}; it holds: "
+                           f"{', '.join(names) or 'no studies'} (start it with harness sweep first)")
+    raw = optuna.load_study(study_name=study_name, storage=storage).user_attrs.get("study_config")
+    if raw is None:
+        raise HarnessError(f"study {study_name!r} was not created by harness sweep (no stored study file)")
+    config = parse_study(raw)
+    return config, create_study(config, storage)
+
