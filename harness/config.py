@@ -120,7 +120,7 @@ class StudyConfig:
 
 
 def _closest(key: str, allowed: tuple[str, ...] | list[str]) -> str:
-    match = difflib.get_close_matches(key, list(allowed), n=1, cutoff=0.6)
+    match = difflib.get_close_matches(key, list(allowed), n=1, cutoff=0.5)
     return f" (did you mean {match[0]!r}?)" if match else ""
 
 

@@ -171,7 +171,8 @@ def trial_spec(config: StudyConfig, params: dict[str, Any], repeat: int) -> Tria
 
 
 def config_key(params: dict[str, Any]) -> str:
-    return ",".join(f"{k}={params[k]}" for k in sorted(params, key=lambda k: (k not in CANONICAL, k)))
+    order = ["bptt", "batch_size"] + sorted(k for k in params if k not in CANONICAL)
+    return ",".join(f"{k}={params[k]}" for k in order if k in params)
 
 
 def cost_value(result: dict, cost: str) -> float | None:

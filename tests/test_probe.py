@@ -364,7 +364,19 @@ def test_rapl_absent_or_unreadable_is_none(tmp_path):
 
 # --------------------------------------------------------------------------- with the trainer
 
-def test_run_trial_fills_probe_with_documented_keys():
+@pytest.fixture
+def one_thread():
+    """Two OpenMP threads on a busy 2-core machine can make a tiny step 100x slower; the probe is
+    what is tested here, not torch's threading."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_run_trial_fills_probe_with_documented_keys(one_thread):
     from harness.corpus import load
     from harness.model import ModelConfig
     from harness.trainer import TrainConfig, TrialSpec, run_trial
@@ -378,3 +390,85 @@ def test_run_trial_fills_probe_with_documented_keys():
     assert result.probe["probe_kind"] == "cpu" and result.probe["samples"] >= 2
     assert result.probe["peak_rss_mib"] > 0 and result.probe["duration_s"] > 0
     assert not probe_threads()
+
+
+# --------------------------------------------------------------------------- make gpu-check
+
+def load_gpu_check():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+    spec = importlib.util.spec_from_file_location("gpu_check", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["gpu_check"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_check_tiny_cpu_rehearsal_writes_csv(tmp_path, capsys):
+    import csv
+
+    gc = load_gpu_check()
+    assert gc.main(["--allow-cpu", "--tiny", "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("gpu-check-*-tiny.csv")
+    rows = list(csv.DictReader(path.open()))
+    assert [r["role"] for r in rows] == ["grid"] * 4 + ["oom", "after-oom"]
+    assert tuple(rows[0]) == gc.COLUMNS
+    assert rows[4]["status"] == "oom" and rows[5]["status"] == "ok"
+    assert all(r["probe_kind"] == "cpu" and r["nvml_device_mib"] == "" for r in rows)  # no invented GPU numbers
+    assert not list(tmp_path.glob("*.tmp"))
+    assert "gpu-check passed" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the refusal without CUDA")
+def test_gpu_check_refuses_without_cuda(tmp_path, capsys):
+    gc = load_gpu_check()
+    assert gc.main(["--out", str(tmp_path)]) == 2
+    assert gc.main(["--allow-cpu", "--out", str(tmp_path)]) == 2  # a CPU run must say it is tiny
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "no CUDA GPU" in err[0]
+    assert not list(tmp_path.iterdir())
+
+
+def check_row(role="grid", **kw):
+    row = {"role": role, "bptt": 35, "batch_size": 20, "status": "ok", "probe_kind": "nvml", "error": None,
+           "nvml_device_mib": 5000.0, "torch_reserved_mib": 4000.0, "duration_s": 10.0, "energy_j": 900.0,
+           "start_mib": 600.0}
+    return {**row, **kw}
+
+
+def good_rows():
+    return [check_row(), check_row("oom", status="oom", nvml_device_mib=900.0, torch_reserved_mib=1000.0),
+            check_row("after-oom")]
+
+
+def test_gpu_check_rules():
+    gc = load_gpu_check()
+    assert gc.checks(good_rows(), idle_mib=500.0, gpu=True) == []
+
+    def fails(rows, idle=500.0, gpu=True):
+        (line,) = gc.checks(rows, idle_mib=idle, gpu=gpu)
+        return line
+
+    rows = good_rows()
+    rows[0]["nvml_device_mib"] = 3000.0
+    assert "NVML peak device memory 3000 MiB < torch peak reserved 4000" in fails(rows)
+    rows = good_rows()
+    rows[0]["energy_j"] = 0.0
+    assert "energy 0.0 J <= 0" in fails(rows)
+    rows[0]["duration_s"] = 4.0  # too short for the counter to be held to account
+    assert gc.checks(rows, 500.0, gpu=True) == []
+    rows = good_rows()
+    rows[0]["energy_j"] = None
+    assert "no energy recorded" in fails(rows)
+    assert gc.checks(rows, 500.0, gpu=False) == []  # CPU without RAPL: energy is honestly missing
+    rows = good_rows()
+    rows[1].update(status="ok", nvml_device_mib=5000.0)
+    assert "recorded as 'ok', not 'oom'" in fails(rows)
+    assert "started 357 MiB above idle" in fails(good_rows(), idle=243.0)
+    assert gc.checks(good_rows(), idle_mib=344.0, gpu=True) == []  # 256 MiB above is still fine
+    rows = good_rows()
+    rows[2]["probe_kind"] = "cpu"
+    assert "not NVML" in fails(rows)
+    assert "nothing" in fails(good_rows()[::2])

@@ -251,8 +251,10 @@ def _instability(trials: pd.DataFrame, configs: pd.DataFrame, extra: list[str]) 
     clip_text = (f" Gradient clipping was active on {clip.mean():.0%} of steps on average." if len(clip) else "")
     if div.empty:
         return Finding("stability", title, "No configuration diverged." + clip_text)
-    all_div = configs[(configs["n_diverged"] > 0) & (configs["n_diverged"] == configs["n_trials"])]
-    pattern = _threshold(configs, all_div)
+    # Configurations that only ran out of memory say nothing about stability.
+    ran = configs[configs["n_oom"] < configs["n_trials"]]
+    all_div = ran[(ran["n_diverged"] > 0) & (ran["n_diverged"] == ran["n_trials"] - ran["n_oom"])]
+    pattern = _threshold(ran, all_div)
     listed = ", ".join(
         label(r, extra) + (f" at step {int(s)}" if pd.notna(s := _first_step(trials, r["config_key"])) else "")
         + ("" if r["n_diverged"] == r["n_trials"] else f" ({int(r['n_diverged'])}/{int(r['n_trials'])} runs)")

@@ -1,11 +1,54 @@
-"""CLI commands of the report stage: ``harness report`` and ``harness compare``."""
+"""CLI commands of the report stage: ``harness report`` and ``harness compare`` (printing happens here)."""
 
 from __future__ import annotations
 
 import argparse
-
-COMMANDS: dict = {}
+from collections.abc import Callable
+from pathlib import Path
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    pass
+    p = sub.add_parser("report", help="write trials.csv, configs.csv and a self-contained report.html for a study",
+                       description="Rank the trials of a study by perplexity against cost and write the report.")
+    p.add_argument("source", metavar="SOURCE",
+                   help="results folder (results/<study> with study.json), study file (.toml) or storage URL")
+    p.add_argument("--storage", default=None,
+                   help="Optuna storage URL to read instead of the one in study.json (sqlite:///..., "
+                        "journal:/path, postgresql://...)")
+    p.add_argument("--study-name", default=None, help="study to report when the storage holds several")
+    p.add_argument("--out", type=Path, default=None, help="folder to write into (default: the results folder)")
+
+    p = sub.add_parser("compare", help="compare the same study run on several machines (GPUs), side by side",
+                       description="Group trials by hardware fingerprint and compare throughput, memory, energy and "
+                                   "the best configuration per machine.")
+    p.add_argument("sources", metavar="SOURCES", nargs="+",
+                   help="results folders (or study files / storage URLs), one per machine or several machines in one")
+    p.add_argument("--name", default=None, help="output goes to <out>/compare-<name>/ (default: from the sources)")
+    p.add_argument("--out", type=Path, default=Path("results"), help="parent folder of compare-<name>/ (default: results)")
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from harness.report import generate
+
+    paths = generate(args.source, storage=args.storage, study_name=args.study_name, out_dir=args.out)
+    print(paths.summary)
+    print()
+    print(f"report:  {paths.html}")
+    print(f"trials:  {paths.csv}")
+    if paths.configs_csv is not None:
+        print(f"configs: {paths.configs_csv}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from harness.report.compare import generate_compare
+
+    paths = generate_compare(list(args.sources), name=args.name, out_root=args.out)
+    print(paths.summary)
+    print()
+    print(f"comparison: {paths.html}")
+    print(f"table:      {paths.csv}")
+    return 0
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"report": cmd_report, "compare": cmd_compare}

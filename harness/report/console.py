@@ -44,14 +44,15 @@ def summary(rep: Report, top: int = 10, width: int = 110) -> str:
                           _f(r.get("peak_mem_mib"), "{:,.0f}"))
         buf = io.StringIO()
         Console(file=buf, width=width, color_system=None, force_terminal=False, highlight=False).print(table)
-        lines.append(buf.getvalue().rstrip())
+        lines.extend(line.rstrip() for line in buf.getvalue().rstrip().splitlines())
     n_inf = len(rep.ranking.infeasible)
     if n_inf:
         lines.append(f"{n_inf} configuration(s) infeasible (out of memory or diverged); see the report.")
     lines.append("")
     lines.extend(textwrap.wrap("Recommendation: " + rep.advice.headline, width))
     for f in rep.advice.findings:
-        lines.extend(textwrap.wrap(f"- {f.title} {f.text}", width, subsequent_indent="  "))
+        sep = "" if f.title.endswith("?") else ":"
+        lines.extend(textwrap.wrap(f"- {f.title}{sep} {f.text}", width, subsequent_indent="  "))
     for n in rep.advice.notes:
         lines.extend(textwrap.wrap(f"note: {n}", width, subsequent_indent="  "))
     return "\n".join(lines)

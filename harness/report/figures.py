@@ -68,7 +68,7 @@ def heatmap(configs: pd.DataFrame, metric: str) -> go.Figure | None:
     if np.isfinite(bad).any():
         fig.add_trace(go.Heatmap(z=bad, x=[str(int(b)) for b in bss], y=[str(int(b)) for b in bptts],
                                  colorscale=[[0, "#d9d9d9"], [1, "#d9d9d9"]], showscale=False, hoverinfo="skip",
-                                 xgap=2, ygap=2, text=text, texttemplate="%{text}",
+                                 xgap=2, ygap=2, text=np.where(np.isfinite(bad), text, ""), texttemplate="%{text}",
                                  textfont=dict(color="#b00020")))
     fig.update_layout(**_LAYOUT, title=dict(text=title, x=0.01))
     fig.update_xaxes(title="batch size", type="category")

@@ -145,7 +145,7 @@ def _ranking_section(rep: Report, limit: int = 40) -> str:
         ("", "Pareto rank", lambda x: str(int(x["pareto_rank"]))),
         ("", "val ppl", lambda x: _pm(x, "val_ppl")),
         ("", "n", lambda x: str(int(x["n"]))),
-        ("", COST_LABELS.get(cost, cost), lambda x: _pm(x, cost, "{:,.4g}" if cost != "peak_mem_mib" else "{:,.0f}")),
+        ("", COST_LABELS.get(cost, cost), lambda x: _pm(x, cost, "{:.3g}" if cost != "peak_mem_mib" else "{:,.0f}")),
     ]
     for col, head, fmt in (("tokens_per_s", "tokens/s", "{:,.0f}"), ("peak_mem_mib", "peak MiB", "{:,.0f}"),
                            ("joules_per_ktok", "J / 1k tok", "{:.3g}")):
@@ -185,11 +185,12 @@ def _equal_time_section(rep: Report, limit: int = 12) -> str:
 
 def _not_ranked_section(rep: Report, limit: int = 60) -> str:
     parts = []
+    extra = varying_fields(rep.configs)
     for df, title in ((rep.ranking.infeasible, "Infeasible: out of memory or diverged"),
                       (rep.ranking.unranked, "Not ranked: pruned, timed out or failed")):
         if df.empty:
             continue
-        cols: list[Column] = [("l", "configuration", lambda x: label(x)),
+        cols: list[Column] = [("l", "configuration", lambda x: label(x, extra)),
                               ("", "runs", lambda x: str(int(x["n_trials"]))),
                               ("wrap", "_reason", lambda x: x.get("reason") or "")]
         more = f'<p class="small">{len(df) - limit} more in configs.csv.</p>' if len(df) > limit else ""

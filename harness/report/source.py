@@ -79,6 +79,11 @@ def resolve(source: str | Path, *, storage: str | None = None, study_name: str |
         info = _read_study_json(results_dir) if (results_dir / STUDY_JSON).is_file() else {}
         return StudySource(name=study_name or cfg.name, storage_url=storage or cfg.storage_url,
                            out_dir=out_dir or results_dir, info=info)
+    if storage is not None and not path.is_file():
+        # An explicit storage: the folder is only where the report goes (it may not exist yet, e.g. PostgreSQL).
+        info = _read_study_json(path) if (path / STUDY_JSON).is_file() else {}
+        return StudySource(name=study_name or info.get("study_name"), storage_url=storage,
+                           out_dir=out_dir or path, info=info)
     if not path.exists():
         raise HarnessError(f"results folder {str(path)!r} does not exist; pass results/<study> "
                            "(a folder with study.json), a study file (.toml) or a storage URL")
@@ -86,9 +91,6 @@ def resolve(source: str | Path, *, storage: str | None = None, study_name: str |
         raise HarnessError(f"report source {str(path)!r} is a file, not a results folder; pass results/<study> "
                            "(a folder with study.json), a study file (.toml) or a storage URL")
     info = _read_study_json(path) if (path / STUDY_JSON).is_file() else {}
-    if storage is not None:
-        return StudySource(name=study_name or info.get("study_name"), storage_url=storage,
-                           out_dir=out_dir or path, info=info)
     if not info:
         if (path / "study.db").is_file():
             # A folder copied without its study.json still holds the SQLite storage.

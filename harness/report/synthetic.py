@@ -92,3 +92,38 @@ def synthetic_records(bptts=(35, 70, 140, 280, 560), batch_sizes=(10, 20, 40, 80
         })
         number += 1
     return out
+
+
+def write_optuna_study(records: list[dict], storage, study_name: str, *, extra_trials: tuple[str, ...] = ()) -> None:
+    """Store ``records`` as finished trials of a new Optuna study (what a sweep leaves behind).
+
+    ``extra_trials`` adds record-less trials in the given states (``"FAIL"``: a worker that died,
+    ``"RUNNING"``: one still going).
+    """
+    import optuna
+    from optuna.distributions import CategoricalDistribution
+    from optuna.trial import TrialState, create_trial
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(storage=storage, study_name=study_name, directions=["minimize", "minimize"])
+    bptts = sorted({r["config"]["bptt"] for r in records} | {35})
+    bss = sorted({r["config"]["batch_size"] for r in records} | {20})
+    dists = {"bptt": CategoricalDistribution(bptts), "batch_size": CategoricalDistribution(bss)}
+    for rec in records:
+        rec = {k: v for k, v in rec.items() if not k.startswith("_")}
+        params = {"bptt": rec["config"]["bptt"], "batch_size": rec["config"]["batch_size"]}
+        res = rec["result"]
+        if rec["status"] == "ok":
+            tps = res.get("tokens_per_s") or 1.0
+            study.add_trial(create_trial(state=TrialState.COMPLETE, params=params, distributions=dists,
+                                         values=[res["val_ppl"], 1.0 / tps], user_attrs={"record": rec}))
+        else:
+            state = TrialState.PRUNED if rec["status"] == "pruned" else TrialState.FAIL
+            study.add_trial(create_trial(state=state, params=params, distributions=dists, user_attrs={"record": rec}))
+    for state in extra_trials:
+        st = TrialState[state]
+        if st == TrialState.RUNNING:
+            study.enqueue_trial({"bptt": 35, "batch_size": 20})
+            study.ask()  # leaves it RUNNING
+        else:
+            study.add_trial(create_trial(state=st, params={"bptt": 35, "batch_size": 20}, distributions=dists))
