@@ -114,9 +114,10 @@ class StudyConfig:
 
     def n_trials(self) -> int:
         """Trials to finish: the study's ``trials``, or for a grid every point times ``repeats``."""
-        if self.trials is not None:
-            return self.trials
-        return self.grid_size() * self.repeats if self.sampler == "grid" else 20 * self.repeats
+        if self.sampler == "grid":
+            full = self.grid_size() * self.repeats
+            return min(self.trials, full) if self.trials is not None else full
+        return self.trials if self.trials is not None else 20 * self.repeats
 
 
 def _closest(key: str, allowed: tuple[str, ...] | list[str]) -> str:

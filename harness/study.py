@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import glob
+import itertools
 import json
 import logging
 import math
@@ -106,17 +107,48 @@ def _first_line(e: BaseException) -> str:
 # --------------------------------------------------------------------------- samplers
 
 def make_sampler(config: StudyConfig) -> optuna.samplers.BaseSampler:
-    constraints = _constraints
     n = config.n_trials()
-    if config.sampler == "grid":
-        return optuna.samplers.GridSampler({k: p.grid() for k, p in config.search.items()}, seed=config.seed)
-    if config.sampler == "random":
+    if config.sampler in ("grid", "random"):
+        # A grid is run as a queue of enqueued trials (see enqueue_grid), so the sampler is never asked.
         return optuna.samplers.RandomSampler(seed=config.seed)
     if config.sampler == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=config.seed, constraints_func=constraints,
+        return optuna.samplers.NSGAIISampler(seed=config.seed, constraints_func=_constraints,
                                              population_size=max(4, min(50, n // 3)))
-    return optuna.samplers.TPESampler(seed=config.seed, constraints_func=constraints,
+    return optuna.samplers.TPESampler(seed=config.seed, constraints_func=_constraints,
                                       n_startup_trials=max(3, min(10, n // 3)), multivariate=True)
+
+
+def grid_points(config: StudyConfig) -> list[tuple[dict[str, Any], int]]:
+    """Every (params, repeat) of a grid study, the canonical configuration first."""
+    names = list(config.search)
+    points = [dict(zip(names, values)) for values in itertools.product(*(config.search[k].grid() for k in names))]
+    points.sort(key=lambda p: not all(p.get(k) == v for k, v in CANONICAL.items()))
+    return [(p, r) for p in points for r in range(config.repeats)]
+
+
+def enqueue_grid(study: optuna.Study, config: StudyConfig) -> int:
+    """Queue every grid point not yet in the study; returns how many were added.
+
+    Optuna's GridSampler mixes badly with enqueued retries (it keys points by trial number), so a
+    grid is a queue of fixed trials instead: workers pop them atomically, retries re-queue one, and
+    a grid extended in the study file is picked up by the next sweep.
+    """
+    have = {(_params_key(t.params or _fixed_params(t)), int(t.user_attrs.get("repeat", 0)))
+            for t in study.get_trials(deepcopy=False)}
+    added = 0
+    for params, repeat in grid_points(config):
+        if (_params_key(params), repeat) not in have:
+            study.enqueue_trial(params, user_attrs={"repeat": repeat})
+            added += 1
+    return added
+
+
+def _params_key(params: dict[str, Any]) -> tuple:
+    return tuple(sorted(params.items()))
+
+
+def _fixed_params(t: FrozenTrial) -> dict[str, Any]:
+    return dict(t.system_attrs.get("fixed_params", {}))
 
 
 def make_pruner(config: StudyConfig) -> optuna.pruners.BasePruner:
@@ -139,7 +171,8 @@ def create_study(config: StudyConfig, storage: optuna.storages.BaseStorage) -> o
     if "study_config" not in study.user_attrs:
         # Stored so `harness worker` on another machine can join with only the storage URL and name.
         study.set_user_attr("study_config", json.loads(json.dumps(config.raw, default=str)))
-        if all(p.contains(CANONICAL[k]) for k, p in config.search.items() if k in CANONICAL):
+        if config.sampler != "grid" and all(
+                p.contains(CANONICAL[k]) for k, p in config.search.items() if k in CANONICAL):
             # The canonical configuration first: every report has the reference point.
             study.enqueue_trial(dict(CANONICAL), skip_if_exists=True)
     elif study.directions != [optuna.study.StudyDirection.MINIMIZE] * len(config.objectives):
@@ -271,7 +304,8 @@ class Objective:
             raise
         record = make_record(self.config, self.corpus, spec, params, repeat, result, self.hardware, started)
         trial.set_user_attr("record", record)
-        if repeat == 0 and self.config.repeats > 1 and "retry_of" not in trial.user_attrs:
+        if (repeat == 0 and self.config.repeats > 1 and self.config.sampler != "grid"
+                and "retry_of" not in trial.user_attrs):
             for r in range(1, self.config.repeats):
                 trial.study.enqueue_trial(params, user_attrs={"repeat": r})
         if self.on_result:
@@ -422,8 +456,8 @@ def run_worker(study: optuna.Study, config: StudyConfig, corpus: Corpus, device:
     while True:
         reap(study)
         p = progress(study)
-        if p.done >= n_target or (p.done + p.running >= n_target and p.waiting == 0):
-            return
+        if p.done >= n_target or (p.waiting == 0 and (p.done + p.running >= n_target or config.sampler == "grid")):
+            return  # a grid only runs its queue: nothing waiting means nothing left for this worker
         study.optimize(objective, n_trials=1, catch=(TrialFailed,), gc_after_trial=True)
 
 
@@ -444,6 +478,8 @@ def prepare(config: StudyConfig, storage_url: str, device_name: str | None) -> t
     check_cost_measurable(config, device)
     corpus = load_corpus(config)
     study = create_study(config, open_storage(storage_url))
+    if config.sampler == "grid":
+        enqueue_grid(study, config)
     write_study_json(config, storage_url)
     return study, corpus, device
 

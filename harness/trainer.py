@@ -236,12 +236,18 @@ def _deadline(seconds: float | None) -> Iterator[None]:
         raise TrialTimeout(f"trial exceeded its timeout of {seconds:g} s")
 
     previous = signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+    # A caller's own alarm (e.g. pytest-timeout, a worker's watchdog) is put back afterwards, less
+    # the time spent here, instead of being cancelled.
+    outer_delay, outer_interval = signal.setitimer(signal.ITIMER_REAL, seconds)
+    armed_at = time.monotonic()
     try:
         yield
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+        if outer_delay > 0:
+            left = max(outer_delay - (time.monotonic() - armed_at), 1e-3)
+            signal.setitimer(signal.ITIMER_REAL, left, outer_interval)
 
 
 class _CpuMemoryCap:
@@ -327,8 +333,12 @@ def budget_steps(spec: TrialSpec, train_tokens: int) -> int | None:
     t = spec.train
     if t.budget == "seconds":
         return None
-    tokens = int(t.epochs * train_tokens) if t.epochs is not None else t.tokens
-    return max(1, math.ceil(tokens / (spec.bptt * spec.batch_size)))
+    if t.epochs is not None:
+        # One epoch is one pass of windows over the batchified matrix (its last window is shorter), as
+        # in the canonical example; train_tokens / (bptt * bs) can spill a step into the next pass.
+        per_epoch = math.ceil((train_tokens // spec.batch_size - 1) / spec.bptt)
+        return max(1, math.ceil(round(t.epochs * per_epoch, 6)))
+    return max(1, math.ceil(t.tokens / (spec.bptt * spec.batch_size)))
 
 
 def _make_optimizer(model: RNNModel, t: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
@@ -433,7 +443,10 @@ def _train_and_eval(spec: TrialSpec, corpus: Corpus, device: torch.device, probe
     # Checkpoint k (1-based) is due when progress reaches k / n_ckpt of the budget.
     progress = (lambda step, secs: step / max_steps) if max_steps else (lambda step, secs: secs / t.seconds)
     next_ckpt = 1
-    running_min = math.inf
+    # An untrained model predicts about uniformly (loss ~ log V): a loss far above that is divergence
+    # even when it was never lower, e.g. a huge learning rate that blows up in the first steps.
+    uniform_loss = math.log(corpus.vocab_size)
+    running_min = uniform_loss
     tokens = steps = 0
     eval_s = 0.0          # checkpoint evaluation time, excluded from training time
     # Warm-up (allocator growth, cuDNN autotuning) is excluded from tokens/s; a trial too short to
@@ -470,8 +483,9 @@ def _train_and_eval(spec: TrialSpec, corpus: Corpus, device: torch.device, probe
         point = {"step": steps, "tokens": tokens, "seconds": round(train_seconds(), 4), "loss": val,
                  "ppl": _ppl(val)}
         result.val_curve.append(point)
-        if not math.isfinite(val):
-            raise Diverged(steps, f"validation loss is not finite at step {steps}")
+        if not math.isfinite(val) or val > t.spike_factor * uniform_loss:
+            raise Diverged(steps, f"validation loss {val:.4g} at step {steps} is not finite or above "
+                                  f"{t.spike_factor:g} x that of a uniform guess ({uniform_loss:.3g})")
         if val < best_val:
             best_val = val
         elif t.optimizer == "sgd":
@@ -510,12 +524,16 @@ def _train_and_eval(spec: TrialSpec, corpus: Corpus, device: torch.device, probe
                     if steps == warm:
                         _sync(device)
                         timed_from = (train_seconds(), tokens)
-                    due = progress(steps, train_seconds()) >= next_ckpt / n_ckpt
+                    done_frac = progress(steps, train_seconds())
+                    due = done_frac >= next_ckpt / n_ckpt
                     if steps % t.log_every == 0 or due:
                         read_and_check()
                     if due:
                         checkpoint()
-                        next_ckpt += 1
+                        # Skip every checkpoint this step has reached: with fewer steps than
+                        # checkpoints, one evaluation per step, and the budget is not overrun.
+                        while next_ckpt <= n_ckpt and done_frac >= next_ckpt / n_ckpt:
+                            next_ckpt += 1
                     if next_ckpt > n_ckpt:
                         done = True
                         break

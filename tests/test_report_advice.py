@@ -77,7 +77,7 @@ def test_equal_time_finding_present():
 def test_best_is_also_cheapest():
     headline, f, _ = findings([rec(35, 20, 100.0, 50_000), rec(70, 20, 120.0, 40_000)])
     assert headline.startswith("Use bptt 35 × bs 20: it reaches the lowest validation perplexity (100)")
-    assert f["bptt"].startswith("No: at batch size 20 the shortest window tried, bptt 35, is already the best")
+    assert f["bptt"].startswith("No: at batch size 20 the shortest window that finished, bptt 35, is already the best")
 
 
 def test_degenerate_single_trial():

@@ -158,3 +158,13 @@ def test_equal_time_ranking_agrees_when_the_best_is_best_at_every_time():
     et = equal_time_ranking(trials, ranking.table)
     assert et.seconds == pytest.approx(2.0)
     assert not et.disagree
+
+
+def test_equal_time_says_nothing_when_the_best_had_no_checkpoint_yet():
+    # The budget's best is slow: its first checkpoint comes after the fast one has finished.
+    slow_best = _trial(35, 20, [(5.0, 4.5), (10.0, 4.0)])
+    fast = _trial(140, 80, [(1.0, 5.0), (2.0, 4.6)])
+    trials = records_to_frame([slow_best, fast])
+    et = equal_time_ranking(trials, rank_configs(aggregate_configs(trials)).table)
+    assert et.seconds == pytest.approx(2.0)
+    assert not et.comparable and not et.disagree

@@ -153,15 +153,15 @@ def test_unexpected_exception_and_timeout_do_not_stop_the_sweep(tmp_path: Path, 
         if spec.bptt == 4:
             raise ValueError("injected fault")
         if spec.bptt == 6:
-            time.sleep(30)  # hangs: the trial's SIGALRM deadline must end it
+            time.sleep(120)  # hangs: the trial's SIGALRM deadline must end it
         return real(spec, *args, **kwargs)
 
     monkeypatch.setattr(trainer, "_train_and_eval", faulty)
-    study_file = write_study(tmp_path, "faults", train="timeout_s = 1.5", search="bptt = [4, 6, 8]\nbatch_size = [4]")
+    study_file = write_study(tmp_path, "faults", train="timeout_s = 8", search="bptt = [4, 6, 8]\nbatch_size = [4]")
     results = tmp_path / "results"
     t0 = time.monotonic()
     assert main(["sweep", str(study_file), "--results-dir", str(results), "--no-report"]) == 0
-    assert time.monotonic() - t0 < 25
+    assert time.monotonic() - t0 < 60
     study = load(sqlite_url(results, "faults"), "faults")
     status = {t.params["bptt"]: (t.state, t.user_attrs["record"]) for t in study.get_trials()}
     assert status[4][0] == TrialState.FAIL and status[4][1]["status"] == "failed"

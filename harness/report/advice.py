@@ -156,7 +156,10 @@ def _cheapest(table: pd.DataFrame, cost: str, best: pd.Series, cheap: pd.Series,
     if len(table) < 2:
         return None
     within = int((table["val_ppl"] <= best["val_ppl"] * (1 + NEAR_BEST)).sum())
-    if cheap["config_key"] == best["config_key"]:
+    if within == 1:
+        text = (f"No other configuration comes within {NEAR_BEST:.0%} of the best perplexity "
+                f"({label(best, extra)}, {fmt_cost(best.get(cost), cost)}).")
+    elif cheap["config_key"] == best["config_key"]:
         text = (f"The best configuration is also the cheapest of the {within} within {NEAR_BEST:.0%} of the best "
                 f"perplexity: {label(best, extra)} at {fmt_cost(best.get(cost), cost)}.")
     else:
@@ -195,7 +198,7 @@ def _bptt_helps(table: pd.DataFrame, rec: pd.Series, extra: list[str]) -> Findin
     main = next((x for x in per_bs if x[0] == int(rec["batch_size"])), per_bs[0])
     bs, b, p, i_best, i_plateau = main
     if i_best == 0 or i_plateau == 0:
-        text = (f"No: at batch size {bs} the shortest window tried, bptt {int(b[0])}, is already "
+        text = (f"No: at batch size {bs} the shortest window that finished, bptt {int(b[0])}, is already "
                 + ("the best" if i_best == 0 else f"within {PLATEAU:.0%} (or the spread) of the best")
                 + f" (perplexity {g(p[0])}); at bptt {int(b[-1])} it is {g(p[-1])}. At this budget a longer window "
                 "costs optimiser steps and does not pay them back.")
@@ -234,6 +237,9 @@ def _memory(wall: MemoryWall, fits: list[MemoryFit], extra: list[str]) -> Findin
         err = f" (fit error: RMS {f.rmse_mib:,.0f} MiB, R² {f.r2:.3f})" if math.isfinite(f.rmse_mib) else \
             " (fitted through two points: no error estimate)"
         parts.append(f"Fitted memory model: peak ≈ {f.intercept_mib:,.0f} MiB + {f.slope_mib:.4g} MiB × bptt × bs{err}.")
+        if not f.gpu:
+            parts.append("Measured on CPU as the process's peak resident memory, which includes Python and the "
+                         "libraries, so the fit says little about a GPU.")
         if f.gpu and wall.card_mib and f.slope_mib > 0:
             x = f.max_tokens_per_step(wall.card_mib)
             if x > 0:
@@ -273,8 +279,8 @@ def _first_step(trials: pd.DataFrame, key: str) -> float:
 
 def _threshold(configs: pd.DataFrame, diverged: pd.DataFrame) -> str | None:
     """A one-field threshold that separates always-diverging configurations from the others, if any."""
-    if diverged.empty:
-        return None
+    if len(diverged) < 2:
+        return None  # one diverged configuration is an incident, not an edge
     names = {"lr": "learning rate", "bptt": "bptt", "tokens_per_step": "bptt × bs", "batch_size": "batch size"}
     for f, word in names.items():
         if f not in configs or configs[f].nunique() < 2:
@@ -327,6 +333,13 @@ def _equal_time(et: EqualTime | None, table: pd.DataFrame, extra: list[str]) -> 
     title = "Same verdict at equal training time?"
     if et is None or et.seconds is None or et.best_time is None or len(table) < 2:
         return None
+    if not et.comparable:
+        have = int(et.table["ppl_at_time"].notna().sum())
+        return Finding("equal_time", title,
+                       f"Cannot tell: by {et.seconds:.3g} s of training, the latest time every configuration reached, "
+                       f"only {have} of {len(et.table)} configurations had a validation checkpoint, and the study's "
+                       f"best ({label(table.set_index('config_key').loc[et.best_budget], extra)}) was not one of them. "
+                       "More checkpoints per trial ([train] checkpoints) make this comparison possible.")
     by_key = table.set_index("config_key")
     tb, bb = by_key.loc[et.best_time], by_key.loc[et.best_budget]
     at = et.table.set_index("config_key")["ppl_at_time"]

@@ -20,7 +20,7 @@ import plotly.graph_objects as go
 from harness.errors import HarnessError
 from harness.report import ReportPaths, safe_dirname
 from harness.report.advice import near_best
-from harness.report.frame import aggregate_configs, label, records_to_frame
+from harness.report.frame import aggregate_configs, label, labels, records_to_frame
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +146,8 @@ def _bars(cfg: pd.DataFrame, order: list[str], col: str, title: str, axis: str) 
         return None
     fig = go.Figure()
     keys = list(dict.fromkeys(d["config_key"]))
-    names = {k: label(r) for k, r in d.drop_duplicates("config_key").set_index("config_key").iterrows()}
+    uniq = d.drop_duplicates("config_key")
+    names = dict(zip(uniq["config_key"], labels(uniq)))
     for m in order:
         dm = d[d["machine"] == m].set_index("config_key")
         fig.add_trace(go.Bar(x=[names[k] for k in keys], y=[dm[col].get(k, np.nan) for k in keys], name=m))

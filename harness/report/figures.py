@@ -11,7 +11,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from harness.report.frame import COST_LABELS, CURVE, label, varying_fields
+from harness.report.frame import COST_LABELS, CURVE, label, labels, varying_fields
 from harness.report.memory import MemoryFit
 from harness.report.rank import EqualTime, Ranking
 
@@ -82,7 +82,7 @@ def pareto(ranking: Ranking, recommended: str | None) -> go.Figure | None:
     if t.empty or cost not in t or t[cost].notna().sum() == 0:
         return None
     extra = varying_fields(t)
-    names = [label(r, extra) for _, r in t.iterrows()]
+    names = labels(t, extra)
     fig = go.Figure()
     front = t["pareto_rank"] == 1
     for mask, name, color, size in ((~front, "dominated", "#9e9e9e", 8), (front, "Pareto front (rank 1)", "#1f77b4", 11)):
@@ -123,7 +123,8 @@ def curves(trials: pd.DataFrame, ranking: Ranking, equal_time: EqualTime | None,
     if len(canon) and canon.iloc[0]["config_key"] not in keys:
         keys.append(canon.iloc[0]["config_key"])  # the canonical recipe as the reference
     extra = varying_fields(t)
-    names = {r["config_key"]: label(r, extra) for _, r in t.iterrows() if r["config_key"] in keys}
+    top_rows = t[t["config_key"].isin(keys)]
+    names = dict(zip(top_rows["config_key"], labels(top_rows, extra)))
     fig = make_subplots(rows=1, cols=2, subplot_titles=("against training tokens", "against training seconds"),
                         horizontal_spacing=0.08)
     palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#7f7f7f"]
@@ -167,7 +168,7 @@ def memory(trials: pd.DataFrame, fit: MemoryFit | None, card_mib: float | None) 
     fig = go.Figure()
     fig.add_trace(go.Scatter(x=d["tokens_per_step"], y=d["peak_mem_mib"], mode="markers", name="measured",
                              marker=dict(size=8, color="#1f77b4"),
-                             text=[label(r) for _, r in d.iterrows()],
+                             text=labels(d),
                              hovertemplate="%{text}<br>%{x:,} tokens/step: %{y:,.0f} MiB<extra></extra>"))
     oom = trials[(trials["status"] == "oom") & trials["tokens_per_step"].notna()]
     x_hi = float(max(d["tokens_per_step"].max(), oom["tokens_per_step"].max() if len(oom) else 0))
@@ -184,7 +185,7 @@ def memory(trials: pd.DataFrame, fit: MemoryFit | None, card_mib: float | None) 
         y_oom = card_mib or float(d["peak_mem_mib"].max())
         fig.add_trace(go.Scatter(x=oom["tokens_per_step"], y=[y_oom] * len(oom), mode="markers", name="out of memory",
                                  marker=dict(symbol="x", size=11, color="#d62728"),
-                                 text=[label(r) for _, r in oom.iterrows()],
+                                 text=labels(oom),
                                  hovertemplate="%{text}: OOM<extra></extra>"))
     if card_mib:
         fig.add_hline(y=card_mib, line=dict(color="#d62728", dash="dash"),

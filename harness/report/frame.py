@@ -263,19 +263,17 @@ def _reasons(keyed: pd.DataFrame, counts: pd.DataFrame) -> pd.Series:
     bad = keyed[keyed["status"] != "ok"]
     if bad.empty:
         return pd.Series("", index=counts.index, dtype=object)
-    firsts = bad.groupby(["_k", "status"], sort=False).agg(error=("error", "first"), step=("diverged_step", "min"))
-    parts: dict[str, list[str]] = {}
-    for (k, status), r in firsts.iterrows():
-        n, total = int(counts.at[k, status]), int(counts.loc[k].sum())
-        share = "" if n == total else f" in {n}/{total} runs"
-        text = status + share
-        if status == "diverged" and pd.notna(r["step"]):
-            text += f" at step {int(r['step'])}"
-        err = r["error"]
-        if isinstance(err, str) and err:
-            text += f": {err.splitlines()[0][:160]}"
-        parts.setdefault(k, []).append(text)
-    return pd.Series({k: "; ".join(v) for k, v in parts.items()}, dtype=object).reindex(counts.index).fillna("")
+    f = bad.groupby(["_k", "status"], sort=False).agg(error=("error", "first"), step=("diverged_step", "min"),
+                                                      n=("status", "size")).reset_index()
+    total = f["_k"].map(counts.sum(axis=1))
+    text = f["status"].astype(str)
+    text = text + np.where(f["n"] == total, "", " in " + f["n"].astype(str) + "/" + total.astype(str) + " runs")
+    has_step = (f["status"] == "diverged") & f["step"].notna()
+    text = text + np.where(has_step, " at step " + f["step"].fillna(0).astype(int).astype(str), "")
+    err = f["error"].astype(object).where(f["error"].notna(), "").astype(str).str.split("\n").str[0].str[:160]
+    text = text + np.where(err != "", ": " + err, "")
+    out = pd.Series(text.to_numpy(dtype=object), index=f["_k"]).groupby(level=0, sort=False).agg("; ".join)
+    return out.reindex(counts.index).fillna("")
 
 
 def varying_fields(df: pd.DataFrame) -> list[str]:
@@ -285,6 +283,13 @@ def varying_fields(df: pd.DataFrame) -> list[str]:
         if c in df.columns and df[c].dropna().astype(str).nunique() > 1:
             out.append(c)
     return out
+
+
+def labels(df: pd.DataFrame, extra: Iterable[str] = ()) -> list[str]:
+    """:func:`label` for every row, without building a Series per row (reports have up to 10^4 rows)."""
+    cols = ["bptt", "batch_size", "config_key", *extra]
+    present = {c: (df[c].tolist() if c in df.columns else [None] * len(df)) for c in cols}
+    return [label(dict(zip(cols, vals)), extra) for vals in zip(*present.values())]
 
 
 def label(row: Any, extra: Iterable[str] = ()) -> str:

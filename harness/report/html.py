@@ -39,7 +39,7 @@ table { border-collapse:collapse; width:100%; font-size:13.5px; margin:8px 0; }
 th, td { padding:5px 8px; border-bottom:1px solid var(--line); text-align:right; white-space:nowrap; }
 th { background:#f3f5f7; position:sticky; top:0; }
 td.l, th.l { text-align:left; }
-td.wrap { white-space:normal; text-align:left; max-width:520px; }
+td.wrap, th.wrap { white-space:normal; text-align:left; max-width:520px; }
 tr.front td:first-child { border-left:3px solid var(--accent); }
 tr.rec td { background:#fff6e5; }
 .bad { color:var(--bad); }
@@ -81,8 +81,7 @@ def figure_block(div_id: str, fig: go.Figure, caption: str) -> str:
 
 def table(rows: pd.DataFrame, columns: Sequence[Column], *, row_class: Callable[[pd.Series], str] | None = None,
           table_id: str | None = None) -> str:
-    head = "".join(f'<th class="{"l" if i == 1 or h.startswith("_") else ""}">{esc(h.lstrip("_"))}</th>'
-                   for i, (_, h, _) in enumerate(columns))
+    head = "".join(f'<th class="{klass}">{esc(h)}</th>' for klass, h, _ in columns)
     body = []
     for _, r in rows.iterrows():
         cls = row_class(r) if row_class else ""
@@ -105,7 +104,7 @@ def _pm(r: pd.Series, col: str, fmt: str = "{:.4g}") -> str:
     s = r.get(f"{col}_std")
     text = fmt.format(v)
     if r.get("n", 1) > 1 and s is not None and math.isfinite(s):
-        text += " ± " + fmt.format(s)
+        text += " ± " + (f"{s:,.0f}" if fmt == "{:,.0f}" else f"{s:.2g}")
     return text
 
 
@@ -128,7 +127,7 @@ def _meta(rep: Report) -> str:
              ("device", first("device")), ("objectives", ", ".join(map(str, objectives)) if isinstance(objectives, list) else None),
              ("ranked against", rep.ranking.cost_label), ("storage", rep.storage_display),
              ("generated", rep.generated_at)]
-    return "".join(f"<span><b>{esc(k)}:</b> {esc(v)}</span>" for k, v in items if v)
+    return "\n".join(f"<span><b>{esc(k)}:</b> {esc(v)}</span>" for k, v in items if v)
 
 
 def _ranking_section(rep: Report, limit: int = 40) -> str:
@@ -151,7 +150,7 @@ def _ranking_section(rep: Report, limit: int = 40) -> str:
                            ("joules_per_ktok", "J / 1k tok", "{:.3g}")):
         if col != cost and t[col].notna().any():
             cols.append(("", head, lambda x, c=col, f=fmt: _num(x.get(c), f)))
-    cols.append(("wrap", "_notes", lambda x: x.get("reason") or ""))
+    cols.append(("wrap", "notes", lambda x: x.get("reason") or ""))
     rows = table(t.head(limit), cols, table_id="ranking",
                  row_class=lambda x: " ".join(c for c, on in (("front", x["pareto_rank"] == 1),
                                                                 ("rec", x["config_key"] == rec)) if on))
@@ -177,7 +176,9 @@ def _equal_time_section(rep: Report, limit: int = 12) -> str:
         ("", "ppl at the budget", lambda x: _num(x["val_ppl"])),
         ("", "place at the budget", lambda x: str(int(x["place"]))),
     ]
-    verdict = ("The two rankings disagree." if et.disagree else "The two rankings agree on the best configuration.")
+    verdict = ("The two rankings disagree." if et.disagree else
+               "The two rankings agree on the best configuration." if et.comparable else
+               "The study's best had no validation checkpoint by then, so the two cannot be compared.")
     return (f"<h2>Ranking at equal training time</h2><p>Perplexity of each configuration after {et.seconds:.3g} s of "
             f"training — the latest time every configuration reached — interpolated between validation checkpoints. "
             f"{esc(verdict)}</p>" + table(et.table.head(limit), cols, table_id="equal-time"))
@@ -192,7 +193,7 @@ def _not_ranked_section(rep: Report, limit: int = 60) -> str:
             continue
         cols: list[Column] = [("l", "configuration", lambda x: label(x, extra)),
                               ("", "runs", lambda x: str(int(x["n_trials"]))),
-                              ("wrap", "_reason", lambda x: x.get("reason") or "")]
+                              ("wrap", "reason", lambda x: x.get("reason") or "")]
         more = f'<p class="small">{len(df) - limit} more in configs.csv.</p>' if len(df) > limit else ""
         parts.append(f"<h3>{esc(title)} ({len(df)})</h3>" + table(df.head(limit), cols) + more)
     return "".join(parts)

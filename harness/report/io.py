@@ -12,9 +12,11 @@ from urllib.parse import urlsplit
 
 from harness.errors import HarnessError
 
-# scheme://user:password@host -> scheme://user:***@host. The password may contain anything but '@'
-# followed by the host, so match up to the last '@' of the authority part.
-_URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^:/@\s]*:)(?P<pw>[^@\s]*)(?P<tail>@)")
+# scheme://user:password@host -> scheme://user:***@host. People type passwords with '@' or ':' in
+# them unencoded, so the password runs (greedily) to the last '@' that is followed by a host; when in
+# doubt this redacts too much, never too little.
+_URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^:/@\s]*:)(?P<pw>\S*)(?P<tail>@)"
+                           r"(?=[^@/\s]*(?:[/?#\s]|$))")
 
 
 def redact_url(url: str | None) -> str | None:

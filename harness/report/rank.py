@@ -23,18 +23,22 @@ log = logging.getLogger(__name__)
 MATRIX_LIMIT = 12_000
 
 
-def _tolerance(std: np.ndarray) -> np.ndarray:
-    """Pairwise tie tolerance for one objective: the spread of the difference of two runs.
+_BLOCK = 512
+
+
+def _tolerance(std: np.ndarray, lo: int = 0, hi: int | None = None) -> np.ndarray:
+    """Pairwise tie tolerance for one objective (rows ``lo:hi``): the spread of the difference of two runs.
 
     ``sqrt(s_i^2 + s_j^2)``; a configuration measured once borrows the other's spread (same noise
     assumed), and two single runs have none (exact comparison).
     """
-    s = np.nan_to_num(np.asarray(std, dtype=float), nan=np.nan)
-    si, sj = s[:, None], s[None, :]
-    si_f = np.where(np.isnan(si), sj, si)
-    sj_f = np.where(np.isnan(sj), si, sj)
-    tol = np.sqrt(np.nan_to_num(si_f) ** 2 + np.nan_to_num(sj_f) ** 2)
-    return tol
+    s = np.asarray(std, dtype=float)
+    if np.isnan(s).all():
+        return np.zeros((1, 1))  # no repeats anywhere: exact comparison (broadcasts)
+    v = s * s
+    vi, vj = v[lo:hi, None], v[None, :]
+    total = np.where(np.isnan(vi), vj, vi) + np.where(np.isnan(vj), vi, vj)
+    return np.sqrt(np.nan_to_num(total))
 
 
 def dominance_matrix(values: np.ndarray, stds: np.ndarray | None = None) -> np.ndarray:
@@ -46,14 +50,19 @@ def dominance_matrix(values: np.ndarray, stds: np.ndarray | None = None) -> np.n
     v = np.asarray(values, dtype=float)
     n, k = v.shape
     s = np.full_like(v, np.nan) if stds is None else np.asarray(stds, dtype=float)
-    better = np.zeros((n, n), dtype=bool)
-    worse = np.zeros((n, n), dtype=bool)
-    for o in range(k):
-        tol = _tolerance(s[:, o])
-        diff = v[:, o][:, None] - v[:, o][None, :]  # v_i - v_j
-        better |= diff < -tol
-        worse |= diff > tol
-    return better & ~worse
+    out = np.zeros((n, n), dtype=bool)
+    # Row blocks keep the float temporaries small (n = 10,000 would need GBs at once).
+    for lo in range(0, n, _BLOCK):
+        hi = min(n, lo + _BLOCK)
+        better = np.zeros((hi - lo, n), dtype=bool)
+        worse = np.zeros((hi - lo, n), dtype=bool)
+        for o in range(k):
+            tol = _tolerance(s[:, o], lo, hi)
+            diff = v[lo:hi, o][:, None] - v[:, o][None, :]  # v_i - v_j
+            better |= diff < -tol
+            worse |= diff > tol
+        out[lo:hi] = better & ~worse
+    return out
 
 
 def pareto_ranks(values: np.ndarray, stds: np.ndarray | None = None) -> np.ndarray:
@@ -222,6 +231,7 @@ class EqualTime:
             equal time.
         disagree: the two bests differ by more than the measured spread.
         spearman: rank correlation of the two perplexity orders (None with fewer than 3 configurations).
+        comparable: the budget's best has a checkpoint by ``seconds``; when False nothing can be said.
     """
 
     seconds: float | None
@@ -230,6 +240,7 @@ class EqualTime:
     best_time: str | None = None
     disagree: bool = False
     spearman: float | None = None
+    comparable: bool = True
 
 
 def ppl_at(curve: list[dict], seconds: float) -> float:
@@ -277,14 +288,17 @@ def equal_time_ranking(trials: pd.DataFrame, ranked: pd.DataFrame) -> EqualTime:
     b_budget = ranked.loc[ranked["val_ppl"].idxmin()]
     b_time = table.loc[table["ppl_at_time"].idxmin()]
     disagree = b_budget["config_key"] != b_time["config_key"]
+    row = table[table["config_key"] == b_budget["config_key"]].iloc[0]
+    comparable = bool(pd.notna(row["ppl_at_time"]))
     if disagree:
-        # Not a disagreement if, at equal time, the budget's best is tied with the time's best.
-        row = table[table["config_key"] == b_budget["config_key"]].iloc[0]
-        disagree = not _within(row["ppl_at_time"], b_time["ppl_at_time"], row["ppl_at_time_std"],
-                               b_time["ppl_at_time_std"]) if pd.notna(row["ppl_at_time"]) else True
+        # Not a disagreement if, at equal time, the budget's best is tied with the time's best; and no
+        # verdict at all if the budget's best had not been evaluated yet by then.
+        disagree = comparable and not _within(row["ppl_at_time"], b_time["ppl_at_time"], row["ppl_at_time_std"],
+                                              b_time["ppl_at_time_std"])
     both = table.dropna(subset=["ppl_at_time", "val_ppl"])
     rho = None
     if len(both) >= 3:
         rho = float(both["ppl_at_time"].rank().corr(both["val_ppl"].rank()))
         rho = None if math.isnan(rho) else rho
-    return EqualTime(t_star, table, str(b_budget["config_key"]), str(b_time["config_key"]), bool(disagree), rho)
+    return EqualTime(t_star, table, str(b_budget["config_key"]), str(b_time["config_key"]), bool(disagree), rho,
+                     comparable)

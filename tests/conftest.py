@@ -1,0 +1,26 @@
+"""Shared test fixtures. Keep this small: add fixtures here only when several test modules need them."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# One BLAS/OpenMP thread per process: on a 2-core machine shared with other jobs, torch's spinning
+# worker threads turn millisecond steps into seconds. Set before torch is imported, and inherited by
+# the sweeps and workers the tests start as subprocesses.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+
+
+@pytest.fixture(autouse=True)
+def corpus_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Point the corpus cache (``harness.corpus.cache_dir``) at a fresh temporary directory.
+
+    Tests never write into the home directory, and each test starts with an empty cache. The
+    directory is not created here, so a test can check that nothing was written to it.
+    """
+    path = tmp_path_factory.mktemp("cache") / "corpus-cache"
+    monkeypatch.setenv("BPTT_HARNESS_CACHE", str(path))
+    return path
