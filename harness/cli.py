@@ -102,7 +102,7 @@ def cmd_corpus(args: argparse.Namespace) -> int:
 
 
 def cmd_trial(args: argparse.Namespace) -> int:
-    from harness.corpus import load
+    from harness.corpus import check_fits, load
     from harness.model import ModelConfig
     from harness.probe import make_probe
     from harness.trainer import TrainConfig, TrialSpec, resolve_device, run_trial
@@ -117,6 +117,7 @@ def cmd_trial(args: argparse.Namespace) -> int:
                         compile=args.compile, memory_cap_mib=args.memory_cap_mib)
     spec = TrialSpec(bptt=args.bptt, batch_size=args.batch_size, model=model, train=train)
     corpus = load(_corpus_spec(args))
+    check_fits(corpus, spec.batch_size, spec.bptt, train.eval_batch_size)
     probe = None if args.no_probe else make_probe(device)
     if not args.json:
         print(f"trial: {model.type} {model.layers}x{model.nhid} on {corpus.name} ({corpus.vocab_size} tokens "

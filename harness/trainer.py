@@ -344,8 +344,12 @@ def budget_steps(spec: TrialSpec, train_tokens: int) -> int | None:
 def _make_optimizer(model: RNNModel, t: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
     if t.optimizer == "sgd":
         return torch.optim.SGD(model.parameters(), lr=t.lr)
-    return torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay,
-                             fused=device.type == "cuda")
+    # Fused on CUDA and CPU: the unfused AdamW calls step.item() for every parameter at every step.
+    try:
+        return torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay,
+                                 fused=device.type in ("cuda", "cpu"))
+    except RuntimeError:  # a torch without the fused kernel for this device
+        return torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
 
 
 def _static_bytes(model: RNNModel, t: TrainConfig) -> int:

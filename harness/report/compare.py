@@ -9,6 +9,7 @@ region; the best configuration per machine.
 from __future__ import annotations
 
 import datetime as _dt
+import html
 import logging
 import math
 from pathlib import Path
@@ -150,7 +151,9 @@ def _bars(cfg: pd.DataFrame, order: list[str], col: str, title: str, axis: str) 
     names = dict(zip(uniq["config_key"], labels(uniq)))
     for m in order:
         dm = d[d["machine"] == m].set_index("config_key")
-        fig.add_trace(go.Bar(x=[names[k] for k in keys], y=[dm[col].get(k, np.nan) for k in keys], name=m))
+        # Plotly renders a few HTML tags in legend text: escape the machine name so it shows as written.
+        fig.add_trace(go.Bar(x=[names[k] for k in keys], y=[dm[col].get(k, np.nan) for k in keys],
+                             name=html.escape(m)))
     fig.update_layout(template="plotly_white", height=430, barmode="group", margin=dict(l=70, r=30, t=50, b=110),
                       title=dict(text=title, x=0.01), legend=dict(orientation="h", y=1.08),
                       font=dict(family="system-ui, sans-serif", size=13))

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from harness.report.frame import COST_LABELS, CURVE, INFEASIBLE
+from harness.report.frame import COST_LABELS, CURVE
 
 log = logging.getLogger(__name__)
 

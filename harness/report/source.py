@@ -134,8 +134,6 @@ def _relocate(url: str, folder: Path) -> str:
 
 
 def _open_storage(url: str):
-    import optuna
-
     if url.startswith("sqlite:///"):
         path = Path(url[len("sqlite:///"):])
         # Optuna would silently create an empty database for a missing path: refuse instead.
@@ -165,7 +163,6 @@ def load_trials(src: StudySource) -> LoadedTrials:
     import optuna
 
     shown = src.storage_display
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         storage = _open_storage(src.storage_url)
         names = optuna.get_all_study_names(storage=storage)
