@@ -111,8 +111,8 @@ def cmd_trial(args: argparse.Namespace) -> int:
     model = ModelConfig(type=args.model, emsize=args.emsize, nhid=args.nhid, layers=args.layers,
                         dropout=args.dropout, tied=args.tied)
     train = TrainConfig(optimizer=args.optimizer, lr=args.lr, clip=args.clip,
-                        budget="seconds" if args.seconds else "tokens", tokens=args.tokens, epochs=args.epochs,
-                        seconds=args.seconds or 60.0, checkpoints=args.checkpoints, timeout_s=args.timeout,
+                        budget="seconds" if args.seconds is not None else "tokens", tokens=args.tokens, epochs=args.epochs,
+                        seconds=60.0 if args.seconds is None else args.seconds, checkpoints=args.checkpoints, timeout_s=args.timeout,
                         seed=args.seed, test=args.test, variable_bptt=args.variable_bptt, amp=args.amp,
                         compile=args.compile, memory_cap_mib=args.memory_cap_mib)
     spec = TrialSpec(bptt=args.bptt, batch_size=args.batch_size, model=model, train=train)
