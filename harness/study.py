@@ -53,7 +53,7 @@ def resolve_storage(config: StudyConfig, cli_storage: str | None, workers: int) 
     The default is SQLite for one worker and a journal file for several (SQLite's locking does not
     take concurrent writers well).
     """
-    if cli_storage:
+    if cli_storage is not None:
         check_storage_url(cli_storage)
         return cli_storage
     if config.storage:

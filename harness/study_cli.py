@@ -135,7 +135,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         if args.trials < 1:
             raise HarnessError(f"--trials {args.trials} must be >= 1")
         config = replace(config, trials=args.trials)
-    workers = args.workers or config.workers
+    workers = args.workers if args.workers is not None else config.workers
     if workers < 1:
         raise HarnessError(f"--workers {workers} must be >= 1")
     storage_url = resolve_storage(config, args.storage, workers)

@@ -141,10 +141,10 @@ def test_single_file_split_keeps_every_line_once(tmp_path: Path) -> None:
     assert c.train.numel() // 2 == 101 - 2 * 5
 
 
-def test_a_file_named_like_synthetic_is_read_as_a_file(tmp_path: Path) -> None:
-    path = tmp_path / "synthetic.txt"
-    path.write_text("one two\nthree four\nfive six\n", encoding="utf-8")
-    c = load(str(path))
+def test_a_file_named_like_synthetic_is_read_as_a_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "synthetic.txt").write_text("one two\nthree four\nfive six\n", encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    c = load("synthetic.txt")  # a relative path, as typed on the command line
     assert c.name == "synthetic" and "one" in c.vocab
 
 

@@ -227,11 +227,13 @@ def test_sigint_marks_the_trial_and_exits_130(tmp_path: Path) -> None:
     study_file = _slow_study(tmp_path, "interrupted")
     results = tmp_path / "results"
     url = sqlite_url(results, "interrupted")
-    args = ["sweep", str(study_file), "--results-dir", str(results), "--no-report"]
+    args = ["sweep", str(study_file), "--results-dir", str(results)]
     proc = subprocess.Popen([sys.executable, "-m", "harness", *args], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
-        _wait_for(lambda: TrialState.RUNNING in _states(url, "interrupted"), 120, "a running trial")
+        # Interrupt the second trial, so there is a finished one to report.
+        _wait_for(lambda: _states(url, "interrupted").count(TrialState.COMPLETE) >= 1
+                  and TrialState.RUNNING in _states(url, "interrupted"), 120, "a finished and a running trial")
         time.sleep(0.5)
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=60)
@@ -240,6 +242,9 @@ def test_sigint_marks_the_trial_and_exits_130(tmp_path: Path) -> None:
             proc.kill()
     assert proc.returncode == 130
     assert "Resume with: harness sweep" in err and "Traceback" not in err
+    # The report covers what finished before the interrupt.
+    assert (results / "interrupted" / "report.html").is_file()
+    assert "bptt" in (results / "interrupted" / "trials.csv").read_text()
     trials = load(url, "interrupted").get_trials()
     assert TrialState.RUNNING not in [t.state for t in trials]
     (marked,) = [t for t in trials if t.user_attrs.get("interrupted")]
