@@ -73,8 +73,9 @@ def textbook(corpus: Corpus, cfg: ModelConfig, bptt: int, bs: int, steps: int, w
         torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         for p in model.parameters():
             p.data.add_(p.grad, alpha=-lr)
-        total_loss += loss.item()
-        losses.append(loss.item())
+        step_loss = loss.item()  # the textbook loop's per-step host sync
+        total_loss += step_loss
+        losses.append(step_loss)
         tokens += targets.numel()
     sync(device)
     seconds = time.perf_counter() - t0

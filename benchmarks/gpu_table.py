@@ -37,6 +37,7 @@ import json
 import math
 import signal
 import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -234,8 +235,9 @@ def write_text(path: Path, text: str) -> None:
 
 # --------------------------------------------------------------------------- study config
 
-def table_raw(base_raw: dict, plan: Plan, tokens: int, timeout_s: float, device: torch.device) -> dict:
-    """The study file as it runs here: the raw TOML edited, so the copy stored with the study is true."""
+def table_raw(base_raw: dict, plan: Plan, tokens: int | None, timeout_s: float, device: torch.device) -> dict:
+    """The study file as it runs here: the raw TOML edited, so the copy stored with the study is true.
+    ``tokens`` None keeps the file's (or the plan's) budget."""
     raw = copy.deepcopy(base_raw)
     for table, values in plan.overrides.items():
         raw[table] = values if table in ("corpus", "model") else {**raw.get(table, {}), **values}
@@ -243,12 +245,14 @@ def table_raw(base_raw: dict, plan: Plan, tokens: int, timeout_s: float, device:
                device=device.type, search={"bptt": list(plan.grid_bptt), "batch_size": list(plan.grid_bs)})
     raw.pop("trials", None)  # a grid study finishes its whole grid
     raw.pop("storage", None)  # study.json names it
-    raw["train"] = {**raw.get("train", {}), "tokens": int(tokens), "timeout_s": float(timeout_s)}
+    raw["train"] = {**raw.get("train", {}), "timeout_s": float(timeout_s)}
+    if tokens is not None:
+        raw["train"]["tokens"] = int(tokens)
     raw["train"].pop("epochs", None)  # an epochs budget would override the equal token budget
     return raw
 
 
-def table_config(base: Any, plan: Plan, tokens: int, timeout_s: float, device: torch.device) -> Any:
+def table_config(base: Any, plan: Plan, tokens: int | None, timeout_s: float, device: torch.device) -> Any:
     from harness.config import parse_study
 
     return parse_study(table_raw(base.raw, plan, tokens, timeout_s, device), path=STUDY_FILE,
@@ -512,7 +516,7 @@ def wall_attempt(ctx: WallContext, bptt: int, bs: int, phase: str, deadline: flo
     write_wall_csv(ctx.rows, ctx.path)  # after every attempt: a killed run keeps what it measured
     mem = row["torch_reserved_mib"] or row["cap_peak_mib"] or result.probe.get("peak_mem_mib")
     ctx.log(f"  wall bptt={bptt} bs={bs} ({phase}): {result.status}"
-            + (f", peak {mem:,.0f} MiB" if mem else "") + f", {result.wall_s:.1f} s")
+            + (f", peak {mem:,.1f} MiB" if mem else "") + f", {result.wall_s:.1f} s")
     if result.status in STATUS_FIT:
         return True
     if result.status == "oom":
@@ -628,22 +632,25 @@ class Run:
     elapsed_s: float | None = None
 
 
+def check_resume(args: argparse.Namespace, stored: int | None, out: Path) -> None:
+    """A study resumes only with the budget it started with: equal tokens per configuration."""
+    if stored is not None and args.tokens is not None and args.tokens != stored:
+        raise HarnessError(f"the study in {out} already ran with {stored:,} tokens per configuration; "
+                           "rerun without --tokens to resume it, or pass another --out")
+
+
 def decide_tokens(args: argparse.Namespace, stored: int | None, plan: Plan, rates: Rates, config: Any,
                   clock: Clock, run: Run, log: Log) -> int:
-    if stored is not None:
-        if args.tokens is not None and args.tokens != stored:
-            raise HarnessError(f"the study in {run.out} already ran with {stored:,} tokens per configuration; "
-                               f"rerun without --tokens to resume it, or pass another --out")
-        run.tokens_source = "resumed"
-        return stored
     tokens, seconds, est = plan_tokens(plan, rates, config, clock)
     run.grid_seconds_planned = round(seconds, 1)
-    if args.tokens is not None:
-        tokens, run.tokens_source = args.tokens, "--tokens"
-        cells = grid_cells(plan)
-        est = sum(rates.trial_s(bs, tokens, config.train.checkpoints) for _, bs in cells)
+    if stored is not None or args.tokens is not None:
+        tokens = stored if stored is not None else args.tokens
+        run.tokens_source = "resumed: the study's budget" if stored is not None else "--tokens"
+        est = sum(rates.trial_s(bs, tokens, config.train.checkpoints) for _, bs in grid_cells(plan))
+    elif tokens >= config.train.tokens:
+        run.tokens_source = "the study file's budget, which fits the time"
     else:
-        run.tokens_source = "fitted to the time"
+        run.tokens_source = "the largest that fits the time"
     run.grid_seconds_estimated = round(est, 1)
     log(f"token budget {tokens:,} per configuration ({run.tokens_source}); grid estimate ~{est:.0f} s "
         f"for {len(grid_cells(plan))} configurations ({seconds:.0f} s available; rates "
@@ -664,6 +671,8 @@ def execute(args: argparse.Namespace, device: torch.device, clock: Clock) -> int
     from harness.study import load_corpus, open_storage
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own progress lines say what each trial did
+    # Heartbeats (RDB storages) are "experimental" in Optuna: the same warning at every start says nothing.
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     plan = tiny_plan(device) if args.tiny else full_plan()
     if device.type == "cpu":
         torch.set_num_threads(1)  # tiny models gain nothing from threads; a shared CPU loses a lot
@@ -678,18 +687,20 @@ def execute(args: argparse.Namespace, device: torch.device, clock: Clock) -> int
     log(f"gpu-table on {device} ({label}) -> {out}")
     base = load_study(ROOT / STUDY_FILE)
     # Everything that can fail on bad input (study file, corpus, storage) fails before anything is written.
-    probe_config = table_config(base, plan, base.train.tokens, 1800.0, device)
+    probe_config = table_config(base, plan, None, 1800.0, device)  # its tokens: the most a cell may get
     corpus = load_corpus(probe_config)
     out.mkdir(parents=True, exist_ok=True)
     storage_url = f"sqlite:///{out / 'study.db'}"
     storage = open_storage(storage_url)
+    stored = stored_tokens(storage, plan.name)
+    check_resume(args, stored, out)
     write_text(out / "fingerprint.json", json.dumps({**fp, "device_label": label, "written_at": now_iso()}, indent=2))
     _sigterm_as_interrupt()
     wall_rows: list[dict] = []
     report = None
     try:
-        measure(args, plan, base, probe_config, corpus, device, fp, storage, storage_url, out, clock, run, log,
-                wall_rows)
+        measure(args, plan, base, probe_config, corpus, device, fp, storage, stored, storage_url, out, clock, run,
+                log, wall_rows)
         log("writing the report")
         report = make_report(out, storage_url, plan.name)
     except KeyboardInterrupt:
@@ -706,14 +717,14 @@ def execute(args: argparse.Namespace, device: torch.device, clock: Clock) -> int
 
 
 def measure(args: argparse.Namespace, plan: Plan, base: Any, probe_config: Any, corpus: Any, device: torch.device,
-            fp: dict, storage: Any, storage_url: str, out: Path, clock: Clock, run: Run, log: Log,
-            wall_rows: list[dict]) -> None:
+            fp: dict, storage: Any, stored: int | None, storage_url: str, out: Path, clock: Clock, run: Run,
+            log: Log, wall_rows: list[dict]) -> None:
     """Calibrate, choose the budget, run the grid, then the memory wall; fills ``run`` and ``wall_rows``."""
     from harness.study import create_study, enqueue_grid
 
     rates, run.calibration = calibrate(probe_config, corpus, device, plan, log)
     run.rates_measured = rates.measured
-    tokens = decide_tokens(args, stored_tokens(storage, plan.name), plan, rates, probe_config, clock, run, log)
+    tokens = decide_tokens(args, stored, plan, rates, probe_config, clock, run, log)
     run.tokens_per_config = tokens
     # A trial three times slower than estimated ends as timeout instead of eating the memory wall's time.
     slowest = max(rates.trial_s(bs, tokens, probe_config.train.checkpoints) for bs in plan.grid_bs)

@@ -22,7 +22,7 @@ _MARK = {"oom": "OOM", "diverged": "diverged", "failed": "failed", "timeout": "t
 HEATMAPS = {
     "val_ppl": ("Validation perplexity (lower is better)", "Viridis_r", "{:.4g}"),
     "tokens_per_s": ("Training throughput, tokens/s (higher is better)", "Viridis", "{:,.0f}"),
-    "peak_mem_mib": ("Peak memory, MiB", "Cividis", "{:,.0f}"),
+    "peak_mem_mib": ("Peak memory, MiB (lower is better)", "Cividis_r", "{:,.0f}"),
     "joules_per_ktok": ("Energy, joules per 1k tokens (lower is better)", "Viridis_r", "{:.3g}"),
 }
 

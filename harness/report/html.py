@@ -238,7 +238,8 @@ def render(rep: Report) -> str:
             figs.append(figure_block(div_id, fig, caption))
 
     add("fig-ppl", figures.heatmap(rep.configs, "val_ppl"),
-        "Validation perplexity per bptt × batch size: the darkest cells are the best models at this budget; grey "
+        "Validation perplexity per bptt × batch size: yellow cells are the best models at this budget (in every "
+        "heatmap here yellow is the good end); grey "
         "cells ran out of memory (OOM) or diverged, * marks cells where some repeats did.")
     add("fig-tps", figures.heatmap(rep.configs, "tokens_per_s"),
         "Throughput: how fast each shape trains on this machine; bigger bptt × batch size usually fills the device "
