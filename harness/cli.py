@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import sys
 import warnings
 from dataclasses import fields
@@ -131,21 +130,12 @@ def cmd_trial(args: argparse.Namespace) -> int:
 
     result = run_trial(spec, corpus, device, probe=probe, on_checkpoint=on_checkpoint)
     if args.json:
-        print(json.dumps(_jsonable(result.to_dict())))
+        from harness.study import finite_or_none
+
+        print(json.dumps(finite_or_none(result.to_dict())))
     else:
         print(format_result(result))
     return 0 if result.status == "ok" else 1
-
-
-def _jsonable(obj: Any) -> Any:
-    """JSON has no inf/nan: write them as null."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_jsonable(v) for v in obj]
-    return obj
 
 
 def format_result(result: Any) -> str:

@@ -220,20 +220,21 @@ def cost_value(result: dict, cost: str) -> float | None:
     return energy / tokens if energy is not None and tokens else None
 
 
-def _finite_or_none(obj: Any) -> Any:
+def finite_or_none(obj: Any) -> Any:
+    """JSON has no inf/nan: stored records and --json output write them as null."""
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     if isinstance(obj, dict):
-        return {k: _finite_or_none(v) for k, v in obj.items()}
+        return {k: finite_or_none(v) for k, v in obj.items()}
     if isinstance(obj, list):
-        return [_finite_or_none(v) for v in obj]
+        return [finite_or_none(v) for v in obj]
     return obj
 
 
 def make_record(config: StudyConfig, corpus: Corpus, spec: TrialSpec, params: dict, repeat: int,
                 result: dict, hardware: dict, started: str) -> dict:
     """The stored measurement of one trial; ``harness.report`` reads exactly this."""
-    return _finite_or_none({
+    return finite_or_none({
         "status": result["status"],
         "error": result.get("error"),
         "config_key": config_key(params),

@@ -218,10 +218,10 @@ def test_rerun_with_another_budget_is_refused_before_writing(tiny_run, capsys) -
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")
 @pytest.mark.parametrize("args", [[], ["--tiny"], ["--tokens", "1000"]])
-def test_refuses_without_cuda(args: list[str], tmp_path: Path, corpus_cache: Path) -> None:
+def test_refuses_without_cuda(args: list[str], tmp_path: Path, corpus_cache: Path, capsys) -> None:
     out = tmp_path / "out"
-    proc = run_script([*args, "--out", str(out)], corpus_cache)
-    assert proc.returncode == 2
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "no CUDA GPU" in lines[0], proc.stderr
-    assert proc.stdout == "" and not out.exists() and not corpus_cache.exists()
+    assert gt.main([*args, "--out", str(out)]) == 2
+    captured = capsys.readouterr()
+    lines = [ln for ln in captured.err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "no CUDA GPU" in lines[0], captured.err
+    assert captured.out == "" and not out.exists() and not corpus_cache.exists()
