@@ -266,12 +266,20 @@ def harness_on_files(directory: Path, r: Recipe, device: str = "cpu") -> dict:
 
 
 def compare(directory: Path, r: Recipe, device: str = "cpu") -> dict[str, dict]:
-    """Run all three on the files in ``directory``."""
+    """Run all three on the files in ``directory``, printing each result as it comes."""
+
+    def done(name: str, res: dict) -> dict:
+        print(f"  {name}: val ppl {res['val_ppl']:.3f} after {res['steps']} steps, {res['seconds']:.0f} s",
+              flush=True)
+        return res
+
     harness = harness_on_files(directory, r, device)
     corpus = harness.pop("corpus")
+    done("harness", harness)
     same_ids = canonical_train(corpus.train, corpus.valid, corpus.vocab_size, r, device)
     same_ids["vocab_size"] = corpus.vocab_size
-    canonical = canonical_on_files(directory, r, device)
+    done("canonical, harness ids", same_ids)
+    canonical = done("canonical", canonical_on_files(directory, r, device))
     return {"canonical": canonical, "canonical, harness ids": same_ids, "harness": harness}
 
 
@@ -297,7 +305,7 @@ def main() -> int:
                  for s in SPLITS}
         print(f"corpus files in {directory}: " + ", ".join(f"{s} {n:,} tokens" for s, n in sizes.items()))
         print(f"recipe: {r}, eval batch size {EVAL_BATCH_SIZE}, device {args.device}, "
-              f"torch {torch.__version__}, threads {torch.get_num_threads()}")
+              f"torch {torch.__version__}, threads {torch.get_num_threads()}", flush=True)
         results = compare(directory, r, args.device)
     width = max(map(len, results))
     for name, res in results.items():

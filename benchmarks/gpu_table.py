@@ -47,9 +47,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))  # gpu_check, also when this file is imported by path
 
-import torch  # noqa: E402
+import torch
 
-from harness.errors import HarnessError  # noqa: E402
+from harness.errors import HarnessError
 
 STUDY_FILE = Path("studies") / "wikitext2-gpu.toml"
 SAFETY = 1.3                # estimated seconds are multiplied by this
@@ -67,10 +67,11 @@ STATUS_FIT = ("ok", "diverged")  # a diverged step still ran forward and backwar
 
 @dataclass
 class WallSearch:
-    """Outcome of :func:`find_max_fitting`: the bracket and why the search ended."""
+    """Outcome of :func:`find_max_fitting`: the bracket (largest batch size that fit, smallest that did
+    not) and why the search ended."""
 
     largest_fit: int | None = None
-    smallest_oom: int | None = None
+    smallest_fail: int | None = None
     attempts: list[tuple[int, str, bool | None]] = field(default_factory=list)  # (bs, phase, fit)
     reason: str = ""
 
@@ -89,8 +90,8 @@ def find_max_fitting(try_fn: Callable[[int, str], bool | None], start: int, reso
     ``start`` does not), then bisect between the last fit and the first failure until the gap is at
     most ``max(resolution, rel_resolution x largest fit)``.
 
-    ``try_fn(bs, phase)`` answers True (fits), False (out of memory) or None (inconclusive: stop
-    here, e.g. out of time or an error that is not OOM). At most ``max_attempts`` calls.
+    ``try_fn(bs, phase)`` answers True (fits), False (does not: out of memory) or None (inconclusive:
+    stop here, e.g. out of time or a broken device). At most ``max_attempts`` calls.
     """
     s = WallSearch()
 
@@ -100,7 +101,7 @@ def find_max_fitting(try_fn: Callable[[int, str], bool | None], start: int, reso
         if fit is True:
             s.largest_fit = bs
         elif fit is False:
-            s.smallest_oom = bs
+            s.smallest_fail = bs
         return fit
 
     def done(reason: str) -> WallSearch:
@@ -108,24 +109,24 @@ def find_max_fitting(try_fn: Callable[[int, str], bool | None], start: int, reso
         return s
 
     bs, phase = start, "double"
-    while s.smallest_oom is None or s.largest_fit is None:
+    while s.smallest_fail is None or s.largest_fit is None:
         if len(s.attempts) >= max_attempts:
             return done("attempt cap")
         fit = attempt(bs, phase)
         if fit is None:
             return done("stopped")
-        if fit and s.smallest_oom is None:
+        if fit and s.smallest_fail is None:
             if bs * 2 > upper:
-                return done(f"no OOM up to {upper}")
+                return done(f"no OOM up to bs {bs} (search limit {upper})")
             bs *= 2
         elif not fit:
             if bs == 1:
                 return done("batch size 1 does not fit")
             bs, phase = bs // 2, "halve"
-    while not _gap_ok(s.largest_fit, s.smallest_oom, resolution, rel_resolution):
+    while not _gap_ok(s.largest_fit, s.smallest_fail, resolution, rel_resolution):
         if len(s.attempts) >= max_attempts:
             return done("attempt cap")
-        if attempt((s.largest_fit + s.smallest_oom) // 2, "bisect") is None:
+        if attempt((s.largest_fit + s.smallest_fail) // 2, "bisect") is None:
             return done("stopped")
     return done("resolved")
 
@@ -224,7 +225,7 @@ class Log:
 
 
 def now_iso() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
 def write_text(path: Path, text: str) -> None:
@@ -489,8 +490,11 @@ class WallContext:
 
 
 def wall_attempt(ctx: WallContext, bptt: int, bs: int, phase: str, deadline: float) -> bool | None:
-    """One short run at (bptt, bs): True fits, False OOM, None inconclusive (time, error). Always a row."""
+    """One short run at (bptt, bs): True it ran, False it did not (OOM, or another error on a device
+    that still works: the limit of what runs, recorded with its error), None inconclusive (out of
+    time, timeout, a broken device). Every run is a row of memory-wall.csv."""
     from gpu_check import memory_now, row_of
+
     from harness.hardware import device_label
     from harness.probe import make_probe
     from harness.trainer import TrialSpec, release_memory, run_trial
@@ -521,8 +525,13 @@ def wall_attempt(ctx: WallContext, bptt: int, bs: int, phase: str, deadline: flo
         return True
     if result.status == "oom":
         return False
-    ctx.broken = not _device_healthy(ctx.device)
-    ctx.log(f"  wall bptt={bptt} bs={bs}: {result.status} ({(result.error or '')[:160]}); search stopped here")
+    error = (result.error or "")[:160]
+    if result.status == "failed" and _device_healthy(ctx.device):
+        # E.g. a kernel's size limit below the memory wall: nothing larger runs either.
+        ctx.log(f"  wall bptt={bptt} bs={bs}: failed ({error}); counted as the limit of what runs")
+        return False
+    ctx.broken = result.status == "failed"
+    ctx.log(f"  wall bptt={bptt} bs={bs}: {result.status} ({error}); search stopped here")
     return None
 
 
@@ -535,11 +544,14 @@ def run_wall(ctx: WallContext) -> dict[int, WallSearch]:
         deadline = ctx.clock.elapsed() + max(0.0, left) / (len(p.wall_bptt) - i)
         ctx.log(f"memory wall bptt={bptt}: doubling from bs={p.wall_start} ({max(0.0, left):.0f} s left for "
                 f"{len(p.wall_bptt) - i} bptt value(s))")
-        search = find_max_fitting(lambda bs, phase: wall_attempt(ctx, bptt, bs, phase, deadline), p.wall_start,
-                                  p.wall_resolution, p.wall_rel_resolution, p.wall_max_attempts)
+        def try_fn(bs: int, phase: str, bptt: int = bptt, deadline: float = deadline) -> bool | None:
+            return wall_attempt(ctx, bptt, bs, phase, deadline)
+
+        search = find_max_fitting(try_fn, p.wall_start, p.wall_resolution, p.wall_rel_resolution,
+                                  p.wall_max_attempts)
         out[bptt] = search
-        ctx.log(f"memory wall bptt={bptt}: largest fit bs={search.largest_fit}, first OOM bs={search.smallest_oom} "
-                f"({search.reason})")
+        ctx.log(f"memory wall bptt={bptt}: largest fit bs={search.largest_fit}, smallest that did not "
+                f"bs={search.smallest_fail} ({search.reason})")
     return out
 
 
@@ -550,15 +562,19 @@ def wall_summary(searches: dict[int, WallSearch], rows: list[dict]) -> list[dict
         fit = [r for r in mine if r["batch_size"] == s.largest_fit and r["status"] in STATUS_FIT]
         # The allocator's reservation on CUDA; the trainer's exact count under a CPU cap.
         peak = (fit[-1]["torch_reserved_mib"] or fit[-1]["cap_peak_mib"]) if fit else None
-        out.append({"bptt": bptt, "largest_fit_bs": s.largest_fit, "smallest_oom_bs": s.smallest_oom,
+        fail = [r for r in mine if r["batch_size"] == s.smallest_fail and r["status"] not in STATUS_FIT]
+        out.append({"bptt": bptt, "largest_fit_bs": s.largest_fit, "smallest_fail_bs": s.smallest_fail,
+                    "fail_status": fail[-1]["status"] if fail else None,
+                    "fail_error": fail[-1]["error"] if fail else None,
                     "tokens_per_step_at_fit": bptt * s.largest_fit if s.largest_fit else None,
                     "peak_mib_at_fit": peak, "attempts": len(mine), "result": s.reason})
     return out
 
 
 def wall_table(summary: list[dict], label: str) -> str:
-    head = ("bptt", "largest fit bs", "first OOM bs", "tokens/step", "peak MiB", "attempts", "search")
-    body = [(r["bptt"], r["largest_fit_bs"] or "-", r["smallest_oom_bs"] or "-",
+    head = ("bptt", "largest fit bs", "smallest failing bs", "tokens/step", "peak MiB", "attempts", "search")
+    body = [(r["bptt"], r["largest_fit_bs"] or "-",
+             f"{r['smallest_fail_bs']} ({r['fail_status']})" if r["smallest_fail_bs"] else "-",
              f"{r['tokens_per_step_at_fit']:,}" if r["tokens_per_step_at_fit"] else "-",
              f"{r['peak_mib_at_fit']:,.1f}" if r["peak_mib_at_fit"] else "-",
              r["attempts"], r["result"]) for r in summary]
@@ -602,7 +618,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _sigterm_as_interrupt() -> None:
-    """A scheduler's SIGTERM ends the run like Ctrl-C: the running trial is marked, the report written."""
+    """A scheduler's SIGTERM ends the run like Ctrl-C: the running trial is marked failed (a rerun
+    retries it) and gpu-table.json and the log are written."""
     def handler(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
 
@@ -701,10 +718,14 @@ def execute(args: argparse.Namespace, device: torch.device, clock: Clock) -> int
     try:
         measure(args, plan, base, probe_config, corpus, device, fp, storage, stored, storage_url, out, clock, run,
                 log, wall_rows)
+        if not run.grid.get("done"):
+            raise HarnessError(f"no grid trial finished within --max-seconds {args.max_seconds:g}, so there is no "
+                               "table to report; rerun with more time (finished work is kept)")
         log("writing the report")
         report = make_report(out, storage_url, plan.name)
     except KeyboardInterrupt:
-        run.notes.append("interrupted (SIGINT/SIGTERM): what finished is stored; rerun the same command to resume")
+        run.notes.append("interrupted (SIGINT/SIGTERM): what finished is stored; rerun the same command to "
+                         f"resume, or build the report with: harness report {out}")
         log(run.notes[-1])
         finish(out, run, log, clock, label, report=None, wall_rows=wall_rows)
         return 130
@@ -738,7 +759,12 @@ def measure(args: argparse.Namespace, plan: Plan, base: Any, probe_config: Any, 
     if grid.skipped:
         run.notes.append(f"grid trials skipped for time: {', '.join(grid.skipped)}")
     ctx = WallContext(config, corpus, device, fp, plan, rates, clock, log, out / "memory-wall.csv", rows=wall_rows)
-    searches = run_wall(ctx)
+    try:
+        searches = run_wall(ctx)
+    except Exception as e:  # noqa: BLE001 - the grid is measured: its report must still be written
+        run.notes.append(f"memory wall stopped by an error: {type(e).__name__}: {str(e)[:300]}")
+        log(run.notes[-1])
+        return
     run.memory_wall = wall_summary(searches, ctx.rows)
     unresolved = [b for b, s in searches.items() if not s.resolved]
     if unresolved:
@@ -746,9 +772,17 @@ def measure(args: argparse.Namespace, plan: Plan, base: Any, probe_config: Any, 
 
 
 def make_report(out: Path, storage_url: str, name: str) -> Any:
+    """The report, or a HarnessError: the measurements are stored, so a failure here loses nothing
+    that ``harness report`` cannot rebuild on any machine."""
     from harness.report import generate
 
-    return generate(out, storage=storage_url, study_name=name)
+    try:
+        return generate(out, storage=storage_url, study_name=name)
+    except HarnessError:
+        raise
+    except Exception as e:  # noqa: BLE001 - e.g. plotly missing on the GPU machine
+        raise HarnessError(f"the report failed ({type(e).__name__}: {str(e)[:200]}); the measurements are "
+                           f"stored: rebuild it with harness report {out}") from None
 
 
 def finish(out: Path, run: Run, log: Log, clock: Clock, label: str, report: Any, wall_rows: list[dict]) -> None:
@@ -780,6 +814,10 @@ def main(argv: list[str] | None = None, started: float | None = None) -> int:
         return execute(args, device, clock)
     except HarnessError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except ModuleNotFoundError as e:  # a machine without the harness's dependencies: say which
+        print(f"error: Python package {e.name!r} is missing here; install the harness's dependencies "
+              "(pyproject.toml) first", file=sys.stderr)
         return 1
 
 

@@ -47,8 +47,8 @@ def test_search_brackets_the_threshold(threshold: int) -> None:
     s = gt.find_max_fitting(fake_device(threshold, tried), start=256, resolution=32, rel_resolution=0.05,
                             max_attempts=40)
     assert s.resolved, s.reason
-    assert s.largest_fit <= threshold < s.smallest_oom
-    assert s.smallest_oom - s.largest_fit <= max(32, 0.05 * s.largest_fit)
+    assert s.largest_fit <= threshold < s.smallest_fail
+    assert s.smallest_fail - s.largest_fit <= max(32, 0.05 * s.largest_fit)
     assert len(tried) == len(set(tried)) == len(s.attempts)  # never the same batch size twice
     assert all((bs <= threshold) == fit for bs, _, fit in s.attempts)
 
@@ -58,28 +58,28 @@ def test_search_phases_double_then_bisect_in_few_attempts() -> None:
     s = gt.find_max_fitting(fake_device(1300), start=256)
     assert [a[:2] for a in s.attempts[:4]] == [(256, "double"), (512, "double"), (1024, "double"), (2048, "double")]
     assert {p for _, p, _ in s.attempts[4:]} == {"bisect"}
-    assert len(s.attempts) <= 8 and (s.largest_fit, s.smallest_oom) == (1280, 1344)
+    assert len(s.attempts) <= 8 and (s.largest_fit, s.smallest_fail) == (1280, 1344)
 
 
 def test_search_halves_when_the_start_does_not_fit() -> None:
     s = gt.find_max_fitting(fake_device(40), start=256, resolution=4)
     assert [a[:2] for a in s.attempts[:3]] == [(256, "double"), (128, "halve"), (64, "halve")]
-    assert s.resolved and s.largest_fit <= 40 < s.smallest_oom
+    assert s.resolved and s.largest_fit <= 40 < s.smallest_fail
 
 
 def test_search_limits() -> None:
     nothing = gt.find_max_fitting(fake_device(0), start=8)
-    assert nothing.largest_fit is None and nothing.smallest_oom == 1 and nothing.reason == "batch size 1 does not fit"
+    assert nothing.largest_fit is None and nothing.smallest_fail == 1 and nothing.reason == "batch size 1 does not fit"
 
     capped = gt.find_max_fitting(fake_device(100_000), start=256, max_attempts=3)
-    assert capped.reason == "attempt cap" and len(capped.attempts) == 3 and capped.smallest_oom is None
+    assert capped.reason == "attempt cap" and len(capped.attempts) == 3 and capped.smallest_fail is None
 
     above = gt.find_max_fitting(fake_device(10**9), start=256, upper=1024, max_attempts=50)
-    assert above.reason == "no OOM up to 1024" and above.largest_fit == 1024
+    assert above.reason.startswith("no OOM up to bs 1024") and above.largest_fit == 1024
 
     answers = iter([True, False, None, True])
     stopped = gt.find_max_fitting(lambda bs, phase: next(answers), start=256)
-    assert stopped.reason == "stopped" and (stopped.largest_fit, stopped.smallest_oom) == (256, 512)
+    assert stopped.reason == "stopped" and (stopped.largest_fit, stopped.smallest_fail) == (256, 512)
     assert len(stopped.attempts) == 3 and not stopped.resolved
 
 
@@ -127,13 +127,56 @@ def test_table_config_is_the_gpu_study_as_a_grid() -> None:
     assert config.raw["train"]["tokens"] == 1_230_000  # the stored study file says what ran
 
 
+def wall_context(tmp_path: Path, clock=None):
+    from harness.config import load_study
+    from harness.corpus import load
+    from harness.hardware import fingerprint
+
+    device = torch.device("cpu")
+    plan = gt.tiny_plan(device)
+    config = gt.table_config(load_study(REPO / gt.STUDY_FILE), plan, None, 60.0, device)
+    clock = clock or gt.Clock(600.0)
+    return gt.WallContext(config, load(config.corpus), device, fingerprint(device), plan,
+                          gt.Rates({8: 10_000.0}), clock, gt.Log(clock), tmp_path / "memory-wall.csv")
+
+
+def test_wall_attempt_outcomes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ok fits; OOM and a non-OOM error on a working device are the limit; a timeout is inconclusive."""
+    import harness.trainer
+    from harness.trainer import TrialResult
+
+    answers = iter([("ok", None), ("oom", "CUDA out of memory"), ("failed", "RuntimeError: too large"),
+                    ("timeout", "trial exceeded its timeout")])
+
+    def fake_run_trial(spec, corpus, device, probe=None, on_checkpoint=None):
+        assert corpus.train.numel() == (spec.bptt * gt.WALL_STEPS + 2) * spec.batch_size  # tiled to fit
+        assert spec.train.checkpoints == 1 and spec.train.tokens == spec.bptt * spec.batch_size * gt.WALL_STEPS
+        status, error = next(answers)
+        return TrialResult(status=status, error=error, bptt=spec.bptt, batch_size=spec.batch_size, steps=3)
+
+    monkeypatch.setattr(harness.trainer, "run_trial", fake_run_trial)
+    ctx = wall_context(tmp_path)
+    assert [gt.wall_attempt(ctx, 16, bs, "double", deadline=1e9) for bs in (64, 128, 96, 80)] == \
+        [True, False, False, None]
+    rows = list(csv.DictReader(ctx.path.open()))
+    assert [r["status"] for r in rows] == ["ok", "oom", "failed", "timeout"]
+    assert rows[2]["error"] == "RuntimeError: too large" and not ctx.broken
+
+
+def test_wall_attempt_is_not_tried_past_its_deadline(tmp_path: Path) -> None:
+    ctx = wall_context(tmp_path)
+    assert gt.wall_attempt(ctx, 16, 64, "double", deadline=ctx.clock.elapsed()) is None
+    assert ctx.rows == [] and not ctx.path.exists()
+    assert "not tried" in ctx.log.lines[-1]
+
+
 # --------------------------------------------------------------------------- the script
 
 def run_script(args: list[str], cache: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "BPTT_HARNESS_CACHE": str(cache)}
     env.pop("CUDA_VISIBLE_DEVICES", None)
     return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, env=env,
-                          timeout=180, cwd=REPO)
+                          timeout=180, cwd=REPO, check=False)
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +192,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess
 def test_tiny_run_writes_a_normal_study_and_report(tiny_run) -> None:
     import optuna
 
-    out, proc = tiny_run
+    out, _ = tiny_run
     for name in ("study.db", "study.json", "trials.csv", "configs.csv", "report.html", "fingerprint.json",
                  "memory-wall.csv", "gpu-table.json", "gpu-table.log"):
         assert (out / name).is_file(), name
@@ -173,7 +216,8 @@ def test_tiny_run_writes_a_normal_study_and_report(tiny_run) -> None:
 def test_tiny_run_maps_the_memory_wall(tiny_run) -> None:
     out, _ = tiny_run
     rows = list(csv.DictReader((out / "memory-wall.csv").open()))
-    assert {"machine_id", "torch_version", "gpu_name", "started_at", "torch_reserved_mib", "nvml_device_mib"} <= set(rows[0])
+    wanted = {"machine_id", "torch_version", "gpu_name", "started_at", "torch_reserved_mib", "nvml_device_mib"}
+    assert wanted <= set(rows[0])
     for bptt in ("8", "16"):
         mine = [r for r in rows if r["bptt"] == bptt]
         ok = [int(r["batch_size"]) for r in mine if r["status"] == "ok"]
@@ -187,7 +231,8 @@ def test_tiny_run_maps_the_memory_wall(tiny_run) -> None:
         mine = [r for r in rows if int(r["bptt"]) == w["bptt"]]
         assert w["result"] == "resolved"
         assert w["largest_fit_bs"] == max(int(r["batch_size"]) for r in mine if r["status"] == "ok")
-        assert w["smallest_oom_bs"] == min(int(r["batch_size"]) for r in mine if r["status"] == "oom")
+        assert w["smallest_fail_bs"] == min(int(r["batch_size"]) for r in mine if r["status"] == "oom")
+        assert w["fail_status"] == "oom"
 
 
 def test_tiny_run_logs_progress_and_prints_the_ranking_last(tiny_run) -> None:
@@ -225,3 +270,13 @@ def test_refuses_without_cuda(args: list[str], tmp_path: Path, corpus_cache: Pat
     lines = [ln for ln in captured.err.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and "no CUDA GPU" in lines[0], captured.err
     assert captured.out == "" and not out.exists() and not corpus_cache.exists()
+
+
+def test_cuda_is_chosen_whenever_present(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for argv in ([], ["--allow-cpu"], ["--allow-cpu", "--tiny"], ["--device", "cuda:1"]):
+        device = gt.pick_device(gt.parse_args(argv))
+        assert device.type == "cuda", argv
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert gt.pick_device(gt.parse_args(["--allow-cpu"])).type == "cpu"
+    assert gt.pick_device(gt.parse_args([])) is None
