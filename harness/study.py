@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import socket
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -91,10 +92,12 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
                                "file); move it away or pass another --storage")
         path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        return optuna.storages.RDBStorage(
-            url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
-            heartbeat_stale_trial_callback=retry_trial,
-            engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats are "experimental"
+            return optuna.storages.RDBStorage(
+                url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+                heartbeat_stale_trial_callback=retry_trial,
+                engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None)
     except Exception as e:  # noqa: BLE001 - sqlalchemy/driver errors vary; the user needs one line
         raise HarnessError(f"storage {shown}: cannot open it: {_first_line(e)}") from None
 
