@@ -121,6 +121,15 @@ class TrainConfig:
             raise bad("amp", "use 'bf16' or leave it out")
         if self.memory_cap_mib is not None and (not _finite_number(self.memory_cap_mib) or self.memory_cap_mib <= 0):
             raise bad("memory_cap_mib", "it must be a number of MiB > 0")
+        if not _finite_number(self.anneal) or self.anneal < 1:
+            raise bad("anneal", "it must be a number >= 1 (1 disables annealing)")
+        if not _finite_number(self.weight_decay) or self.weight_decay < 0:
+            raise bad("weight_decay", "it must be a number >= 0")
+        if not isinstance(self.warmup_steps, int) or isinstance(self.warmup_steps, bool) or self.warmup_steps < 0:
+            raise bad("warmup_steps", "it must be an integer >= 0")
+        if self.reset_every is not None and (not isinstance(self.reset_every, int) or isinstance(
+                self.reset_every, bool) or self.reset_every < 1):
+            raise bad("reset_every", "it must be an integer >= 1 (or left out to carry the state)")
 
 
 def _finite_number(v: Any) -> bool:
@@ -400,6 +409,12 @@ def run_trial(spec: TrialSpec, corpus: Corpus, device: torch.device | str | None
         torch.cuda.set_per_process_memory_fraction(1.0, device)
     release_memory(device)
     result.status, result.error = status, error
+    if status in ("pruned", "timeout") and result.val_loss is None and result.val_curve:
+        # Stopped early but measured: keep the checkpoints' perplexity for curves and reports.
+        losses = [p["loss"] for p in result.val_curve if p["loss"] is not None and math.isfinite(p["loss"])]
+        if losses:
+            result.val_loss, result.best_val_loss = result.val_curve[-1]["loss"], min(losses)
+            result.val_ppl, result.best_val_ppl = _ppl(result.val_loss), _ppl(result.best_val_loss)
     result.wall_s = time.perf_counter() - start
     if probe is not None and hasattr(probe, "report"):
         try:

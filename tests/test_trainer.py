@@ -434,3 +434,19 @@ def test_harness_matches_the_canonical_example_on_the_same_files(tmp_path: Path,
     assert harness["steps"] == canonical["steps"] == math.ceil((corpus.train.numel() // 20 - 1) / 35)
     assert harness["val_ppl"] == pytest.approx(canonical["val_ppl"], rel=1e-5)
     assert harness["val_ppl"] < corpus.vocab_size / 3  # and it learned something
+
+
+def test_pruned_trial_keeps_its_checkpoint_perplexity(syn: Corpus) -> None:
+    spec = TrialSpec(bptt=8, batch_size=4, model=TINY,
+                     train=TrainConfig(optimizer="adamw", lr=1e-2, tokens=4000, checkpoints=3))
+    result = run_trial(spec, syn, "cpu", on_checkpoint=lambda i, point: i == 1)
+    assert result.status == "pruned" and len(result.val_curve) == 2
+    assert result.val_ppl == pytest.approx(result.val_curve[-1]["ppl"])
+    assert result.best_val_ppl == pytest.approx(min(p["ppl"] for p in result.val_curve))
+
+
+@pytest.mark.parametrize("field,value", [("anneal", 0.0), ("weight_decay", -1.0), ("warmup_steps", -1),
+                                         ("reset_every", 0)])
+def test_more_bad_train_values_are_rejected(field: str, value: float) -> None:
+    with pytest.raises(HarnessError, match=field):
+        TrainConfig(**{field: value})
