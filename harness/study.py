@@ -167,13 +167,36 @@ def _constraints(trial: FrozenTrial) -> tuple[float, ...]:
     return tuple(trial.user_attrs.get("constraint", (0.0,)))
 
 
+# Keys a resumed study may change: how it is run, not what a trial measures. A grid may also be
+# extended; a sampled search space may not (Optuna cannot change a categorical's choices).
+MAY_CHANGE = ("trials", "workers", "device", "description", "storage")
+
+
+def _changed_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [k for key in sorted(set(a) | set(b))
+                for k in _changed_keys(a.get(key), b.get(key), f"{prefix}{key}.")]
+    return [] if a == b else [prefix.rstrip(".")]
+
+
 def create_study(config: StudyConfig, storage: optuna.storages.BaseStorage) -> optuna.Study:
     directions = ["minimize"] * len(config.objectives)
     study = optuna.create_study(study_name=config.name, storage=storage, directions=directions,
                                 sampler=make_sampler(config), pruner=make_pruner(config), load_if_exists=True)
-    if "study_config" not in study.user_attrs:
+    raw = json.loads(json.dumps(config.raw, default=str))
+    stored = study.user_attrs.get("study_config")
+    if stored is not None and stored != raw:
+        may_change = MAY_CHANGE + (("search",) if config.sampler == "grid" else ())
+        changed = [k for k in _changed_keys(stored, raw) if k.split(".")[0] not in may_change]
+        if changed:
+            raise HarnessError(
+                f"study {config.name!r} already exists in this storage with a different study file "
+                f"(changed: {', '.join(changed[:6])}); its trials would not be comparable. Use a new name, "
+                f"or delete {config.results_dir} to start over")
+        study.set_user_attr("study_config", raw)  # e.g. an extended search space: workers read this copy
+    if stored is None:
         # Stored so `harness worker` on another machine can join with only the storage URL and name.
-        study.set_user_attr("study_config", json.loads(json.dumps(config.raw, default=str)))
+        study.set_user_attr("study_config", raw)
         if config.sampler != "grid" and all(
                 p.contains(CANONICAL[k]) for k, p in config.search.items() if k in CANONICAL):
             # The canonical configuration first: every report has the reference point.
@@ -189,8 +212,14 @@ def create_study(config: StudyConfig, storage: optuna.storages.BaseStorage) -> o
 def suggest(trial: optuna.Trial, search: dict[str, ParamSpace], grid: bool) -> dict[str, Any]:
     params: dict[str, Any] = {}
     for name, p in search.items():
-        if grid or p.choices is not None:
-            params[name] = trial.suggest_categorical(name, p.grid() if grid else list(p.choices))
+        if grid and p.kind != "bool":
+            # Grid trials arrive with fixed parameters; a range distribution (unlike a categorical one)
+            # may widen when the grid is extended in the study file and the study resumed.
+            values = p.grid()
+            suggest_range = trial.suggest_int if p.kind == "int" else trial.suggest_float
+            params[name] = suggest_range(name, min(values), max(values))
+        elif grid or p.choices is not None:
+            params[name] = trial.suggest_categorical(name, [False, True] if grid else list(p.choices))
         elif p.kind == "int":
             params[name] = trial.suggest_int(name, int(p.low), int(p.high), log=p.log, step=int(p.step or 1))
         else:

@@ -377,3 +377,27 @@ def test_sqlite_refuses_several_workers(tmp_path: Path, capsys) -> None:
                  "--results-dir", str(tmp_path / "r")]) == 2
     assert "does not take several workers" in capsys.readouterr().err
     assert not (tmp_path / "x.db").exists()
+
+
+def test_resuming_with_a_changed_budget_is_refused(tmp_path: Path, capsys) -> None:
+    study_file = write_study(tmp_path, "drift", search="bptt = [4]\nbatch_size = [2]")
+    results = tmp_path / "results"
+    assert main(["sweep", str(study_file), "--results-dir", str(results), "--no-report"]) == 0
+    db = results / "drift" / "study.db"
+    before = db.read_bytes()
+    study_file.write_text(study_file.read_text().replace("tokens = 2000", "tokens = 3000"))
+    capsys.readouterr()
+    assert main(["sweep", str(study_file), "--results-dir", str(results), "--no-report"]) == 2
+    err = capsys.readouterr().err
+    assert "different study file (changed: train.tokens)" in err and err.count("\n") == 1
+    assert db.read_bytes() == before
+
+
+def test_an_extended_grid_is_picked_up_on_resume(tmp_path: Path) -> None:
+    study_file = write_study(tmp_path, "grow", search="bptt = [4]\nbatch_size = [2]")
+    results = tmp_path / "results"
+    assert main(["sweep", str(study_file), "--results-dir", str(results), "--no-report"]) == 0
+    study_file.write_text(study_file.read_text().replace("bptt = [4]", "bptt = [4, 8]"))
+    assert main(["sweep", str(study_file), "--results-dir", str(results), "--no-report"]) == 0
+    trials = load(sqlite_url(results, "grow"), "grow").get_trials()
+    assert sorted(t.params["bptt"] for t in trials) == [4, 8]
