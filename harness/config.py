@@ -267,6 +267,8 @@ def parse_study(raw: dict, path: Path | None = None, results_root: Path = Path("
     if sampler == "nsga2" and len(objectives) < 2:
         raise HarnessError("study file: sampler = \"nsga2\" is for two objectives; add a cost to objectives "
                            "or use tpe")
+    if "seed" in raw and not 0 <= raw["seed"] < 2**32:
+        raise HarnessError(f"study file: seed = {raw['seed']} must be an integer in [0, 2**32)")
     for key in ("trials", "workers"):
         if key in raw and raw[key] < 1:
             raise HarnessError(f"study file: {key} = {raw[key]} must be >= 1")
@@ -306,12 +308,17 @@ def parse_study(raw: dict, path: Path | None = None, results_root: Path = Path("
         if key not in search_raw:
             raise HarnessError(f"study file: search.{key} is missing; every study searches bptt and batch_size")
     search = {key: _param_space(key, value) for key, value in search_raw.items()}
+    if model.tied and ({"nhid", "emsize"} & set(search)):
+        raise HarnessError("study file: tied = true needs emsize == nhid in every trial; do not search "
+                           "nhid or emsize with tied weights (or set tied = false)")
 
     config = StudyConfig(name=name, corpus=corpus, model=model, train=train, search=search,
                          objectives=tuple(objectives), sampler=sampler, pruner=pruner, trials=raw.get("trials"),
                          storage=raw.get("storage"), max_memory_gib=raw.get("max_memory_gib"),
                          seed=raw.get("seed", 0), device=device, workers=raw.get("workers", 1), repeats=repeats,
-                         description=raw.get("description", ""), path=path, results_root=results_root, raw=raw)
+                         description=raw.get("description", ""), path=path, results_root=results_root,
+                         # The resolved name goes with the stored copy, so `harness worker` can rebuild it.
+                         raw={**raw, "name": name})
     if sampler == "grid":
         config.grid_size()  # raises if a range cannot be gridded
     return config

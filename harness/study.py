@@ -11,6 +11,7 @@ and enqueued again with the same parameters, so a rerun of the same command resu
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import glob
 import itertools
 import json
@@ -18,6 +19,7 @@ import logging
 import math
 import os
 import socket
+import uuid
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -292,8 +294,24 @@ def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
+@functools.cache
+def _process_token() -> str:
+    return uuid.uuid4().hex[:8]
+
+
 def worker_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
+    """``host:pid:token``; the token tells a restarted container that reuses a pid from the dead worker."""
+    return f"{socket.gethostname()}:{os.getpid()}:{_process_token()}"
+
+
+def _worker_is_dead(worker: str) -> bool:
+    """Only provable for workers on this host: the process is gone, or its pid is now ours."""
+    host, pid, token = (worker.split(":") + ["", "", ""])[:3]
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    if int(pid) == os.getpid():
+        return token != _process_token()  # we run no trial while reaping, so that trial is not ours
+    return not _pid_alive(int(pid))
 
 
 @dataclass
@@ -311,6 +329,11 @@ class Objective:
         from harness.probe import make_probe
 
         trial.set_user_attr("worker", worker_id())
+        skip = self._spurious(trial)
+        if skip:
+            # Not a measurement: progress, retries and the report ignore it.
+            trial.set_user_attr("spurious", skip)
+            raise optuna.TrialPruned(skip)
         params = suggest(trial, self.config.search, self.config.sampler == "grid")
         repeat = int(trial.user_attrs.get("repeat", 0))
         spec = trial_spec(self.config, params, repeat)
@@ -338,7 +361,7 @@ class Objective:
         record = make_record(self.config, self.corpus, spec, params, repeat, result, self.hardware, started)
         trial.set_user_attr("record", record)
         if (repeat == 0 and self.config.repeats > 1 and self.config.sampler != "grid"
-                and "retry_of" not in trial.user_attrs):
+                and not _has_repeats(trial.study, params)):
             for r in range(1, self.config.repeats):
                 trial.study.enqueue_trial(params, user_attrs={"repeat": r})
         if self.on_result:
@@ -347,6 +370,18 @@ class Objective:
         # Optuna's constraints API: TPE and NSGA-II learn the memory and stability walls from this.
         trial.set_user_attr("constraint", constraint)
         return values
+
+    def _spurious(self, trial: optuna.Trial) -> str | None:
+        """Why this trial must not run: another worker emptied the grid's queue between our check and
+        Optuna's ask, or a retry was queued twice by two reaping workers (the lower number runs)."""
+        if self.config.sampler == "grid" and "repeat" not in trial.user_attrs:  # set on every queued point
+            return "the grid's queue was empty when this worker asked for a trial"
+        retry_of = trial.user_attrs.get("retry_of")
+        if retry_of is not None and any(
+                t.user_attrs.get("retry_of") == retry_of and t.number < trial.number
+                for t in trial.study.get_trials(deepcopy=False)):
+            return f"trial {retry_of} was already queued for retry"
+        return None
 
     def _values(self, record: dict) -> tuple[float | tuple[float, ...], list[float]]:
         status, result = record["status"], record["result"]
@@ -377,6 +412,13 @@ class Progress:
     best: FrozenTrial | None
 
 
+def _has_repeats(study: optuna.Study, params: dict[str, Any]) -> bool:
+    """Whether repeats 1.. of these parameters are already in the study (e.g. this is a retry)."""
+    key = _params_key(params)
+    return any(int(t.user_attrs.get("repeat", 0)) > 0 and _params_key(t.params or _fixed_params(t)) == key
+               for t in study.get_trials(deepcopy=False))
+
+
 def _has_final_record(t: FrozenTrial) -> bool:
     record = t.user_attrs.get("record")
     return record is not None and not t.user_attrs.get("interrupted", False)
@@ -388,7 +430,7 @@ def retry_trial(study: optuna.Study, trial: FrozenTrial) -> None:
     if retries >= MAX_RETRIES:
         log.warning("trial %d failed %d times; not retrying it again", trial.number, retries + 1)
         return
-    study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number, "retries": retries + 1,
+    study.enqueue_trial(trial.params or _fixed_params(trial), user_attrs={"retry_of": trial.number, "retries": retries + 1,
                                                   "repeat": trial.user_attrs.get("repeat", 0)})
 
 
@@ -434,12 +476,15 @@ def reap(study: optuna.Study) -> int:
 
     Remote workers' dead trials are failed by the RDB storage's heartbeat instead.
     """
-    host = socket.gethostname()
+    try:
+        # Remote workers: RUNNING trials whose heartbeat stopped (RDB storages; retry_trial re-queues them).
+        optuna.storages.fail_stale_trials(study)
+    except Exception as e:  # noqa: BLE001 - storages without heartbeats; a failed check must not stop a sweep
+        log.debug("stale-trial check skipped: %s", e)
     storage = study._storage  # noqa: SLF001 - Optuna exposes no public call to fail another process's trial
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        w_host, _, pid = str(t.user_attrs.get("worker", "")).rpartition(":")
-        if w_host == host and pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
-            log.warning("trial %d: its worker (pid %s) is gone; marking it failed", t.number, pid)
+        if _worker_is_dead(str(t.user_attrs.get("worker", ""))):
+            log.warning("trial %d: its worker (%s) is gone; marking it failed", t.number, t.user_attrs["worker"])
             try:
                 storage.set_trial_state_values(t._trial_id, TrialState.FAIL)  # noqa: SLF001
             except RuntimeError:  # another process got there first

@@ -86,6 +86,8 @@ class Display:
         ppl = f"val_ppl {r['val_ppl']:.2f}" if r.get("val_ppl") else ""
         tps = f"{r['tokens_per_s']:,.0f} tok/s" if r.get("tokens_per_s") else ""
         best = p.best.user_attrs["record"] if p.best else None
+        if record["status"] == "ok" and r.get("val_ppl") and (best is None or r["val_ppl"] < best["result"]["val_ppl"]):
+            best = record  # the trial just finished may be the new best
         best_s = f"best {best['result']['val_ppl']:.2f} ({best['config_key']})" if best else "best -"
         elapsed = time.monotonic() - self.started
         remaining = max(0, self.total - p.done)

@@ -121,6 +121,8 @@ class TrainConfig:
             raise bad("amp", "use 'bf16' or leave it out")
         if self.memory_cap_mib is not None and (not _finite_number(self.memory_cap_mib) or self.memory_cap_mib <= 0):
             raise bad("memory_cap_mib", "it must be a number of MiB > 0")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**32:
+            raise bad("seed", "it must be an integer in [0, 2**32)")
         if not _finite_number(self.anneal) or self.anneal < 1:
             raise bad("anneal", "it must be a number >= 1 (1 disables annealing)")
         if not _finite_number(self.weight_decay) or self.weight_decay < 0:
@@ -266,14 +268,16 @@ class _CpuMemoryCap:
     bytes exactly: static (parameters, gradients, optimiser state) plus the activations autograd saves.
     """
 
-    def __init__(self, cap_bytes: int, static_bytes: int) -> None:
+    def __init__(self, cap_bytes: int, static_bytes: int, param_ptrs: set[int] = frozenset()) -> None:
         self.cap, self.static = cap_bytes, static_bytes
+        # Autograd saves the weights too; they are already in ``static``, so never count them twice.
+        self.param_ptrs = set(param_ptrs)
         self.saved = 0
-        self.seen: set[int] = set()
+        self.seen: set[int] = set(self.param_ptrs)
         self.peak = static_bytes
 
     def step_start(self) -> None:
-        self.saved, self.seen = 0, set()
+        self.saved, self.seen = 0, set(self.param_ptrs)
 
     def pack(self, t: torch.Tensor) -> torch.Tensor:
         storage = t.untyped_storage()
@@ -449,18 +453,27 @@ def _train_and_eval(spec: TrialSpec, corpus: Corpus, device: torch.device, probe
     forward = torch.compile(model) if t.compile else model
     opt = _make_optimizer(model, t, device)
     lr = t.lr
-    variable = VariableBptt(spec.bptt) if t.variable_bptt else None
+    # Never force windows longer than bptt itself (AWD-LSTM's minimum of 5 assumes bptt ~ 70).
+    variable = VariableBptt(spec.bptt, min_len=min(5, spec.bptt)) if t.variable_bptt else None
     meter = _Meter(device, t.clip)
     cap = None
     if t.memory_cap_mib is not None and device.type == "cpu":
-        cap = _CpuMemoryCap(int(t.memory_cap_mib * 2**20), _static_bytes(model, t))
+        cap = _CpuMemoryCap(int(t.memory_cap_mib * 2**20), _static_bytes(model, t),
+                            {p.untyped_storage().data_ptr() for p in model.parameters()})
     saved_hooks = (torch.autograd.graph.saved_tensors_hooks(cap.pack, cap.unpack) if cap
                    else contextlib.nullcontext())
 
     max_steps = budget_steps(spec, corpus.train.numel())
     n_ckpt = t.checkpoints
     # Checkpoint k (1-based) is due when progress reaches k / n_ckpt of the budget.
-    progress = (lambda step, secs: step / max_steps) if max_steps else (lambda step, secs: secs / t.seconds)
+    if max_steps is None:
+        progress = lambda step, secs: secs / t.seconds  # noqa: E731
+    elif variable is None:
+        progress = lambda step, secs: step / max_steps  # noqa: E731
+    else:
+        # Variable windows: count tokens, not steps, so every configuration still sees the same data.
+        budget_tokens = max_steps * spec.bptt * spec.batch_size
+        progress = lambda step, secs: tokens / budget_tokens  # noqa: E731
     next_ckpt = 1
     # An untrained model predicts about uniformly (loss ~ log V): a loss far above that is divergence
     # even when it was never lower, e.g. a huge learning rate that blows up in the first steps.
@@ -494,13 +507,20 @@ def _train_and_eval(spec: TrialSpec, corpus: Corpus, device: torch.device, probe
         running_min = min(running_min, mean)
 
     def checkpoint() -> None:
-        nonlocal eval_s, lr, best_val
+        nonlocal eval_s
         _sync(device)
         t0 = time.perf_counter()
+        seconds = round(train_seconds(), 4)
+        try:
+            evaluate_checkpoint(seconds)
+        finally:
+            # Evaluation and the caller's callback (storage round-trips for pruning) are not training.
+            eval_s += time.perf_counter() - t0
+
+    def evaluate_checkpoint(seconds: float) -> None:
+        nonlocal lr, best_val
         val = evaluate(model, valid, t.eval_bptt, t.eval_batch_size, amp)
-        eval_s += time.perf_counter() - t0
-        point = {"step": steps, "tokens": tokens, "seconds": round(train_seconds(), 4), "loss": val,
-                 "ppl": _ppl(val)}
+        point = {"step": steps, "tokens": tokens, "seconds": seconds, "loss": val, "ppl": _ppl(val)}
         result.val_curve.append(point)
         if not math.isfinite(val) or val > t.spike_factor * uniform_loss:
             raise Diverged(steps, f"validation loss {val:.4g} at step {steps} is not finite or above "

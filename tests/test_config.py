@@ -249,3 +249,23 @@ def test_fuzzed_study_files_through_the_cli(section, key, value, tmp_path_factor
     assert err.startswith("error: ") and err.count("\n") == 1, err
     assert "Traceback" not in err
     assert not results.exists()
+
+
+def test_negative_seeds_and_tied_search_are_refused() -> None:
+    with pytest.raises(HarnessError, match=r"seed = -1 must be an integer in \[0, 2\*\*32\)"):
+        parse_study(with_change(("seed",), -1))
+    with pytest.raises(HarnessError, match="train seed=-1 is invalid"):
+        parse_study(with_change(("train", "seed"), -1))
+    raw = with_change(("model", "tied"), True)
+    raw["model"].update(emsize=8, nhid=8)
+    raw["search"]["nhid"] = [8, 16]
+    with pytest.raises(HarnessError, match="do not search nhid or emsize with tied weights"):
+        parse_study(raw)
+
+
+def test_a_study_without_a_name_stores_its_resolved_name(tmp_path: Path) -> None:
+    path = tmp_path / "unnamed.toml"
+    path.write_text(dump_toml({k: v for k, v in VALID.items() if k != "name"}))
+    config = load_study(path)
+    assert config.name == "unnamed" and config.raw["name"] == "unnamed"
+    assert parse_study(config.raw).name == "unnamed"  # what `harness worker` does with the stored copy

@@ -401,3 +401,54 @@ def test_an_extended_grid_is_picked_up_on_resume(tmp_path: Path) -> None:
     assert main(["sweep", str(study_file), "--results-dir", str(results), "--no-report"]) == 0
     trials = load(sqlite_url(results, "grow"), "grow").get_trials()
     assert sorted(t.params["bptt"] for t in trials) == [4, 8]
+
+
+def test_a_worker_that_finds_the_grid_queue_empty_trains_nothing(tmp_path: Path) -> None:
+    """Another worker took the last queued point between our check and Optuna's ask: the extra trial is
+    marked spurious, trains nothing, and neither progress nor the report counts it."""
+    from harness.config import load_study
+    from harness.report import generate
+    from harness.study import Objective, prepare
+
+    study_file = write_study(tmp_path, "race", search="bptt = [4]\nbatch_size = [2]")
+    results = tmp_path / "results"
+    assert main(["sweep", str(study_file), "--results-dir", str(results), "--no-report"]) == 0
+    config = load_study(study_file, results_root=results)
+    study, corpus, device = prepare(config, sqlite_url(results, "race"), "cpu")
+    study.optimize(Objective(config, corpus, device, {}), n_trials=1)  # the queue is empty now
+    extra = study.get_trials()[-1]
+    assert extra.state == TrialState.PRUNED and "queue was empty" in extra.user_attrs["spurious"]
+    assert "record" not in extra.user_attrs and progress(study).done == 1
+    assert len(generate(results / "race").csv.read_text().strip().splitlines()) == 2  # header + 1 trial
+
+
+def test_a_retry_queued_twice_runs_once(tmp_path: Path) -> None:
+    from harness.study import retry_trial
+
+    study_file = write_study(tmp_path, "twice", search="bptt = [4, 8]\nbatch_size = [2]")
+    results = tmp_path / "results"
+    assert main(["sweep", str(study_file), "--results-dir", str(results), "--trials", "1", "--no-report"]) == 0
+    url = sqlite_url(results, "twice")
+    study = load(url, "twice")
+    dead = study.ask()  # takes the queued grid point, as a worker would, then dies
+    study.tell(dead, state=TrialState.FAIL)
+    (frozen,) = [t for t in study.get_trials() if t.number == dead.number]
+    retry_trial(study, frozen)
+    retry_trial(study, frozen)  # a second reaper racing the first
+    assert main(["sweep", str(study_file), "--results-dir", str(results), "--no-report"]) == 0
+    study = load(url, "twice")
+    runs = [t for t in study.get_trials() if t.user_attrs.get("retry_of") == frozen.number]
+    assert len(runs) == 2 and sum("record" in t.user_attrs for t in runs) == 1
+    # The duplicate never measures: still queued (the study is complete) or skipped as spurious.
+    (dup,) = [t for t in runs if "record" not in t.user_attrs]
+    assert dup.state == TrialState.WAITING or dup.user_attrs.get("spurious")
+    assert progress(study).done == 2
+    from harness.config import load_study
+    from harness.study import Objective, prepare
+
+    worker = load(url, "twice")
+    config = load_study(study_file, results_root=results)
+    _, corpus, device = prepare(config, url, "cpu")
+    worker.optimize(Objective(config, corpus, device, {}), n_trials=1)  # pops the duplicate
+    dup = [t for t in worker.get_trials() if t.number == dup.number][0]
+    assert "already queued for retry" in dup.user_attrs["spurious"] and "record" not in dup.user_attrs

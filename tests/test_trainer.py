@@ -450,3 +450,38 @@ def test_pruned_trial_keeps_its_checkpoint_perplexity(syn: Corpus) -> None:
 def test_more_bad_train_values_are_rejected(field: str, value: float) -> None:
     with pytest.raises(HarnessError, match=field):
         TrainConfig(**{field: value})
+
+
+def test_variable_bptt_keeps_the_token_budget_and_short_windows(syn: Corpus) -> None:
+    spec = TrialSpec(bptt=4, batch_size=4, model=TINY,
+                     train=TrainConfig(optimizer="adamw", lr=1e-2, tokens=4000, checkpoints=2, variable_bptt=True))
+    result = run_trial(spec, syn, "cpu")
+    assert result.status == "ok"
+    assert 4000 <= result.train_tokens < 4000 + 4 * (4 + 15)  # at most one window past the budget
+
+
+def test_checkpoint_callback_time_is_not_training_time(syn: Corpus) -> None:
+    def slow(i: int, point: dict) -> bool:
+        time.sleep(0.3)
+        return False
+
+    result = trial(syn, bptt=8, bs=4, tokens=2000, checkpoints=3, on_checkpoint=slow)
+    assert result.status == "ok" and result.eval_s >= 0.9
+    assert result.train_s < result.eval_s  # the sleeps landed in eval time, not in training time
+
+
+def test_cpu_memory_cap_does_not_count_the_weights_twice(syn: Corpus) -> None:
+    from harness.trainer import _CpuMemoryCap
+
+    model = RNNModel(TINY, syn.vocab_size)
+    ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+    def saved(cap: _CpuMemoryCap) -> int:
+        cap.step_start()
+        with torch.autograd.graph.saved_tensors_hooks(cap.pack, cap.unpack):
+            model(torch.zeros(3, 2, dtype=torch.long), model.init_hidden(2))
+        return cap.saved
+
+    naive, exact = saved(_CpuMemoryCap(10**9, 0)), saved(_CpuMemoryCap(10**9, 0, ptrs))
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert 0 < naive - exact <= weights  # autograd saved some weights; they are counted in static already

@@ -136,7 +136,7 @@ def _nothing_finished(trials: pd.DataFrame) -> str:
 def _data_notes(trials: pd.DataFrame, n_running: int) -> list[str]:
     notes = []
     if n_running:
-        notes.append(f"{n_running} trial(s) were still running or waiting and are not in this report.")
+        notes.append(f"{n_running} trial(s) were still running and are not in this report.")
     ok = trials[trials["status"] == "ok"]
     if len(ok) and not (ok["probe_kind"] == "nvml").any():
         notes.append("No GPU telemetry: memory is the process's peak resident set (CPU probe) and energy was "

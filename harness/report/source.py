@@ -189,7 +189,13 @@ def load_trials(src: StudySource) -> LoadedTrials:
         raise HarnessError(f"cannot read study {name!r} from storage {shown}: {msg}") from None
     records: list[dict] = []
     n_running = 0
+    # A failed attempt that was run again (worker killed, Ctrl-C) is superseded by its retry.
+    retried = {t.user_attrs.get("retry_of") for t in trials} - {None}
     for t in trials:
+        if t.user_attrs.get("spurious") or (t.number in retried and t.state.name == "FAIL"):
+            continue
+        if t.state.name == "WAITING":
+            continue  # queued, never started (e.g. a grid capped by --trials)
         rec = trial_record(t, name)
         if rec is None:
             n_running += 1
