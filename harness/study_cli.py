@@ -166,6 +166,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             f"interrupted: {p.done} of {n_target} trials finished and are stored; the running trial was "
             f"marked failed and will run again. Resume with: harness sweep {shlex.quote(args.study)}") from None
     display.close()
+    still = progress(study).running
+    if still:
+        print(f"note: {still} trial(s) are still running in other workers (or their worker died less than "
+              f"a minute ago: rerun this command later and they are run again)", file=sys.stderr)
     if not args.no_report:
         _report(config, storage_url)
     return 0

@@ -62,7 +62,7 @@ TRIAL_COLUMNS: dict[str, str] = {
     "peak_mem_nvml_process_mib": "peak device memory of this process (NVML), MiB",
     "idle_mem_nvml_mib": "device memory used before the trial (NVML), MiB",
     "peak_rss_mib": "peak resident set size of the process, MiB",
-    "energy_j": "energy used during training, joules",
+    "energy_j": "energy used during the training phase (including its periodic validation checkpoints), joules",
     "joules_per_ktok": "energy per 1,000 training tokens, joules",
     "energy_source": "how energy was measured (e.g. NVML total-energy counter)",
     "mean_power_w": "mean GPU power, watts",
