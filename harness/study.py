@@ -138,7 +138,7 @@ def enqueue_grid(study: optuna.Study, config: StudyConfig) -> int:
     grid is a queue of fixed trials instead: workers pop them atomically, retries re-queue one, and
     a grid extended in the study file is picked up by the next sweep.
     """
-    have = {(_params_key(t.params or _fixed_params(t)), int(t.user_attrs.get("repeat", 0)))
+    have = {(_params_key(_trial_params(t)), int(t.user_attrs.get("repeat", 0)))
             for t in study.get_trials(deepcopy=False)}
     added = 0
     for params, repeat in grid_points(config):
@@ -152,8 +152,9 @@ def _params_key(params: dict[str, Any]) -> tuple:
     return tuple(sorted(params.items()))
 
 
-def _fixed_params(t: FrozenTrial) -> dict[str, Any]:
-    return dict(t.system_attrs.get("fixed_params", {}))
+def _trial_params(t: FrozenTrial) -> dict[str, Any]:
+    """Sampled parameters, or the queued ones of a trial that never got to sample them."""
+    return t.params or dict(t.system_attrs.get("fixed_params", {}))
 
 
 def make_pruner(config: StudyConfig) -> optuna.pruners.BasePruner:
@@ -415,7 +416,7 @@ class Progress:
 def _has_repeats(study: optuna.Study, params: dict[str, Any]) -> bool:
     """Whether repeats 1.. of these parameters are already in the study (e.g. this is a retry)."""
     key = _params_key(params)
-    return any(int(t.user_attrs.get("repeat", 0)) > 0 and _params_key(t.params or _fixed_params(t)) == key
+    return any(int(t.user_attrs.get("repeat", 0)) > 0 and _params_key(_trial_params(t)) == key
                for t in study.get_trials(deepcopy=False))
 
 
@@ -430,8 +431,12 @@ def retry_trial(study: optuna.Study, trial: FrozenTrial) -> None:
     if retries >= MAX_RETRIES:
         log.warning("trial %d failed %d times; not retrying it again", trial.number, retries + 1)
         return
-    study.enqueue_trial(trial.params or _fixed_params(trial), user_attrs={"retry_of": trial.number, "retries": retries + 1,
+    study.enqueue_trial(_trial_params(trial), user_attrs={"retry_of": trial.number, "retries": retries + 1,
                                                   "repeat": trial.user_attrs.get("repeat", 0)})
+
+
+def _retries_exhausted(t: FrozenTrial) -> bool:
+    return int(t.user_attrs.get("retries", 0)) >= MAX_RETRIES
 
 
 def _retried(trials: list[FrozenTrial]) -> set[int]:
@@ -450,7 +455,7 @@ def progress(study: optuna.Study) -> Progress:
         elif t.state == TrialState.WAITING:
             waiting += 1
         elif _has_final_record(t) or (t.state == TrialState.FAIL and t.number not in retried
-                                      and int(t.user_attrs.get("retries", 0)) >= MAX_RETRIES):
+                                      and _retries_exhausted(t)):
             done += 1
             status = t.user_attrs["record"]["status"] if "record" in t.user_attrs else "failed"
             counts[status] = counts.get(status, 0) + 1
@@ -495,7 +500,7 @@ def reap(study: optuna.Study) -> int:
     for t in trials:
         if t.state != TrialState.FAIL or t.number in retried or _has_final_record(t):
             continue
-        if int(t.user_attrs.get("retries", 0)) >= MAX_RETRIES:
+        if _retries_exhausted(t):
             continue
         retry_trial(study, t)
         enqueued += 1

@@ -413,12 +413,8 @@ def run_trial(spec: TrialSpec, corpus: Corpus, device: torch.device | str | None
         torch.cuda.set_per_process_memory_fraction(1.0, device)
     release_memory(device)
     result.status, result.error = status, error
-    if status in ("pruned", "timeout") and result.val_loss is None and result.val_curve:
-        # Stopped early but measured: keep the checkpoints' perplexity for curves and reports.
-        losses = [p["loss"] for p in result.val_curve if p["loss"] is not None and math.isfinite(p["loss"])]
-        if losses:
-            result.val_loss, result.best_val_loss = result.val_curve[-1]["loss"], min(losses)
-            result.val_ppl, result.best_val_ppl = _ppl(result.val_loss), _ppl(result.best_val_loss)
+    if status in ("pruned", "timeout") and result.val_loss is None:
+        _summarise_validation(result)  # stopped early but measured: keep the checkpoints' perplexity
     result.wall_s = time.perf_counter() - start
     if probe is not None and hasattr(probe, "report"):
         try:
@@ -593,15 +589,21 @@ def _train_and_eval(spec: TrialSpec, corpus: Corpus, device: torch.device, probe
         if cap:
             result.probe["cpu_cap_peak_mib"] = cap.peak / 2**20
 
-    result.val_loss = result.val_curve[-1]["loss"]
-    result.val_ppl = _ppl(result.val_loss)
-    result.best_val_loss = best_val
-    result.best_val_ppl = _ppl(best_val)
+    _summarise_validation(result)
     if t.test:
         t0 = time.perf_counter()
         test = batchify(corpus.test, t.eval_batch_size).to(device)
         result.test_ppl = _ppl(evaluate(model, test, t.eval_bptt, t.eval_batch_size, amp))
         result.eval_s += time.perf_counter() - t0
+
+
+def _summarise_validation(result: TrialResult) -> None:
+    """Final and best validation loss and perplexity from the checkpoints' curve."""
+    losses = [p["loss"] for p in result.val_curve if p["loss"] is not None and math.isfinite(p["loss"])]
+    if not losses:
+        return
+    result.val_loss, result.best_val_loss = result.val_curve[-1]["loss"], min(losses)
+    result.val_ppl, result.best_val_ppl = _ppl(result.val_loss), _ppl(result.best_val_loss)
 
 
 def _ppl(loss: float) -> float:
