@@ -320,7 +320,9 @@ class _Meter:
 
     def read_interval(self) -> tuple[float, int, int]:
         """-> (mean loss since the last read, first non-finite step or -1, steps); resets the interval."""
-        loss_sum, count, first_bad = (v.item() for v in (self.loss_sum, self.count, self.first_bad))
+        # One device-to-host transfer for the three values, not three syncs.
+        loss_sum, count, first_bad = torch.stack(
+            [self.loss_sum.double(), self.count.double(), self.first_bad.double()]).tolist()
         self.loss_sum.zero_()
         self.count.zero_()
         return (loss_sum / count if count else float("nan")), int(first_bad), int(count)
