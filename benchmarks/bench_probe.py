@@ -18,7 +18,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import harness as _omp_policy  # noqa: E402,F401  (first: it sets the OpenMP wait policy before torch loads)
 import torch  # noqa: E402
 
 from harness.corpus import load  # noqa: E402
@@ -73,7 +72,7 @@ def main() -> int:
                 return 1
             speeds[arm].append(r.tokens_per_s)
             if probe is not None:
-                samples.append(r.probe["samples"] / r.probe["duration_s"])
+                samples.append(r.probe.samples / r.probe.duration_s)
             print(f"  pair {i + 1} {arm:<7} {r.tokens_per_s:>10,.0f} tokens/s  train {r.train_s:.2f} s  "
                   f"cpu {cpu_per_ktok[arm][-1] * 1000:.2f} ms/1k tokens")
 

@@ -18,7 +18,6 @@ import warnings
 from pathlib import Path
 
 import optuna
-import harness as _omp_policy  # noqa: E402,F401  (first: it sets the OpenMP wait policy before torch loads)
 import torch
 
 from harness.config import parse_study

@@ -16,8 +16,8 @@ then trained three ways on those files:
    dictionary numbers words in order of appearance and the harness by frequency, so (1) and (3)
    start from differently permuted random initialisations; (2) removes that difference, so it must
    match (3) to rounding if the harness does the same arithmetic;
-3. ``harness``: :func:`harness.trainer.run_trial` with the same settings (``epochs=1``,
-   ``checkpoints=1``, the same seed).
+3. ``harness``: :func:`harness.trainer.run_trial` with the same settings (a token budget of exactly
+   the example's passes, ``checkpoints`` = passes, the same seed).
 
 Prints the three validation perplexities and their ratios. ``--fraction F`` keeps only the first
 fraction of the train lines, for a quick run; ``--small`` uses a 2-layer 32-unit model.
@@ -35,7 +35,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import harness as _omp_policy  # noqa: E402,F401  (first: it sets the OpenMP wait policy before torch loads)
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
@@ -249,9 +248,13 @@ def canonical_on_files(directory: Path, r: Recipe, device: str = "cpu") -> dict:
 
 # --------------------------------------------------------------------------- the harness
 
-def harness_spec(r: Recipe) -> TrialSpec:
+def harness_spec(r: Recipe, train_tokens: int) -> TrialSpec:
+    """The recipe as a harness trial. The example's epoch is one pass over its batchified matrix,
+    ``(N // bs - 1) * bs`` targets; the harness's ``epochs`` budget is ``epochs x (N - 1)`` for every
+    shape alike, so the example's passes are given as an exact token budget instead."""
     model = ModelConfig(type="lstm", emsize=r.emsize, nhid=r.nhid, layers=r.nlayers, dropout=r.dropout)
-    train = TrainConfig(optimizer="sgd", lr=r.lr, clip=r.clip, epochs=r.epochs, checkpoints=r.epochs,
+    per_pass = (train_tokens // r.batch_size - 1) * r.batch_size
+    train = TrainConfig(optimizer="sgd", lr=r.lr, clip=r.clip, tokens=r.epochs * per_pass, checkpoints=r.epochs,
                         seed=r.seed, eval_batch_size=EVAL_BATCH_SIZE, eval_bptt=r.bptt)
     return TrialSpec(bptt=r.bptt, batch_size=r.batch_size, model=model, train=train)
 
@@ -259,7 +262,7 @@ def harness_spec(r: Recipe) -> TrialSpec:
 def harness_on_files(directory: Path, r: Recipe, device: str = "cpu") -> dict:
     corpus = load(CorpusSpec(str(directory)))
     t0 = time.perf_counter()
-    res = run_trial(harness_spec(r), corpus, device)
+    res = run_trial(harness_spec(r, corpus.train.numel()), corpus, device)
     if res.status != "ok":
         raise RuntimeError(f"harness trial ended {res.status}: {res.error}")
     return {"val_loss": res.val_loss, "val_ppl": res.val_ppl, "steps": res.steps,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import os
 import sys
 import tempfile
@@ -27,7 +28,6 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import harness as _omp_policy  # noqa: E402,F401  (first: it sets the OpenMP wait policy before torch loads)
 import torch  # noqa: E402
 
 from harness.corpus import CorpusSpec, load  # noqa: E402
@@ -77,7 +77,7 @@ def memory_now(device: torch.device, probe: Any) -> float | None:
 
 
 def row_of(role: str, spec: TrialSpec, result: Any, start_mib: float | None, fp: dict) -> dict:
-    p = result.probe
+    p = dataclasses.asdict(result.probe)
     energy = p.get("energy_j")
     return {
         "role": role, "bptt": spec.bptt, "batch_size": spec.batch_size, "status": result.status,

@@ -47,7 +47,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))  # gpu_check, also when this file is imported by path
 
-import harness as _omp_policy  # noqa: E402,F401  (first: it sets the OpenMP wait policy before torch loads)
 import torch
 
 from harness.errors import HarnessError

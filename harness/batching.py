@@ -55,9 +55,16 @@ class VariableBptt:
     min_len: int = 5
     max_len: int | None = None
 
+    @classmethod
+    def around(cls, bptt: int) -> VariableBptt:
+        """AWD-LSTM's spread scaled to ``bptt``: its sd 5 and minimum 5 were chosen for bptt 70, and a
+        fixed sd of 5 around bptt 2 would make the mean window twice as long as asked."""
+        spread = bptt * 5 / 70
+        return cls(bptt, sd=spread, min_len=max(1, round(spread)))
+
     @property
     def cap(self) -> int:
-        return self.max_len if self.max_len is not None else int(self.bptt + 3 * self.sd)
+        return self.max_len if self.max_len is not None else max(self.bptt, round(self.bptt + 3 * self.sd))
 
     def draw(self, rng: np.random.Generator) -> int:
         centre = self.bptt if rng.random() < self.p else self.bptt / 2

@@ -7,7 +7,7 @@ import json
 import logging
 import sys
 import warnings
-from dataclasses import fields
+from dataclasses import asdict, fields
 from typing import Any, NoReturn
 
 from harness.errors import HarnessError
@@ -102,9 +102,10 @@ def cmd_corpus(args: argparse.Namespace) -> int:
 
 def cmd_trial(args: argparse.Namespace) -> int:
     from harness.corpus import check_fits, load
-    from harness.model import ModelConfig
+    from harness.hardware import resolve_device
     from harness.probe import make_probe
-    from harness.trainer import TrainConfig, TrialSpec, resolve_device, run_trial
+    from harness.spec import ModelConfig, TrainConfig, TrialSpec
+    from harness.trainer import run_trial, warm_up
 
     device = resolve_device(args.device)
     model = ModelConfig(type=args.model, emsize=args.emsize, nhid=args.nhid, layers=args.layers,
@@ -128,9 +129,10 @@ def cmd_trial(args: argparse.Namespace) -> int:
                   f"{point['seconds']:.1f} s, val ppl {point['ppl']:.2f}", file=sys.stderr)
         return False
 
+    warm_up(spec, corpus, device)  # a fresh process: start-up is not the trial's
     result = run_trial(spec, corpus, device, probe=probe, on_checkpoint=on_checkpoint)
     if args.json:
-        from harness.study import finite_or_none
+        from harness.record import finite_or_none
 
         print(json.dumps(finite_or_none(result.to_dict())))
     else:
@@ -150,7 +152,7 @@ def format_result(result: Any) -> str:
         if isinstance(value, float):
             value = f"{value:.4g}"
         lines.append(f"{f.name:<16} {value}")
-    for key, value in sorted(result.probe.items()):
+    for key, value in sorted(asdict(result.probe).items()):
         if value is not None and not isinstance(value, (dict, list)):
             lines.append(f"{'probe.' + key:<16} {value:.4g}" if isinstance(value, float) else f"{'probe.' + key:<16} {value}")
     return "\n".join(lines)
@@ -175,9 +177,19 @@ def _quiet_libraries(verbose: bool) -> None:
     optuna.logging.set_verbosity(optuna.logging.INFO if verbose else optuna.logging.ERROR)
 
 
+def configure_process() -> None:
+    """Process-wide settings belong to the command, never to ``import harness``: see
+    :func:`harness.hardware.fix_malloc_mmap_threshold` (CPU memory figures that do not depend on which
+    trial ran before)."""
+    from harness.hardware import fix_malloc_mmap_threshold
+
+    fix_malloc_mmap_threshold()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    configure_process()
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     _quiet_libraries(args.verbose)

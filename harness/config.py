@@ -18,8 +18,7 @@ from typing import Any
 
 from harness.corpus import CorpusSpec
 from harness.errors import HarnessError
-from harness.model import ModelConfig
-from harness.trainer import TrainConfig
+from harness.spec import ModelConfig, TrainConfig
 
 SAMPLERS = ("grid", "tpe", "random", "nsga2")
 PRUNERS = ("none", "median", "hyperband")

@@ -20,6 +20,7 @@ from typing import Any
 import psutil
 import torch
 
+from harness.errors import HarnessError
 from harness.probe import MIB, make_probe, sample_dict
 
 log = logging.getLogger(__name__)
@@ -29,6 +30,39 @@ FINGERPRINT_KEYS = (
     "cudnn_version", "torch_version", "cpu_model", "cpu_cores", "ram_gib", "hostname", "machine_id",
     "python_version", "platform",
 )
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """``None``/"auto": CUDA when available, else CPU. Asking for CUDA without one is a user error."""
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise HarnessError(f"device {name!r} was asked for but no CUDA GPU is visible; use --device cpu or auto")
+    if not (name == "cpu" or name.startswith("cuda")):
+        raise HarnessError(f"device {name!r} is not known; use auto, cpu, cuda or cuda:N")
+    return torch.device(name)
+
+
+def fix_malloc_mmap_threshold(threshold: int = 128 * 1024) -> bool:
+    """Process-wide, so only the CLI calls it: make glibc serve every allocation above ``threshold``
+    bytes with its own mapping, returned to the system on free.
+
+    glibc raises that threshold by itself after large frees (up to 32 MiB), and from then on freed
+    tensors stay in the heap: after a large configuration the next, smaller one showed a 25% larger
+    resident-set peak than the same configuration alone in a fresh process (measured on the default
+    corpus). With the threshold fixed the two agree within a few percent. Returns False where there is
+    no glibc.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+    except OSError:
+        return False
+    mallopt = getattr(libc, "mallopt", None)
+    return bool(mallopt is not None and mallopt(-3, threshold))  # -3: M_MMAP_THRESHOLD
 
 
 def cpu_model() -> str:
@@ -125,8 +159,6 @@ def device_label(fp: dict[str, Any]) -> str:
 
 def doctor_report(device_arg: str, as_json: bool = False) -> str:
     """What ``harness trial`` and ``harness sweep`` would use here: device, probe, fingerprint, a live sample."""
-    from harness.trainer import resolve_device
-
     device = resolve_device(device_arg)
     probe = make_probe(device)
     sample = sample_dict(probe.read())

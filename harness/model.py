@@ -2,48 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
-
 import torch
 from torch import nn
 
-from harness.errors import HarnessError
+from harness.spec import ModelConfig
 
 Hidden = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """The language model.
-
-    Attributes:
-        type: ``"lstm"`` or ``"gru"``.
-        emsize: embedding size.
-        nhid: hidden units per layer.
-        layers: number of recurrent layers.
-        dropout: dropout on embeddings, between layers and before the decoder.
-        tied: share the embedding and decoder weights (needs ``emsize == nhid``).
-    """
-
-    type: Literal["lstm", "gru"] = "lstm"
-    emsize: int = 200
-    nhid: int = 200
-    layers: int = 2
-    dropout: float = 0.2
-    tied: bool = False
-
-    def __post_init__(self) -> None:
-        if self.type not in ("lstm", "gru"):
-            raise HarnessError(f"model type {self.type!r} is not known; use 'lstm' or 'gru'")
-        for name in ("emsize", "nhid", "layers"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise HarnessError(f"model {name}={value!r} must be an integer >= 1")
-        if not 0.0 <= self.dropout < 1.0:
-            raise HarnessError(f"model dropout={self.dropout!r} must be in [0, 1)")
-        if self.tied and self.emsize != self.nhid:
-            raise HarnessError(f"tied weights need emsize == nhid; got emsize={self.emsize}, nhid={self.nhid}")
 
 
 class RNNModel(nn.Module):

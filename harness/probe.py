@@ -1,26 +1,32 @@
 """Telemetry around the training part of a trial: peak memory, power, energy, CPU time.
 
-A :class:`Probe` is a context manager. Inside its window a background thread asks a *source* for a
-:class:`Sample` every ``interval_ms`` and folds it into running peaks and means; energy comes from a
-cumulative counter read at the window's start and end. Two sources exist:
+A :class:`Probe` is a context manager around training. Inside it :meth:`Probe.phase` marks the
+checkpoint validations, so training's energy, memory and time never include them: validation gets
+its own figures. Each phase change closes a *segment*: the energy counter, CPU time, torch's
+allocator peaks and the kernel's resident-set peak are read at both ends, and peaks are reset for the
+next segment. A background thread samples what has no counter (NVML power, utilisation, device
+memory) every ``interval_ms``. Two sources exist:
 
 * :class:`NvmlSource` (NVIDIA, ``pynvml`` from nvidia-ml-py): device and per-process memory, power,
   utilisation, SM clock, temperature, and the total-energy counter;
-* :class:`CpuSource`: resident memory of this process and Linux RAPL energy where readable.
+* :class:`CpuSource`: the process's peak resident set from the kernel (``VmHWM``, reset through
+  ``/proc/self/clear_refs``) and Linux RAPL energy where readable. It needs no sampling thread, so
+  on CPU the probe costs nothing while training runs (a thread that wakes every 50 ms competes with
+  torch's OpenMP threads for the cores).
 
-Nothing is invented: a number the source cannot read is ``None`` in :meth:`Probe.report`. The
-report is one flat dict with the keys in :data:`REPORT_KEYS`; the report module reads these names.
+Nothing is invented: a number the source cannot read is ``None`` in the :class:`ProbeReport`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from types import ModuleType
@@ -30,18 +36,13 @@ import psutil
 import torch
 
 from harness.errors import HarnessError
+from harness.record import ProbeReport
 
 log = logging.getLogger(__name__)
 
 MIB = 2**20
-
-REPORT_KEYS = (
-    "probe_kind", "probe_fallback_reason", "interval_ms", "samples", "duration_s",
-    "peak_mem_mib", "peak_mem_torch_mib", "peak_mem_torch_reserved_mib", "peak_mem_nvml_mib",
-    "peak_mem_nvml_process_mib", "nvml_process_mem_source", "idle_mem_nvml_mib",
-    "energy_j", "energy_source", "mean_power_w", "max_power_w", "mean_util_pct", "mean_sm_clock_mhz",
-    "max_temp_c", "peak_rss_mib", "rss_start_mib", "cpu_time_s", "cpu_util_pct",
-)
+# RAPL counters wrap (at ~262 kJ on most CPUs, ~45 min at 100 W): read them this often at least.
+RAPL_INTERVAL_MS = 10_000
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,7 @@ class Sample:
 
 
 class Source(Protocol):
-    """What the sampler thread reads. ``sample`` runs in the thread; the rest in the caller's."""
+    """What the probe reads. ``sample`` runs in the sampler thread; the rest in the caller's."""
 
     kind: str                   # the report's probe_kind
     energy_kind: str | None     # what energy_mj() reads ("counter", "rapl") or None
@@ -68,6 +69,10 @@ class Source(Protocol):
     def sample(self) -> Sample | None: ...
     def energy_mj(self) -> float | None: ...   # a cumulative counter; only differences mean anything
     def stop(self) -> None: ...
+    def thread_interval_ms(self, requested: int) -> int | None: ...  # None: no sampler thread needed
+    def rss_mib(self) -> float | None: ...            # resident set now
+    def reset_rss_peak(self) -> bool: ...             # False: the kernel peak cannot be reset here
+    def rss_peak_mib(self) -> float | None: ...       # kernel peak since the last reset
 
 
 # --------------------------------------------------------------------------- aggregation
@@ -119,10 +124,33 @@ def energy_estimate(e0_mj: float | None, e1_mj: float | None, counter_kind: str 
     return None, None
 
 
+@dataclass
+class Phase:
+    """What one phase (training, or validation) accumulated over its segments."""
+
+    duration_s: float = 0.0
+    cpu_time_s: float = 0.0
+    energy_mj: float | None = None   # sum of the counter's moves; None when it never could be read
+    stats: Stats = field(default_factory=Stats)
+    torch_alloc_mib: float | None = None
+    torch_reserved_mib: float | None = None
+    rss_peak_mib: float | None = None
+
+    def fold_peak(self, name: str, value: float | None) -> None:
+        if value is not None:
+            old = getattr(self, name)
+            setattr(self, name, value if old is None else max(old, value))
+
+    def energy(self, counter_kind: str | None) -> tuple[float | None, str | None]:
+        moved = self.energy_mj if self.energy_mj else None
+        return energy_estimate(0.0 if moved else None, moved, counter_kind, self.stats.mean("power_w"),
+                               self.duration_s)
+
+
 # --------------------------------------------------------------------------- the probe
 
 class Probe:
-    """Context manager measuring one window. Re-entering starts a fresh window.
+    """Context manager measuring one trial's training; :meth:`phase` marks validation inside it.
 
     Exceptions inside the window propagate; the thread is stopped and what was measured up to then
     stays available through :meth:`report`.
@@ -140,6 +168,7 @@ class Probe:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+        self._trial_rss: float | None = None
         self._reset()
 
     @property
@@ -147,11 +176,13 @@ class Probe:
         return self.source.kind
 
     def _reset(self) -> None:
-        self._stats = Stats()
-        self._t0 = self._t1 = None
-        self._cpu0 = self._cpu1 = None
-        self._e0 = self._e1 = None
-        self._torch_peaks: tuple[float, float] | None = None
+        self._phases: dict[str, Phase] = {"train": Phase(), "eval": Phase()}
+        self._current = "train"
+        self._seg: tuple[float, float, float | None] | None = None   # (clock, cpu time, energy counter)
+        self._open = False
+        self._thread_ms: int | None = None
+        self._rss_resettable = False
+        self._start_rss: float | None = None
         self._errors = 0
 
     def _cuda(self) -> bool:
@@ -165,20 +196,36 @@ class Probe:
         finally:
             self.source.stop()
 
+    def mark_trial_start(self) -> None:
+        """Call before the trial builds anything: CPU memory is counted from here, so what an earlier
+        trial left in the process (or freed memory the allocator kept) is not this trial's."""
+        self._trial_rss = self._optional("rss_mib")
+
+    def _optional(self, name: str, *args: Any) -> Any:
+        """A reading that a source may not offer (older or third-party sources): None if it does not."""
+        fn = getattr(self.source, name, None)
+        return _quiet(lambda: fn(*args)) if fn is not None else None
+
     def __enter__(self) -> Probe:
-        if self._thread is not None:
+        if self._open:
             raise RuntimeError("probe window is already open")
         self._reset()
-        if self._cuda():
-            torch.cuda.reset_peak_memory_stats(self.device)
+        self._open = True
         self.source.start()
-        self._e0 = self._read_energy()
-        self._cpu0 = time.process_time()
-        self._t0 = self._clock()
+        self._start_rss = self._optional("rss_mib")
+        self._open_segment()
         self._take()  # at once, so the window's idle memory is known and short windows have a sample
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="harness-probe", daemon=True)
-        self._thread.start()
+        if self._start_rss is None:  # a source that only samples: its first reading is the start
+            first = self._phases["train"].stats.first
+            self._start_rss = first.rss_mib if first else None
+        if self._trial_rss is None:
+            self._trial_rss = self._start_rss
+        wanted = getattr(self.source, "thread_interval_ms", None)
+        self._thread_ms = wanted(self.interval_ms) if wanted is not None else self.interval_ms
+        if self._thread_ms is not None:
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._run, name="harness-probe", daemon=True)
+            self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> bool:
@@ -188,17 +235,60 @@ class Probe:
             thread.join()
         try:
             self._take()  # the end state: a caching allocator's reserved memory peaks here
-            self._t1 = self._clock()
-            self._cpu1 = time.process_time()
-            self._e1 = self._read_energy()
-            if self._cuda():
-                self._torch_peaks = self._read_torch_peaks()
+            self._close_segment()
         finally:
+            self._open = False
             self.source.stop()
         return False
 
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Measure the code inside as ``name`` ("eval") instead of training."""
+        if name not in self._phases:
+            raise ValueError(f"probe phase {name!r} is not known; use one of {', '.join(self._phases)}")
+        if not self._open:
+            yield
+            return
+        previous = self._current
+        self._switch(name)
+        try:
+            yield
+        finally:
+            self._switch(previous)
+
+    def _switch(self, name: str) -> None:
+        self._take()
+        self._close_segment()
+        with self._lock:
+            self._current = name
+        self._open_segment()
+
+    def _open_segment(self) -> None:
+        if self._cuda():
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self._rss_resettable = bool(self._optional("reset_rss_peak"))
+        self._seg = (self._clock(), time.process_time(), self._read_energy())
+
+    def _close_segment(self) -> None:
+        if self._seg is None:
+            return
+        t0, cpu0, e0 = self._seg
+        self._seg = None
+        e1 = self._read_energy()
+        ph = self._phases[self._current]
+        ph.duration_s += self._clock() - t0
+        ph.cpu_time_s += time.process_time() - cpu0
+        if e0 is not None and e1 is not None:
+            ph.energy_mj = (ph.energy_mj or 0.0) + max(0.0, e1 - e0)
+        if self._rss_resettable:
+            ph.fold_peak("rss_peak_mib", self._optional("rss_peak_mib"))
+        if self._cuda():
+            alloc, reserved = self._read_torch_peaks() or (None, None)
+            ph.fold_peak("torch_alloc_mib", alloc)
+            ph.fold_peak("torch_reserved_mib", reserved)
+
     def _run(self) -> None:
-        interval = self.interval_ms / 1000.0
+        interval = (self._thread_ms or self.interval_ms) / 1000.0
         while not self._stop.wait(interval):
             self._take()
 
@@ -212,7 +302,7 @@ class Probe:
             return
         if s is not None:
             with self._lock:
-                self._stats.add(s)
+                self._phases[self._current].stats.add(s)
 
     def _read_torch_peaks(self) -> tuple[float, float] | None:
         try:
@@ -229,51 +319,70 @@ class Probe:
             log.warning("probe %s: energy counter read failed (%s)", self.kind, e)
             return None
 
-    def report(self) -> dict[str, Any]:
-        """One flat dict with exactly :data:`REPORT_KEYS`; ``None`` where nothing was measured."""
+    def _peak_mem(self, ph: Phase) -> float | None:
+        """The phase's peak memory: torch's reservation on CUDA; on CPU the resident-set peak above the
+        trial's start (the kernel's peak where it can be reset, else the sampled one)."""
+        if self.device.type == "cuda":
+            return ph.torch_reserved_mib
+        peak = ph.rss_peak_mib if ph.rss_peak_mib is not None else ph.stats.peak.get("rss_mib")
+        if peak is None or self._trial_rss is None:
+            return None
+        return max(0.0, peak - self._trial_rss)
+
+    def report(self) -> ProbeReport:
+        """What was measured; ``None`` where nothing was."""
         with self._lock:
-            st = self._stats
+            train, ev = self._phases["train"], self._phases["eval"]
+            st = train.stats
             peak, first, n = dict(st.peak), st.first, st.n
             means = {k: st.mean(k) for k in _MEANS}
             sources = set(st.process_sources)
-        duration = cpu_time = None
-        if self._t0 is not None:
-            duration = (self._t1 if self._t1 is not None else self._clock()) - self._t0
-            cpu_time = (self._cpu1 if self._cpu1 is not None else time.process_time()) - self._cpu0
-        energy_j, energy_source = energy_estimate(self._e0, self._e1, self.source.energy_kind,
-                                                  means["power_w"], duration)
+        opened = self._start_rss is not None or n > 0
+        duration = train.duration_s if opened else None
+        cpu_time = train.cpu_time_s if opened else None
+        energy_j, energy_source = train.energy(self.source.energy_kind) if opened else (None, None)
+        eval_energy, _ = ev.energy(self.source.energy_kind) if ev.duration_s else (None, None)
         mean_power = means["power_w"]
         if mean_power is None and energy_j is not None and duration:
             mean_power = energy_j / duration  # RAPL: a counter and no power readings
-        torch_alloc, torch_reserved = self._torch_peaks or (None, None)
-        peak_rss = peak.get("rss_mib")
-        return {
-            "probe_kind": self.kind,
-            "probe_fallback_reason": self.fallback_reason,
-            "interval_ms": self.interval_ms,
-            "samples": n,
-            "duration_s": duration,
-            # The memory this configuration needed: the allocator's reservation on CUDA, RSS on CPU.
-            "peak_mem_mib": torch_reserved if self.device.type == "cuda" else peak_rss,
-            "peak_mem_torch_mib": torch_alloc,
-            "peak_mem_torch_reserved_mib": torch_reserved,
-            "peak_mem_nvml_mib": peak.get("mem_used_mib"),
-            "peak_mem_nvml_process_mib": peak.get("mem_process_mib"),
-            "nvml_process_mem_source": ("device" if "device" in sources else "process") if sources else None,
-            "idle_mem_nvml_mib": first.mem_used_mib if first else None,
-            "energy_j": energy_j,
-            "energy_source": energy_source,
-            "mean_power_w": mean_power,
-            "max_power_w": peak.get("power_w"),
-            "mean_util_pct": means["util_pct"],
-            "mean_sm_clock_mhz": means["sm_clock_mhz"],
-            "max_temp_c": peak.get("temp_c"),
-            "peak_rss_mib": peak_rss,
-            "rss_start_mib": first.rss_mib if first else None,
-            "cpu_time_s": cpu_time,
+        rss_peak = train.rss_peak_mib if train.rss_peak_mib is not None else peak.get("rss_mib")
+        return ProbeReport(
+            probe_kind=self.kind,
+            probe_fallback_reason=self.fallback_reason,
+            interval_ms=self._thread_ms,
+            samples=n,
+            duration_s=duration,
+            peak_mem_mib=self._peak_mem(train),
+            peak_mem_torch_mib=train.torch_alloc_mib,
+            peak_mem_torch_reserved_mib=train.torch_reserved_mib,
+            peak_mem_nvml_mib=peak.get("mem_used_mib"),
+            peak_mem_nvml_process_mib=peak.get("mem_process_mib"),
+            nvml_process_mem_source=("device" if "device" in sources else "process") if sources else None,
+            idle_mem_nvml_mib=first.mem_used_mib if first else None,
+            peak_rss_mib=rss_peak,
+            rss_start_mib=self._trial_rss,
+            energy_j=energy_j,
+            energy_source=energy_source,
+            mean_power_w=mean_power,
+            max_power_w=peak.get("power_w"),
+            mean_util_pct=means["util_pct"],
+            mean_sm_clock_mhz=means["sm_clock_mhz"],
+            max_temp_c=peak.get("temp_c"),
+            cpu_time_s=cpu_time,
             # Percent of one core, as top and psutil count it (several threads can exceed 100).
-            "cpu_util_pct": 100.0 * cpu_time / duration if cpu_time is not None and duration else None,
-        }
+            cpu_util_pct=100.0 * cpu_time / duration if cpu_time is not None and duration else None,
+            eval_s=ev.duration_s if ev.duration_s else None,
+            eval_energy_j=eval_energy,
+            eval_peak_mem_mib=self._peak_mem(ev) if ev.duration_s else None,
+        )
+
+
+def _quiet(fn: Callable[[], Any]) -> Any:
+    """A reading that may be unsupported here: None instead of an exception."""
+    try:
+        return fn()
+    except Exception:  # noqa: BLE001
+        return None
 
 
 # --------------------------------------------------------------------------- CPU source
@@ -323,13 +432,52 @@ class Rapl:
             return self._total_uj
 
 
+class ProcessMemory:
+    """This process's resident set, and the kernel's record of its peak (Linux ``VmHWM``).
+
+    Writing ``5`` to ``/proc/self/clear_refs`` resets that peak to the current resident set (Linux >= 4.0),
+    so each probe segment gets the exact peak without sampling. Elsewhere :meth:`reset_peak` says False
+    and the probe samples the resident set instead.
+    """
+
+    def __init__(self, pid: int | None = None) -> None:
+        self.pid = pid or os.getpid()
+        self._proc = psutil.Process(self.pid)
+        self.peak_resettable: bool | None = None   # unknown until the first reset
+
+    def now_mib(self) -> float:
+        return self._proc.memory_info().rss / MIB
+
+    def reset_peak(self) -> bool:
+        if self.pid != os.getpid():
+            self.peak_resettable = False
+            return False
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+            self.peak_resettable = self.peak_mib() is not None
+        except OSError:
+            self.peak_resettable = False
+        return self.peak_resettable
+
+    def peak_mib(self) -> float | None:
+        try:
+            for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0   # kB
+        except (OSError, ValueError, IndexError):
+            pass
+        return None
+
+
 class CpuSource:
-    """Resident memory of this process, sampled for a resettable peak; RAPL energy where readable."""
+    """The process's resident-set peak from the kernel, RAPL energy where readable. A sampler thread
+    runs only where it is needed: to keep RAPL's wraparound accounting (every 10 s), or to sample the
+    resident set where the kernel's peak cannot be reset."""
 
     kind = "cpu"
 
     def __init__(self, rapl: Rapl | None = None, pid: int | None = None) -> None:
-        self._proc = psutil.Process(pid or os.getpid())
+        self.memory = ProcessMemory(pid)
         self._rapl = rapl
         self.energy_kind = "rapl" if rapl else None
 
@@ -343,13 +491,27 @@ class CpuSource:
     def stop(self) -> None:
         pass
 
+    def thread_interval_ms(self, requested: int) -> int | None:
+        if not self.memory.peak_resettable:
+            return requested
+        return max(requested, RAPL_INTERVAL_MS) if self._rapl else None
+
     def sample(self) -> Sample:
         if self._rapl:
             self._rapl.total_uj()  # keeps the wraparound accounting current
-        return Sample(rss_mib=self._proc.memory_info().rss / MIB)
+        return Sample(rss_mib=self.memory.now_mib())
 
     def energy_mj(self) -> float | None:
         return self._rapl.total_uj() / 1000.0 if self._rapl else None
+
+    def rss_mib(self) -> float | None:
+        return self.memory.now_mib()
+
+    def reset_rss_peak(self) -> bool:
+        return self.memory.reset_peak()
+
+    def rss_peak_mib(self) -> float | None:
+        return self.memory.peak_mib()
 
 
 # --------------------------------------------------------------------------- NVML source
@@ -363,7 +525,7 @@ class NvmlSource:
     def __init__(self, nvml: ModuleType, handle: Any, pid: int | None = None) -> None:
         self.nvml, self.handle = nvml, handle
         self.pid = pid or os.getpid()
-        self._proc = psutil.Process(self.pid)
+        self.memory = ProcessMemory(self.pid)
         self._readers: dict[str, Callable[[], Any]] | None = None
         self.energy_kind: str | None = "counter"
         self.notes: dict[str, str] = {}   # which NVML call each reading uses, for doctor
@@ -437,12 +599,24 @@ class NvmlSource:
         return Sample(mem_used_mib=used, mem_process_mib=proc_mib, process_mem_source=proc_source,
                       power_w=power / 1000.0 if power is not None else None,
                       util_pct=_num(self._get("util")), sm_clock_mhz=_num(self._get("sm_clock")),
-                      temp_c=_num(self._get("temp")), rss_mib=self._proc.memory_info().rss / MIB)
+                      temp_c=_num(self._get("temp")), rss_mib=self.memory.now_mib())
 
     def energy_mj(self) -> float | None:
         if self.energy_kind is None:
             return None
         return float(self.nvml.nvmlDeviceGetTotalEnergyConsumption(self.handle))
+
+    def thread_interval_ms(self, requested: int) -> int | None:
+        return requested   # power, utilisation and device memory have no counter: sample them
+
+    def rss_mib(self) -> float | None:
+        return self.memory.now_mib()
+
+    def reset_rss_peak(self) -> bool:
+        return self.memory.reset_peak()
+
+    def rss_peak_mib(self) -> float | None:
+        return self.memory.peak_mib()
 
 
 def _num(v: Any) -> float | None:

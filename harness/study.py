@@ -32,12 +32,11 @@ from optuna.trial import FrozenTrial, TrialState
 from harness.config import ParamSpace, StudyConfig, check_storage_url, redact
 from harness.corpus import Corpus, check_fits, load
 from harness.errors import HarnessError
-from harness.model import ModelConfig
-from harness.trainer import TrialSpec, resolve_device, run_trial
+from harness.record import INFEASIBLE, Hardware, StudyInfo, TrialConfig, TrialRecord, TrialResult, from_dict
+from harness.spec import ModelConfig, TrialSpec, resolve_budget_tokens
 
 log = logging.getLogger(__name__)
 
-INFEASIBLE = ("oom", "diverged")
 MAX_RETRIES = 2
 CANONICAL = {"bptt": 35, "batch_size": 20}
 # How long a remote worker may be silent before its RUNNING trial counts as dead (RDB storages).
@@ -243,52 +242,37 @@ def config_key(params: dict[str, Any]) -> str:
     return ",".join(f"{k}={params[k]}" for k in order if k in params)
 
 
-def cost_value(result: dict, cost: str) -> float | None:
-    """The study's cost from a stored result: seconds per token, peak memory (MiB) or joules per token."""
-    probe = result.get("probe") or {}
+def cost_value(result: TrialResult, cost: str) -> float | None:
+    """The study's cost from a trial's result: seconds per token, training peak memory (MiB) or joules
+    per training token."""
     if cost == "seconds_per_token":
-        tps = result.get("tokens_per_s")
-        return 1.0 / tps if tps else None
+        return 1.0 / result.tokens_per_s if result.tokens_per_s else None
     if cost == "peak_memory":
-        return probe.get("peak_mem_mib")
-    energy, tokens = probe.get("energy_j"), result.get("train_tokens")
+        return result.probe.peak_mem_mib
+    energy, tokens = result.probe.energy_j, result.train_tokens
     return energy / tokens if energy is not None and tokens else None
 
 
-def finite_or_none(obj: Any) -> Any:
-    """JSON has no inf/nan: stored records and --json output write them as null."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: finite_or_none(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [finite_or_none(v) for v in obj]
-    return obj
+def study_info(config: StudyConfig, corpus: Corpus, host_workers: int = 1) -> StudyInfo:
+    t = config.train
+    return StudyInfo(name=config.name, corpus=corpus.name, corpus_source=corpus.source,
+                     corpus_licence=corpus.licence, vocab_size=corpus.vocab_size, budget=t.budget,
+                     budget_tokens=resolve_budget_tokens(t, corpus.train.numel()),
+                     budget_epochs=t.epochs if t.budget == "tokens" else None,
+                     budget_seconds=t.seconds if t.budget == "seconds" else None,
+                     objectives=list(config.objectives), cost=config.cost, host_workers=host_workers)
 
 
-def make_record(config: StudyConfig, corpus: Corpus, spec: TrialSpec, params: dict, repeat: int,
-                result: dict, hardware: dict, started: str) -> dict:
+def make_record(info: StudyInfo, spec: TrialSpec, params: dict, repeat: int, result: TrialResult,
+                hardware: dict, started: str) -> TrialRecord:
     """The stored measurement of one trial; ``harness.report`` reads exactly this."""
-    return finite_or_none({
-        "status": result["status"],
-        "error": result.get("error"),
-        "config_key": config_key(params),
-        "config": {"bptt": spec.bptt, "batch_size": spec.batch_size, "lr": spec.train.lr,
-                   "nhid": spec.model.nhid, "emsize": spec.model.emsize, "layers": spec.model.layers,
-                   "dropout": spec.model.dropout, "model": spec.model.type, "optimizer": spec.train.optimizer,
-                   "variable_bptt": spec.train.variable_bptt, "seed": spec.train.seed, "repeat": repeat},
-        "result": result,
-        "hardware": hardware,
-        "study": {"name": config.name, "corpus": corpus.name, "corpus_source": corpus.source,
-                  "corpus_licence": corpus.licence, "vocab_size": corpus.vocab_size,
-                  "budget": config.train.budget,
-                  "budget_tokens": config.train.tokens if config.train.budget == "tokens" else None,
-                  "budget_seconds": config.train.seconds if config.train.budget == "seconds" else None,
-                  "objectives": list(config.objectives), "cost": config.cost},
-        "started_at": started,
-        "finished_at": _now(),
-        "worker": worker_id(),
-    })
+    config = TrialConfig(bptt=spec.bptt, batch_size=spec.batch_size, lr=spec.train.lr, nhid=spec.model.nhid,
+                         emsize=spec.model.emsize, layers=spec.model.layers, dropout=spec.model.dropout,
+                         model=spec.model.type, optimizer=spec.train.optimizer,
+                         variable_bptt=spec.train.variable_bptt, seed=spec.train.seed, repeat=repeat)
+    return TrialRecord(config_key=config_key(params), config=config, status=result.status, error=result.error,
+                       result=result, hardware=from_dict(Hardware, hardware), study=info, started_at=started,
+                       finished_at=_now(), worker=worker_id())
 
 
 def _now() -> str:
@@ -325,9 +309,12 @@ class Objective:
     hardware: dict
     on_result: Callable[[optuna.Trial, dict], None] | None = None
     on_start: Callable[[optuna.Trial, dict], None] | None = None
+    host_workers: int = 1
+    warmed: bool = False   # this process has run its untimed warm-up (see harness.trainer.warm_up)
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
         from harness.probe import make_probe
+        from harness.trainer import run_trial, warm_up
 
         trial.set_user_attr("worker", worker_id())
         skip = self._spurious(trial)
@@ -348,18 +335,23 @@ class Objective:
             trial.report(point["loss"], step=i)
             return trial.should_prune()
 
+        info = study_info(self.config, self.corpus, self.host_workers)
         started = _now()
         try:
+            if not self.warmed:
+                warm_up(spec, self.corpus, self.device)
+                self.warmed = True
             result = run_trial(spec, self.corpus, self.device, probe=make_probe(self.device),
-                               on_checkpoint=on_checkpoint).to_dict()
+                               on_checkpoint=on_checkpoint)
         except KeyboardInterrupt:
-            record = make_record(self.config, self.corpus, spec, params, repeat,
-                                 {"status": "failed", "error": "interrupted (SIGINT); retried on resume"},
-                                 self.hardware, started)
+            interrupted = TrialResult(status="failed", error="interrupted (SIGINT); retried on resume",
+                                      bptt=spec.bptt, batch_size=spec.batch_size, seed=spec.train.seed)
             trial.set_user_attr("interrupted", True)
-            trial.set_user_attr("record", record)
+            trial.set_user_attr("record", make_record(info, spec, params, repeat, interrupted, self.hardware,
+                                                      started).to_dict())
             raise
-        record = make_record(self.config, self.corpus, spec, params, repeat, result, self.hardware, started)
+        typed = make_record(info, spec, params, repeat, result, self.hardware, started)
+        record = typed.to_dict()
         trial.set_user_attr("record", record)
         if (repeat == 0 and self.config.repeats > 1 and self.config.sampler != "grid"
                 and not _has_repeats(trial.study, params)):
@@ -367,7 +359,7 @@ class Objective:
                 trial.study.enqueue_trial(params, user_attrs={"repeat": r})
         if self.on_result:
             self.on_result(trial, record)
-        values, constraint = self._values(record)
+        values, constraint = self._values(typed)
         # Optuna's constraints API: TPE and NSGA-II learn the memory and stability walls from this.
         trial.set_user_attr("constraint", constraint)
         return values
@@ -384,18 +376,18 @@ class Objective:
             return f"trial {retry_of} was already queued for retry"
         return None
 
-    def _values(self, record: dict) -> tuple[float | tuple[float, ...], list[float]]:
-        status, result = record["status"], record["result"]
+    def _values(self, record: TrialRecord) -> tuple[float | tuple[float, ...], list[float]]:
+        status, result = record.status, record.result
         if status == "pruned":
-            raise optuna.TrialPruned(record["error"])
+            raise optuna.TrialPruned(record.error)
         if status in ("timeout", "failed"):
-            raise TrialFailed(record["error"])
+            raise TrialFailed(record.error)
         budget_mib = self.config.max_memory_gib * 1024 if self.config.max_memory_gib else None
-        peak = (result.get("probe") or {}).get("peak_mem_mib")
+        peak = result.probe.peak_mem_mib
         over = peak - budget_mib if budget_mib and peak and self.device.type == "cuda" else 0.0
         infeasible = status in INFEASIBLE or over > 0
         constraint = [1.0 if status in INFEASIBLE else max(0.0, over)]
-        values = [math.inf if status in INFEASIBLE else result["val_ppl"]]
+        values = [math.inf if status in INFEASIBLE or result.val_ppl is None else result.val_ppl]
         if len(self.config.objectives) > 1:
             cost = cost_value(result, self.config.cost)
             values.append(math.inf if infeasible or cost is None else cost)
@@ -531,11 +523,14 @@ def check_cost_measurable(config: StudyConfig, device: Any) -> None:
 
 def run_worker(study: optuna.Study, config: StudyConfig, corpus: Corpus, device: Any, n_target: int,
                on_result: Callable[[optuna.Trial, dict], None] | None = None,
-               on_start: Callable[[optuna.Trial, dict], None] | None = None) -> None:
-    """Run trials until the study holds ``n_target`` finished ones (counting every worker's)."""
+               on_start: Callable[[optuna.Trial, dict], None] | None = None, host_workers: int = 1) -> None:
+    """Run trials until the study holds ``n_target`` finished ones (counting every worker's).
+
+    ``host_workers``: how many workers run on this host at once (recorded with each trial: on CPU they
+    share the machine, so their timings are marked)."""
     from harness.hardware import fingerprint
 
-    objective = Objective(config, corpus, device, fingerprint(device), on_result, on_start)
+    objective = Objective(config, corpus, device, fingerprint(device), on_result, on_start, host_workers)
     while True:
         reap(study)
         p = progress(study)
@@ -557,6 +552,8 @@ def write_study_json(config: StudyConfig, storage_url: str) -> None:
 
 def prepare(config: StudyConfig, storage_url: str, device_name: str | None) -> tuple[optuna.Study, Corpus, Any]:
     """Everything that can fail on bad input, before a single trial runs."""
+    from harness.hardware import resolve_device
+
     device = resolve_device(device_name or config.device)
     check_cost_measurable(config, device)
     corpus = load_corpus(config)

@@ -234,7 +234,7 @@ def _run_pool(config: Any, storage_url: str, workers: int, device: Any, n_target
 def cmd_worker(args: argparse.Namespace) -> int:
     from harness.study import load_corpus, progress, run_worker
     from harness.study import config_from_storage
-    from harness.trainer import resolve_device
+    from harness.hardware import resolve_device
 
     if args.threads:
         import torch

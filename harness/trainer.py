@@ -1,7 +1,10 @@
 """One trial: build a model, train it with truncated BPTT under a declared budget, evaluate it.
 
-The step loop never reads a value back to the host: losses, gradient norms and the divergence
-flag accumulate in device tensors and are read every ``log_every`` steps and at checkpoints.
+The loop reads like the canonical example (``batchify``, windows, ``repackage_hidden``); the parts
+around it are small named pieces, each tested alone: :class:`Budget` (exactly how many tokens, when
+to validate), :class:`DivergenceGuard` (when a loss means the trial blew up), :class:`_Meter`
+(device-side accumulators: the step loop never reads a value back to the host) and
+:class:`TrainClock` (training seconds without validation, warm-up excluded from throughput).
 Every way a trial can end (ok, diverged, oom, pruned, timeout, failed) is a :class:`TrialResult`,
 never an exception for the caller.
 """
@@ -9,6 +12,9 @@ never an exception for the caller.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import functools
 import gc
 import logging
 import math
@@ -16,8 +22,8 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,169 +32,20 @@ import torch.nn.functional as F
 from harness.batching import VariableBptt, batchify, epoch_windows, get_batch, windows
 from harness.corpus import Corpus, check_fits
 from harness.errors import HarnessError
-from harness.model import ModelConfig, RNNModel, count_params, flops_per_token, repackage_hidden
+from harness.hardware import resolve_device
+from harness.model import RNNModel, count_params, flops_per_token, repackage_hidden
+from harness.record import ProbeReport, TrialResult, derive
+from harness.spec import ModelConfig, TrainConfig, TrialSpec, resolve_budget_tokens
+
+__all__ = ["ModelConfig", "TrainConfig", "TrialSpec", "TrialResult", "Budget", "DivergenceGuard", "TrainClock",
+           "run_trial", "warm_up", "evaluate", "is_oom", "release_memory", "resolve_device"]
 
 log = logging.getLogger(__name__)
 
-STATUSES = ("ok", "diverged", "oom", "pruned", "timeout", "failed")
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """How a trial trains. Every field is a study-file key under ``[train]``.
-
-    Attributes:
-        optimizer: ``"sgd"`` (the canonical recipe: lr 20, clip 0.25, lr / ``anneal`` when validation
-            stops improving) or ``"adamw"`` (fused on CUDA).
-        lr: learning rate.
-        weight_decay: AdamW weight decay.
-        clip: gradient-norm clipping threshold (0 disables clipping; the norm is still recorded).
-        budget: ``"tokens"`` (every configuration sees the same training tokens; the fair default)
-            or ``"seconds"`` of training time.
-        tokens: training tokens when ``budget = "tokens"``.
-        epochs: if set, overrides ``tokens`` with ``epochs`` passes over the train split.
-        seconds: training seconds when ``budget = "seconds"``.
-        checkpoints: validation evaluations spread evenly over the budget (the last one is the end).
-        spike_factor: a logged training loss above ``spike_factor`` x its running minimum is divergence.
-        timeout_s: wall-clock limit for the whole trial; past it the trial ends as ``timeout``.
-        seed: seeds the model initialisation, dropout and variable-length windows.
-        eval_batch_size: columns used for validation and test (fixed, so every configuration is
-            evaluated the same way; the state is carried through the whole split).
-        eval_bptt: window length for evaluation. With the state carried it only changes speed.
-        test: also evaluate the test split at the end.
-        variable_bptt: AWD-LSTM variable window lengths around ``bptt`` with the lr scaled by length.
-        reset_every: reset the hidden state to zeros every N windows (None: carry it for the whole pass).
-        anneal: SGD learning-rate divisor when a checkpoint does not improve validation loss.
-        amp: ``"bf16"`` autocast on CUDA, or ``None``.
-        tf32: allow TF32 matmuls on CUDA.
-        compile: wrap the model in ``torch.compile``.
-        memory_cap_mib: a memory budget for the trial. On CUDA it is the allocator's hard limit; on
-            CPU parameters, gradients, optimiser state and saved activations are counted against it.
-            Exceeding it ends the trial as ``oom``.
-        log_every: steps between reads of the device-side accumulators (divergence checks, curve points).
-        warmup_steps: steps excluded from the tokens/s measurement.
-    """
-
-    optimizer: Literal["sgd", "adamw"] = "sgd"
-    lr: float = 20.0
-    weight_decay: float = 0.0
-    clip: float = 0.25
-    budget: Literal["tokens", "seconds"] = "tokens"
-    tokens: int = 200_000
-    epochs: float | None = None
-    seconds: float = 60.0
-    checkpoints: int = 4
-    spike_factor: float = 3.0
-    timeout_s: float | None = None
-    seed: int = 0
-    eval_batch_size: int = 10
-    eval_bptt: int = 70
-    test: bool = False
-    variable_bptt: bool = False
-    reset_every: int | None = None
-    anneal: float = 4.0
-    amp: Literal["bf16"] | None = None
-    tf32: bool = True
-    compile: bool = False
-    memory_cap_mib: float | None = None
-    log_every: int = 25
-    warmup_steps: int = 5
-
-    def __post_init__(self) -> None:
-        def bad(key: str, allowed: str) -> HarnessError:
-            return HarnessError(f"train {key}={getattr(self, key)!r} is invalid; {allowed}")
-
-        if self.optimizer not in ("sgd", "adamw"):
-            raise bad("optimizer", "use 'sgd' or 'adamw'")
-        if self.budget not in ("tokens", "seconds"):
-            raise bad("budget", "use 'tokens' or 'seconds'")
-        for key in ("lr", "seconds"):
-            if not _finite_number(getattr(self, key)) or getattr(self, key) <= 0:
-                raise bad(key, "it must be a number > 0")
-        if not _finite_number(self.clip) or self.clip < 0:
-            raise bad("clip", "it must be a number >= 0 (0 disables clipping)")
-        if not _finite_number(self.spike_factor) or self.spike_factor <= 1:
-            raise bad("spike_factor", "it must be a number > 1")
-        for key in ("tokens", "checkpoints", "eval_batch_size", "eval_bptt", "log_every"):
-            value = getattr(self, key)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise bad(key, "it must be an integer >= 1")
-        if self.epochs is not None and (not _finite_number(self.epochs) or self.epochs <= 0):
-            raise bad("epochs", "it must be a number > 0")
-        if self.timeout_s is not None and (not _finite_number(self.timeout_s) or self.timeout_s <= 0):
-            raise bad("timeout_s", "it must be a number of seconds > 0")
-        if self.amp not in (None, "bf16"):
-            raise bad("amp", "use 'bf16' or leave it out")
-        if self.memory_cap_mib is not None and (not _finite_number(self.memory_cap_mib) or self.memory_cap_mib <= 0):
-            raise bad("memory_cap_mib", "it must be a number of MiB > 0")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**32:
-            raise bad("seed", "it must be an integer in [0, 2**32)")
-        if not _finite_number(self.anneal) or self.anneal < 1:
-            raise bad("anneal", "it must be a number >= 1 (1 disables annealing)")
-        if not _finite_number(self.weight_decay) or self.weight_decay < 0:
-            raise bad("weight_decay", "it must be a number >= 0")
-        if not isinstance(self.warmup_steps, int) or isinstance(self.warmup_steps, bool) or self.warmup_steps < 0:
-            raise bad("warmup_steps", "it must be an integer >= 0")
-        if self.reset_every is not None and (not isinstance(self.reset_every, int) or isinstance(
-                self.reset_every, bool) or self.reset_every < 1):
-            raise bad("reset_every", "it must be an integer >= 1 (or left out to carry the state)")
-
-
-def _finite_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-@dataclass(frozen=True)
-class TrialSpec:
-    """One configuration to measure."""
-
-    bptt: int
-    batch_size: int
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-
-    def __post_init__(self) -> None:
-        for key in ("bptt", "batch_size"):
-            value = getattr(self, key)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise HarnessError(f"{key}={value!r} must be an integer >= 1")
-
-
-@dataclass
-class TrialResult:
-    """Everything one trial measured. ``asdict`` of it is what the study stores."""
-
-    status: str = "ok"
-    error: str | None = None
-    diverged_step: int | None = None
-    bptt: int = 0
-    batch_size: int = 0
-    seed: int = 0
-    device: str = "cpu"
-    val_loss: float | None = None
-    val_ppl: float | None = None
-    best_val_loss: float | None = None
-    best_val_ppl: float | None = None
-    test_ppl: float | None = None
-    train_tokens: int = 0
-    steps: int = 0
-    tokens_per_s: float | None = None
-    train_s: float = 0.0
-    eval_s: float = 0.0
-    wall_s: float = 0.0
-    max_grad_norm: float | None = None
-    clipped_frac: float | None = None
-    n_params: int = 0
-    flops_per_token: float = 0.0
-    achieved_flops: float | None = None
-    final_lr: float | None = None
-    # Each point: step, tokens seen, training seconds elapsed and the loss.
-    train_curve: list[dict] = field(default_factory=list)
-    val_curve: list[dict] = field(default_factory=list)
-    probe: dict = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+# A model has "learned" once its best training loss is this far below a uniform guess; from then on a
+# loss this far above the uniform guess is a blow-up, even if it stays finite.
+LEARNED_NATS = 1.0
+ABOVE_UNIFORM_NATS = 0.5
 
 
 class Diverged(Exception):
@@ -212,26 +69,160 @@ _OOM_MARKERS = ("out of memory", "can't allocate memory", "CUDNN_STATUS_ALLOC_FA
                 "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_NOT_ENOUGH")
 
 
+def oom_error_type() -> type[Exception]:
+    """torch's out-of-memory exception: ``torch.OutOfMemoryError`` from torch 2.5, before that only
+    ``torch.cuda.OutOfMemoryError`` (the same class where both exist)."""
+    return getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", MemoryError)
+
+
 def is_oom(e: BaseException) -> bool:
-    return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or (
+    return isinstance(e, (oom_error_type(), MemoryError)) or (
         isinstance(e, RuntimeError) and any(m in str(e) for m in _OOM_MARKERS))
-
-
-def resolve_device(name: str | None) -> torch.device:
-    """``None``/"auto": CUDA when available, else CPU. Asking for CUDA without one is a user error."""
-    if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise HarnessError(f"device {name!r} was asked for but no CUDA GPU is visible; use --device cpu or auto")
-    if not (name == "cpu" or name.startswith("cuda")):
-        raise HarnessError(f"device {name!r} is not known; use auto, cpu, cuda or cuda:N")
-    return torch.device(name)
 
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
+
+# --------------------------------------------------------------------------- budget and checkpoints
+
+@dataclass
+class Budget:
+    """How long a trial trains and when it validates.
+
+    A token budget is exact: :meth:`cut` shortens the last window so that the trial trains on exactly
+    ``tokens`` target tokens, whatever its shape. Checkpoint ``k`` of ``n`` is due when progress
+    reaches ``k / n``; the last is the end of the budget.
+    """
+
+    tokens: int | None          # exact target tokens, or None for a time budget
+    seconds: float | None
+    checkpoints: int
+    next_checkpoint: int = 1
+
+    @classmethod
+    def of(cls, t: TrainConfig, train_split_tokens: int) -> Budget:
+        tokens = resolve_budget_tokens(t, train_split_tokens)
+        return cls(tokens=tokens, seconds=t.seconds if tokens is None else None, checkpoints=t.checkpoints)
+
+    def cut(self, seq_len: int, bs: int, tokens_done: int) -> tuple[int, int | None]:
+        """-> (rows to run, targets to keep or None for all) for a window of ``seq_len`` rows."""
+        if self.tokens is None:
+            return seq_len, None
+        left = self.tokens - tokens_done
+        if seq_len * bs <= left:
+            return seq_len, None
+        # The last window: whole rows, then the first columns of one more row (targets are row-major).
+        return math.ceil(left / bs), left
+
+    def progress(self, tokens: int, seconds: float) -> float:
+        if self.tokens is not None:
+            return tokens / self.tokens
+        return seconds / self.seconds if self.seconds else 1.0
+
+    def checkpoint_due(self, progress: float) -> bool:
+        """True when progress has reached the next checkpoint; moves past every checkpoint reached (a
+        step can cross several when there are fewer steps than checkpoints)."""
+        due = False
+        while self.next_checkpoint <= self.checkpoints and progress >= self.next_checkpoint / self.checkpoints:
+            self.next_checkpoint += 1
+            due = True
+        return due
+
+    @property
+    def done(self) -> bool:
+        return self.next_checkpoint > self.checkpoints
+
+
+# --------------------------------------------------------------------------- divergence
+
+@dataclass
+class DivergenceGuard:
+    """Decides when a loss means the trial blew up.
+
+    * a non-finite loss or gradient norm (the meter records the first such step);
+    * a training loss above ``spike_factor`` x its running minimum;
+    * once the model had learned (its best training loss ``LEARNED_NATS`` below a uniform guess), a
+      training or validation loss ``ABOVE_UNIFORM_NATS`` above the uniform guess: a finite blow-up that
+      the spike rule misses when the best loss is a few nats (3 x 4.5 nats is far worse than uniform);
+    * a validation loss that is not finite, or above ``spike_factor`` x the uniform guess (a huge
+      learning rate blows up in the first steps, before anything was learned).
+    """
+
+    vocab_size: int
+    spike_factor: float
+    running_min: float = math.inf
+
+    @property
+    def uniform(self) -> float:
+        return math.log(self.vocab_size)
+
+    @property
+    def learned(self) -> bool:
+        return self.running_min < self.uniform - LEARNED_NATS
+
+    def check_train(self, mean: float, first_bad: int, step: int) -> None:
+        if first_bad >= 0:
+            raise Diverged(first_bad, f"non-finite loss or gradient norm at step {first_bad}")
+        if mean > self.spike_factor * min(self.running_min, self.uniform):
+            raise Diverged(step, f"loss {mean:.3g} at step {step} is above {self.spike_factor:g} x its running "
+                                 f"minimum {min(self.running_min, self.uniform):.3g}")
+        self._above_uniform("loss", mean, step)
+        self.running_min = min(self.running_min, mean)
+
+    def check_val(self, val: float, step: int) -> None:
+        if not math.isfinite(val) or val > self.spike_factor * self.uniform:
+            raise Diverged(step, f"validation loss {val:.4g} at step {step} is not finite or above "
+                                 f"{self.spike_factor:g} x that of a uniform guess ({self.uniform:.3g})")
+        self._above_uniform("validation loss", val, step)
+
+    def _above_uniform(self, what: str, loss: float, step: int) -> None:
+        if self.learned and loss > self.uniform + ABOVE_UNIFORM_NATS:
+            raise Diverged(step, f"{what} {loss:.3g} at step {step} is above that of a uniform guess "
+                                 f"({self.uniform:.3g}) after the model had learned (best {self.running_min:.3g})")
+
+
+# --------------------------------------------------------------------------- time
+
+class TrainClock:
+    """Training seconds with validation taken out, and the warm-up excluded from throughput.
+
+    The warm-up mark and the end are taken after a device synchronisation, so queued GPU work is
+    counted where it ran.
+    """
+
+    def __init__(self, device: torch.device, warmup_steps: int) -> None:
+        self.device, self.warmup_steps = device, warmup_steps
+        self.started = time.perf_counter()
+        self.paused_s = 0.0
+        self.warm_at: tuple[float, int] | None = None   # (training seconds, tokens) when warm-up ended
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.started - self.paused_s
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        _sync(self.device)
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.paused_s += time.perf_counter() - t0
+
+    def after_step(self, steps: int, tokens: int) -> None:
+        if steps == self.warmup_steps:
+            _sync(self.device)
+            self.warm_at = (self.seconds(), tokens)
+
+    def throughput(self, train_s: float, tokens: int) -> tuple[float | None, bool]:
+        """-> (tokens per second, whether the warm-up is included because the trial was too short)."""
+        if self.warm_at is not None and tokens > self.warm_at[1] and train_s > self.warm_at[0]:
+            return (tokens - self.warm_at[1]) / (train_s - self.warm_at[0]), False
+        return (tokens / train_s if tokens and train_s > 0 else None), True
+
+
+# --------------------------------------------------------------------------- pieces of the loop
 
 @contextlib.contextmanager
 def _deadline(seconds: float | None) -> Iterator[None]:
@@ -287,7 +278,7 @@ class _CpuMemoryCap:
             total = self.static + self.saved
             self.peak = max(self.peak, total)
             if total > self.cap:
-                raise torch.OutOfMemoryError(
+                raise oom_error_type()(
                     f"CPU memory budget exceeded: step needs more than {total / 2**20:.1f} MiB, "
                     f"cap is {self.cap / 2**20:.1f} MiB")
         return t
@@ -343,19 +334,6 @@ def evaluate(model: RNNModel, matrix: torch.Tensor, bptt: int, bs: int, amp: boo
     return total.item() / count
 
 
-def budget_steps(spec: TrialSpec, train_tokens: int) -> int | None:
-    """Optimiser steps the token budget allows (None for a seconds budget)."""
-    t = spec.train
-    if t.budget == "seconds":
-        return None
-    if t.epochs is not None:
-        # One epoch is one pass of windows over the batchified matrix (its last window is shorter), as
-        # in the canonical example; train_tokens / (bptt * bs) can spill a step into the next pass.
-        per_epoch = math.ceil((train_tokens // spec.batch_size - 1) / spec.bptt)
-        return max(1, math.ceil(round(t.epochs * per_epoch, 6)))
-    return max(1, math.ceil(t.tokens / (spec.bptt * spec.batch_size)))
-
-
 def _make_optimizer(model: RNNModel, t: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
     if t.optimizer == "sgd":
         return torch.optim.SGD(model.parameters(), lr=t.lr)
@@ -373,13 +351,40 @@ def _static_bytes(model: RNNModel, t: TrainConfig) -> int:
     return params * (4 if t.optimizer == "adamw" else 2)
 
 
+
+
+# --------------------------------------------------------------------------- memory
+
+@functools.cache
+def _libc() -> Any:
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+
+
+def release_memory(device: torch.device) -> None:
+    """Free what the last trial left: Python garbage, torch's CUDA cache, and on glibc the heap pages
+    that malloc keeps after a free (so the next trial's resident set starts from what is really live)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
+
+# --------------------------------------------------------------------------- the trial
+
 def run_trial(spec: TrialSpec, corpus: Corpus, device: torch.device | str | None = None,
               probe: Any | None = None, on_checkpoint: CheckpointCallback | None = None) -> TrialResult:
     """Train and evaluate one configuration. Never raises for a trial outcome; see ``TrialResult.status``.
 
-    ``probe`` is a context manager wrapped around the training part (see :mod:`harness.probe`); its
-    ``report()`` dict is stored in ``TrialResult.probe``. ``on_checkpoint(index, point)`` is called at
-    each validation checkpoint and returns True to prune the trial.
+    ``probe`` is a :class:`harness.probe.Probe` (or anything with ``__enter__``/``__exit__`` and a
+    ``report()``) wrapped around the training part; its ``phase("eval")`` marks the checkpoint
+    validations, so training's costs leave them out. ``on_checkpoint(index, point)`` is called at each
+    validation checkpoint and returns True to prune the trial.
 
     Raises :class:`HarnessError` only for a configuration that cannot run at all on this corpus
     (e.g. a split too short for one window), before anything is trained.
@@ -388,6 +393,9 @@ def run_trial(spec: TrialSpec, corpus: Corpus, device: torch.device | str | None
     t = spec.train
     check_fits(corpus, spec.batch_size, spec.bptt, t.eval_batch_size)
     result = TrialResult(bptt=spec.bptt, batch_size=spec.batch_size, seed=t.seed, device=str(device))
+    release_memory(device)
+    if probe is not None and hasattr(probe, "mark_trial_start"):
+        probe.mark_trial_start()
     start = time.perf_counter()
     status, error = "ok", None
     cuda_cap = False
@@ -414,27 +422,25 @@ def run_trial(spec: TrialSpec, corpus: Corpus, device: torch.device | str | None
     if cuda_cap:
         torch.cuda.set_per_process_memory_fraction(1.0, device)
     release_memory(device)
-    result.status, result.error = status, error
+    result.status, result.error = status, error  # type: ignore[assignment]
     if status in ("pruned", "timeout") and result.val_loss is None:
         _summarise_validation(result)  # stopped early but measured: keep the checkpoints' perplexity
     result.wall_s = time.perf_counter() - start
     if probe is not None and hasattr(probe, "report"):
         try:
-            result.probe = {**probe.report(), **result.probe}
+            measured = probe.report()
+            measured = measured if isinstance(measured, ProbeReport) else ProbeReport(**measured)
+            measured.cpu_cap_peak_mib = result.probe.cpu_cap_peak_mib
+            result.probe = measured
         except Exception as e:  # noqa: BLE001 - a broken probe must not lose the trial
             log.warning("probe report failed: %s", e)
+    derive(result)
     return result
-
-
-def release_memory(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def _train_and_eval(spec: TrialSpec, corpus: Corpus, device: torch.device, probe: Any | None,
                     on_checkpoint: CheckpointCallback | None, result: TrialResult, start: float) -> None:
-    t = spec.train
+    t, bs = spec.train, spec.batch_size
     torch.manual_seed(t.seed)
     rng = np.random.default_rng(t.seed)
     if device.type == "cuda":
@@ -443,103 +449,59 @@ def _train_and_eval(spec: TrialSpec, corpus: Corpus, device: torch.device, probe
     amp = t.amp == "bf16" and device.type == "cuda"
 
     # Data goes to the device once; windows are views of these matrices.
-    train = batchify(corpus.train, spec.batch_size).to(device)
+    train = batchify(corpus.train, bs).to(device)
     valid = batchify(corpus.valid, t.eval_batch_size).to(device)
     model = RNNModel(spec.model, corpus.vocab_size).to(device)
     result.n_params = count_params(model)
     result.flops_per_token = flops_per_token(spec.model, corpus.vocab_size)
     forward = torch.compile(model) if t.compile else model
     opt = _make_optimizer(model, t, device)
-    lr = t.lr
-    # Never force windows longer than bptt itself (AWD-LSTM's minimum of 5 assumes bptt ~ 70).
-    variable = VariableBptt(spec.bptt, min_len=min(5, spec.bptt)) if t.variable_bptt else None
+    variable = VariableBptt.around(spec.bptt) if t.variable_bptt else None
+    cap = _cpu_cap(model, t, device)
+    saved_hooks = torch.autograd.graph.saved_tensors_hooks(cap.pack, cap.unpack) if cap else contextlib.nullcontext()
+
+    budget = Budget.of(t, corpus.train.numel())
+    result.budget_tokens = budget.tokens
+    guard = DivergenceGuard(corpus.vocab_size, t.spike_factor)
     meter = _Meter(device, t.clip)
-    cap = None
-    if t.memory_cap_mib is not None and device.type == "cpu":
-        cap = _CpuMemoryCap(int(t.memory_cap_mib * 2**20), _static_bytes(model, t),
-                            {p.untyped_storage().data_ptr() for p in model.parameters()})
-    saved_hooks = (torch.autograd.graph.saved_tensors_hooks(cap.pack, cap.unpack) if cap
-                   else contextlib.nullcontext())
-
-    max_steps = budget_steps(spec, corpus.train.numel())
-    n_ckpt = t.checkpoints
-    # Checkpoint k (1-based) is due when progress reaches k / n_ckpt of the budget.
-    if max_steps is None:
-        progress = lambda step, secs: secs / t.seconds  # noqa: E731
-    elif variable is None:
-        progress = lambda step, secs: step / max_steps  # noqa: E731
-    else:
-        # Variable windows: count tokens, not steps, so every configuration still sees the same data.
-        budget_tokens = max_steps * spec.bptt * spec.batch_size
-        progress = lambda step, secs: tokens / budget_tokens  # noqa: E731
-    next_ckpt = 1
-    # An untrained model predicts about uniformly (loss ~ log V): a loss far above that is divergence
-    # even when it was never lower, e.g. a huge learning rate that blows up in the first steps.
-    uniform_loss = math.log(corpus.vocab_size)
-    running_min = uniform_loss
-    tokens = steps = 0
-    eval_s = 0.0          # checkpoint evaluation time, excluded from training time
-    # Warm-up (allocator growth, cuDNN autotuning) is excluded from tokens/s; a trial too short to
-    # spare it is timed whole.
-    warm = t.warmup_steps if max_steps is None else min(t.warmup_steps, max_steps // 5)
-    timed_from: tuple[float, int] | None = (0.0, 0) if warm == 0 else None  # (train clock, tokens)
-    best_val = math.inf
-    hidden = model.init_hidden(spec.batch_size)
     deadline = start + t.timeout_s if t.timeout_s else None
-
-    def train_seconds() -> float:
-        return time.perf_counter() - train_start - eval_s
+    lr, best_val = t.lr, math.inf
+    tokens = steps = 0
 
     def read_and_check() -> None:
-        nonlocal running_min
         mean, first_bad, n = meter.read_interval()
-        if n == 0:
-            return
-        result.train_curve.append({"step": steps, "tokens": tokens, "seconds": round(train_seconds(), 4),
-                                   "loss": mean if math.isfinite(mean) else None})
-        if first_bad >= 0:
-            raise Diverged(first_bad, f"non-finite loss or gradient norm at step {first_bad}")
-        if mean > t.spike_factor * running_min:
-            raise Diverged(steps, f"loss {mean:.3g} at step {steps} is above {t.spike_factor:g} x "
-                                  f"its running minimum {running_min:.3g}")
-        running_min = min(running_min, mean)
+        if n:
+            result.train_curve.append({"step": steps, "tokens": tokens, "seconds": round(clock.seconds(), 4),
+                                       "loss": mean if math.isfinite(mean) else None})
+            guard.check_train(mean, first_bad, steps)
 
-    def checkpoint() -> None:
-        nonlocal eval_s
-        _sync(device)
-        t0 = time.perf_counter()
-        seconds = round(train_seconds(), 4)
-        try:
-            evaluate_checkpoint(seconds)
-        finally:
-            # Evaluation and the caller's callback (storage round-trips for pruning) are not training.
-            eval_s += time.perf_counter() - t0
-
-    def evaluate_checkpoint(seconds: float) -> None:
+    def validate() -> None:
         nonlocal lr, best_val
-        val = evaluate(model, valid, t.eval_bptt, t.eval_batch_size, amp)
-        point = {"step": steps, "tokens": tokens, "seconds": seconds, "loss": val, "ppl": _ppl(val)}
+        with clock.paused(), _phase(probe, "eval"):
+            val = evaluate(model, valid, t.eval_bptt, t.eval_batch_size, amp)
+        point = {"step": steps, "tokens": tokens, "seconds": round(clock.seconds(), 4), "loss": val,
+                 "ppl": _ppl(val)}
         result.val_curve.append(point)
-        if not math.isfinite(val) or val > t.spike_factor * uniform_loss:
-            raise Diverged(steps, f"validation loss {val:.4g} at step {steps} is not finite or above "
-                                  f"{t.spike_factor:g} x that of a uniform guess ({uniform_loss:.3g})")
+        guard.check_val(val, steps)
         if val < best_val:
             best_val = val
         elif t.optimizer == "sgd":
             lr /= t.anneal  # the canonical recipe: anneal when validation stops improving
-        if on_checkpoint is not None and on_checkpoint(len(result.val_curve) - 1, point):
+        # The caller's callback (storage round-trips for pruning) is not training either.
+        with clock.paused():
+            prune = on_checkpoint is not None and on_checkpoint(len(result.val_curve) - 1, point)
+        if prune:
             raise Pruned(f"pruned at checkpoint {len(result.val_curve)} (val ppl {point['ppl']:.4g})")
 
-    probe_ctx = probe if probe is not None else contextlib.nullcontext()
-    train_start = time.perf_counter()
+    clock = TrainClock(device, t.warmup_steps)
     try:
-        with probe_ctx, saved_hooks:
-            done = False
-            while not done:
-                hidden = model.init_hidden(spec.batch_size)
+        with probe if probe is not None else contextlib.nullcontext(), saved_hooks:
+            hidden = model.init_hidden(bs)
+            while not budget.done:
                 for n_window, (i, seq_len) in enumerate(epoch_windows(train.size(0), spec.bptt, variable, rng)):
-                    if t.reset_every and n_window % t.reset_every == 0:
-                        hidden = model.init_hidden(spec.batch_size)
+                    if n_window == 0 or (t.reset_every and n_window % t.reset_every == 0):
+                        hidden = model.init_hidden(bs)   # each pass (and reset_every) starts from zeros
+                    seq_len, keep = budget.cut(seq_len, bs, tokens)
                     x, y = get_batch(train, i, seq_len)
                     hidden = repackage_hidden(hidden)
                     step_lr = lr * (variable.lr_factor(seq_len) if variable else 1.0)
@@ -549,47 +511,40 @@ def _train_and_eval(spec: TrialSpec, corpus: Corpus, device: torch.device, probe
                         cap.step_start()
                     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                         logits, hidden = forward(x, hidden)
-                        loss = F.cross_entropy(logits.float(), y)
+                        loss = F.cross_entropy(logits[:keep].float(), y[:keep])
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip if t.clip > 0 else math.inf)
                     opt.step()
                     meter.update(loss, norm)
                     steps += 1
-                    tokens += y.numel()
+                    tokens += y.numel() if keep is None else keep
+                    clock.after_step(steps, tokens)
 
-                    if steps == warm:
-                        _sync(device)
-                        timed_from = (train_seconds(), tokens)
-                    done_frac = progress(steps, train_seconds())
-                    due = done_frac >= next_ckpt / n_ckpt
+                    due = budget.checkpoint_due(budget.progress(tokens, clock.seconds()))
                     if steps % t.log_every == 0 or due:
                         read_and_check()
                     if due:
-                        checkpoint()
-                        # Skip every checkpoint this step has reached: with fewer steps than
-                        # checkpoints, one evaluation per step, and the budget is not overrun.
-                        while next_ckpt <= n_ckpt and done_frac >= next_ckpt / n_ckpt:
-                            next_ckpt += 1
-                    if next_ckpt > n_ckpt:
-                        done = True
+                        validate()
+                    if budget.done:
                         break
                     if deadline is not None and time.perf_counter() > deadline:
                         raise TrialTimeout(f"trial exceeded its timeout of {t.timeout_s:g} s")
     finally:
         _sync(device)
-        result.train_s = train_seconds()
-        result.eval_s = eval_s
+        result.train_s = clock.seconds()
+        result.eval_s = clock.paused_s
         result.steps, result.train_tokens = steps, tokens
+        result.warmup_steps = min(t.warmup_steps, steps)
         result.final_lr = lr
         if steps:
             result.max_grad_norm = float(meter.max_norm.item())
             result.clipped_frac = float(meter.clipped.item()) / steps if t.clip > 0 else 0.0
-        if timed_from is not None and tokens > timed_from[1] and result.train_s > timed_from[0]:
-            result.tokens_per_s = (tokens - timed_from[1]) / (result.train_s - timed_from[0])
+        result.tokens_per_s, result.timing_includes_warmup = clock.throughput(result.train_s, tokens)
+        if result.tokens_per_s is not None:
             result.achieved_flops = result.tokens_per_s * result.flops_per_token
         if cap:
-            result.probe["cpu_cap_peak_mib"] = cap.peak / 2**20
+            result.probe.cpu_cap_peak_mib = cap.peak / 2**20
 
     _summarise_validation(result)
     if t.test:
@@ -597,6 +552,38 @@ def _train_and_eval(spec: TrialSpec, corpus: Corpus, device: torch.device, probe
         test = batchify(corpus.test, t.eval_batch_size).to(device)
         result.test_ppl = _ppl(evaluate(model, test, t.eval_bptt, t.eval_batch_size, amp))
         result.eval_s += time.perf_counter() - t0
+
+
+def _phase(probe: Any | None, name: str) -> contextlib.AbstractContextManager:
+    """The probe's phase marker, or nothing for a probe without phases."""
+    phase = getattr(probe, "phase", None)
+    return phase(name) if phase is not None else contextlib.nullcontext()
+
+
+def _cpu_cap(model: RNNModel, t: TrainConfig, device: torch.device) -> _CpuMemoryCap | None:
+    if t.memory_cap_mib is None or device.type != "cpu":
+        return None
+    return _CpuMemoryCap(int(t.memory_cap_mib * 2**20), _static_bytes(model, t),
+                         {p.untyped_storage().data_ptr() for p in model.parameters()})
+
+
+def warm_up(spec: TrialSpec, corpus: Corpus, device: torch.device | str | None = None, steps: int = 3) -> float:
+    """A few untimed training steps and one validation window of ``spec``'s model, once per process
+    before its first timed trial: imports, thread pools, the CUDA context and cuDNN's first kernels
+    are then not charged to whichever configuration happens to run first. Returns the seconds it took."""
+    device = resolve_device(device) if not isinstance(device, torch.device) else device
+    t0 = time.perf_counter()
+    short = replace(spec.train, budget="tokens", tokens=steps * spec.bptt * spec.batch_size, epochs=None,
+                    checkpoints=1, test=False, timeout_s=None, memory_cap_mib=None, warmup_steps=1)
+    # The validation checkpoint runs over one window of the valid split, not all of it.
+    one_window = (spec.train.eval_bptt + 1) * spec.train.eval_batch_size
+    head = replace(corpus, valid=corpus.valid[:one_window]) if corpus.valid.numel() > one_window else corpus
+    try:
+        run_trial(replace(spec, train=short), head, device)
+    except HarnessError:
+        pass   # a configuration that cannot run here is reported by the real trial
+    release_memory(device)
+    return time.perf_counter() - t0
 
 
 def _summarise_validation(result: TrialResult) -> None:

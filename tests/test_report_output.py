@@ -264,3 +264,13 @@ def test_report_of_records_from_several_machines_notes_it(tmp_path: Path):
         synthetic_records(bptts=(70,), batch_sizes=(20, 40), machine_id="b")
     paths = generate_from_records(recs, study_name="mixed", out_dir=tmp_path)
     assert "harness compare" in paths.summary
+
+
+def test_readme_column_tables_are_generated_from_the_schema():
+    """The README's trials.csv and configs.csv tables are exactly what the schema generates."""
+    from harness.record import columns_markdown
+    from harness.report.frame import configs_markdown
+
+    doc = README.read_text()
+    assert columns_markdown() in doc, "run `python -m harness.record` and paste the tables into the README"
+    assert configs_markdown() in doc, "run `python -m harness.record` and paste the tables into the README"

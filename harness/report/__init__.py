@@ -101,11 +101,11 @@ def _configs_csv(rep) -> str:
     """Per-configuration rows, ranked ones first in ranking order, then the rest."""
     import pandas as pd
 
-    from harness.report.frame import CONFIG_COLUMNS
+    from harness.report.frame import CONFIG_COLUMNS, csv_frame
 
     ranked = rep.ranking.table
     rest = rep.configs[~rep.configs["config_key"].isin(ranked["config_key"])]
     df = pd.concat([ranked, rest], ignore_index=True) if len(ranked) else rest.copy()
     cols = [c for c in ("place", "pareto_rank", "tie") if c in df.columns]
     cols += [c for c in CONFIG_COLUMNS if c in df.columns and c not in cols]
-    return df[cols].to_csv(index=False, lineterminator="\n")
+    return csv_frame(df[cols]).to_csv(index=False, lineterminator="\n")

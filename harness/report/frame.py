@@ -13,91 +13,24 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-STATUSES = ("ok", "diverged", "oom", "pruned", "timeout", "failed")
-INFEASIBLE = ("oom", "diverged")
+from harness.record import STATUSES, TrialRecord, flatten, trial_columns
 
-# name -> meaning. The order is the CSV column order.
-TRIAL_COLUMNS: dict[str, str] = {
-    "study": "Optuna study name",
-    "trial_number": "Optuna trial number",
-    "state": "Optuna trial state (COMPLETE, PRUNED, FAIL)",
-    "config_key": "the configuration, identical for repeats of it (e.g. bptt=35,batch_size=20)",
-    "bptt": "truncated-BPTT window length (tokens)",
-    "batch_size": "batch size (columns of the token matrix)",
-    "tokens_per_step": "bptt x batch_size: tokens in one optimiser step",
-    "lr": "learning rate",
-    "nhid": "hidden units per layer",
-    "emsize": "embedding size",
-    "layers": "recurrent layers",
-    "dropout": "dropout probability",
-    "model": "lstm or gru",
-    "optimizer": "sgd or adamw",
-    "variable_bptt": "variable-length windows (AWD-LSTM style)",
-    "seed": "random seed of the trial",
-    "repeat": "repeat index of the configuration (0 for the first run)",
-    "status": "ok, diverged, oom, pruned, timeout or failed",
-    "error": "why the trial did not finish ok (empty when ok)",
-    "diverged_step": "optimiser step at which the trial diverged",
-    "val_loss": "final validation cross-entropy (nats per token)",
-    "val_ppl": "final validation perplexity",
-    "best_val_ppl": "best validation perplexity over the checkpoints",
-    "test_ppl": "test perplexity (when evaluated)",
-    "train_tokens": "training tokens processed",
-    "steps": "optimiser steps taken",
-    "tokens_per_s": "training throughput, tokens per second (warm-up excluded)",
-    "seconds_per_ktok": "training seconds per 1,000 tokens (1000 / tokens_per_s)",
-    "train_s": "training seconds (evaluation excluded)",
-    "eval_s": "evaluation seconds",
-    "wall_s": "wall-clock seconds of the whole trial",
-    "max_grad_norm": "largest gradient norm before clipping",
-    "clipped_frac": "fraction of steps whose gradient was clipped",
-    "n_params": "model parameters",
-    "flops_per_token": "estimated training FLOPs per token",
-    "achieved_flops_per_s": "tokens_per_s x flops_per_token",
-    "final_lr": "learning rate at the end (after annealing)",
-    "peak_mem_mib": "THE peak memory, MiB: torch reserved on CUDA, peak resident set on CPU",
-    "peak_mem_torch_mib": "torch max_memory_allocated, MiB",
-    "peak_mem_torch_reserved_mib": "torch max_memory_reserved, MiB",
-    "peak_mem_nvml_mib": "peak device memory used (NVML, whole GPU), MiB",
-    "peak_mem_nvml_process_mib": "peak device memory of this process (NVML), MiB",
-    "idle_mem_nvml_mib": "device memory used before the trial (NVML), MiB",
-    "peak_rss_mib": "peak resident set size of the process, MiB",
-    "energy_j": "energy used during the training phase (including its periodic validation checkpoints), joules",
-    "joules_per_ktok": "energy per 1,000 training tokens, joules",
-    "energy_source": "how energy was measured (e.g. NVML total-energy counter)",
-    "mean_power_w": "mean GPU power, watts",
-    "max_power_w": "largest GPU power sample, watts",
-    "mean_util_pct": "mean GPU utilisation, percent",
-    "mean_sm_clock_mhz": "mean SM clock, MHz",
-    "max_temp_c": "highest GPU temperature, degrees C",
-    "cpu_util_pct": "process CPU utilisation, percent of one core",
-    "probe_kind": "nvml (GPU telemetry) or cpu (process probe)",
-    "probe_fallback_reason": "why the NVML probe was not used",
-    "device": "torch device of the trial",
-    "gpu_name": "GPU model (empty on CPU)",
-    "gpu_memory_mib": "GPU memory, MiB",
-    "gpu_count": "GPUs visible",
-    "driver_version": "NVIDIA driver",
-    "cuda_version": "CUDA version of torch",
-    "torch_version": "torch version",
-    "cpu_model": "CPU model",
-    "cpu_cores": "CPU cores",
-    "hostname": "host the trial ran on",
-    "machine_id": "stable hardware fingerprint of that host",
-    "corpus": "corpus name",
-    "budget": "tokens or seconds: what every trial was given the same amount of",
-    "budget_tokens": "training-token budget",
-    "budget_seconds": "training-time budget, seconds",
-    "cost": "the study's cost objective (seconds_per_token, peak_memory or joules_per_token)",
-    "worker": "host:pid of the worker that ran the trial",
-    "started_at": "start time, ISO 8601",
-    "finished_at": "end time, ISO 8601",
+# name -> meaning (with its unit), in CSV column order: derived from the trial record's schema.
+TRIAL_COLUMNS: dict[str, str] = {c.name: c.doc + (f" ({c.unit})" if c.unit else "") for c in trial_columns()}
+_KINDS = {c.name: c.kind for c in trial_columns()}
+RANK_COLUMNS: dict[str, str] = {
+    "place": "position in the ranking; equal places are ties within the measured spread",
+    "pareto_rank": "1 = on the Pareto front of (perplexity, cost); 2 = the front once rank 1 is removed, ...",
+    "tie": "true when the configuration ties (within spread, on both objectives) with a neighbour",
 }
+NUMERIC = {name for name, kind in _KINDS.items() if kind in ("int", "float")}
+INTEGER = {name for name, kind in _KINDS.items() if kind == "int"}
 
 # Columns averaged per configuration (mean in the column itself, std in <name>_std).
 AGG_METRICS = ("val_ppl", "best_val_ppl", "test_ppl", "tokens_per_s", "seconds_per_ktok", "peak_mem_mib",
                "peak_mem_torch_mib", "peak_mem_nvml_mib", "joules_per_ktok", "energy_j", "mean_power_w",
-               "train_s", "wall_s", "steps", "max_grad_norm", "clipped_frac")
+               "eval_energy_j", "eval_peak_mem_mib", "train_s", "eval_s", "wall_s", "steps", "max_grad_norm",
+               "clipped_frac")
 # Columns that are the same for every repeat of a configuration.
 CONFIG_FIELDS = ("config_key", "bptt", "batch_size", "tokens_per_step", "lr", "nhid", "emsize", "layers",
                  "dropout", "model", "optimizer", "variable_bptt")
@@ -134,6 +67,12 @@ COST_LABELS = {"seconds_per_ktok": "seconds per 1k tokens", "peak_mem_mib": "pea
                "joules_per_ktok": "joules per 1k tokens"}
 
 
+def configs_markdown() -> str:
+    """The ``configs.csv`` table of ``harness/report/README.md``."""
+    rows = {**RANK_COLUMNS, **CONFIG_COLUMNS}
+    return "\n".join(["| column | meaning |", "|---|---|", *(f"| `{k}` | {v} |" for k, v in rows.items())])
+
+
 def _num(v: Any) -> float | None:
     if isinstance(v, bool) or v is None:
         return None if v is None else float(v)
@@ -142,67 +81,30 @@ def _num(v: Any) -> float | None:
     return None
 
 
-def _d(v: Any) -> dict:
-    return v if isinstance(v, dict) else {}
-
-
 def record_row(rec: dict) -> dict:
-    """One record (see the study's ``trial.user_attrs["record"]``) -> one flat row."""
-    cfg, res, hw, st = _d(rec.get("config")), _d(rec.get("result")), _d(rec.get("hardware")), _d(rec.get("study"))
-    probe = _d(res.get("probe"))
-    status = rec.get("status") or res.get("status") or "failed"
-    if status not in STATUSES:
-        status = "failed"
-    row: dict[str, Any] = {
-        "study": st.get("name"),
-        "trial_number": rec.get("_trial_number"),
-        "state": rec.get("_state"),
-        "config_key": rec.get("config_key"),
-        "bptt": cfg.get("bptt", res.get("bptt")),
-        "batch_size": cfg.get("batch_size", res.get("batch_size")),
-    }
-    for k in ("lr", "nhid", "emsize", "layers", "dropout", "model", "optimizer", "variable_bptt", "seed", "repeat"):
-        row[k] = cfg.get(k)
-    if row["seed"] is None:
-        row["seed"] = res.get("seed")
-    row["status"] = status
-    row["error"] = rec.get("error") or res.get("error")
-    for k in ("diverged_step", "val_loss", "val_ppl", "best_val_ppl", "test_ppl", "train_tokens", "steps",
-              "tokens_per_s", "train_s", "eval_s", "wall_s", "max_grad_norm", "clipped_frac", "n_params",
-              "flops_per_token", "final_lr", "device"):
-        row[k] = res.get(k)
-    row["achieved_flops_per_s"] = res.get("achieved_flops")
-    for k in ("peak_mem_mib", "peak_mem_torch_mib", "peak_mem_torch_reserved_mib", "peak_mem_nvml_mib",
-              "peak_mem_nvml_process_mib", "idle_mem_nvml_mib", "peak_rss_mib", "energy_j", "energy_source",
-              "mean_power_w", "max_power_w", "mean_util_pct", "mean_sm_clock_mhz", "max_temp_c", "cpu_util_pct",
-              "probe_kind", "probe_fallback_reason"):
-        row[k] = probe.get(k)
-    for k in ("gpu_name", "gpu_memory_mib", "gpu_count", "driver_version", "cuda_version", "torch_version",
-              "cpu_model", "cpu_cores", "hostname", "machine_id"):
-        row[k] = hw.get(k)
-    row["corpus"] = st.get("corpus")
-    for k in ("budget", "budget_tokens", "budget_seconds", "cost"):
-        row[k] = st.get(k)
-    for k in ("worker", "started_at", "finished_at"):
-        row[k] = rec.get(k)
-    curve = res.get("val_curve")
-    row[CURVE] = curve if isinstance(curve, list) else []
+    """One stored record (``trial.user_attrs["record"]``, any schema version) -> one flat row."""
+    typed = TrialRecord.from_dict(rec)
+    row = flatten(typed)
+    row[CURVE] = typed.result.val_curve if isinstance(typed.result.val_curve, list) else []
     return row
 
 
 def records_to_frame(records: Iterable[dict]) -> pd.DataFrame:
-    """Flatten records into the ``trials.csv`` frame (documented in :data:`TRIAL_COLUMNS`)."""
+    """Flatten records into the ``trials.csv`` frame (documented in :data:`TRIAL_COLUMNS`).
+
+    Numbers are floats in the frame (missing values are NaN); :func:`csv_frame` writes the integer
+    columns as integers."""
     rows = [record_row(r) for r in records]
     df = pd.DataFrame.from_records(rows, columns=[*TRIAL_COLUMNS, CURVE]) if rows else \
         pd.DataFrame({c: pd.Series(dtype=object) for c in [*TRIAL_COLUMNS, CURVE]})
     for c in NUMERIC:
         df[c] = pd.to_numeric(df[c].map(_num) if df[c].dtype == object else df[c], errors="coerce").astype(float)
-    # Derived columns: the per-token costs, in units a person can read.
+    # Records without these (written before they existed) get them from the columns they derive from.
+    df["tokens_per_step"] = df["bptt"] * df["batch_size"]
     tps = df["tokens_per_s"].where(df["tokens_per_s"] > 0)
     df["seconds_per_ktok"] = 1000.0 / tps
     toks = df["train_tokens"].where(df["train_tokens"] > 0)
     df["joules_per_ktok"] = df["energy_j"] * 1000.0 / toks
-    df["tokens_per_step"] = df["bptt"] * df["batch_size"]
     missing = df["config_key"].isna()
     if missing.any():
         df.loc[missing, "config_key"] = [_key(b, s) for b, s in zip(df.loc[missing, "bptt"], df.loc[missing, "batch_size"])]
@@ -218,8 +120,15 @@ def _key(bptt: float, bs: float) -> str:
 
 
 def csv_frame(df: pd.DataFrame) -> pd.DataFrame:
-    """The frame as written to CSV: hidden (``_``) columns dropped."""
-    return df[[c for c in df.columns if not str(c).startswith("_")]]
+    """The frame as written to CSV: hidden (``_``) columns dropped, integer columns as integers
+    (``35``, not ``35.0``; empty where missing)."""
+    out = df[[c for c in df.columns if not str(c).startswith("_")]].copy()
+    for c in INTEGER | {"n", "n_trials", "n_oom", "n_diverged", "n_other", "steps", "pareto_rank"}:
+        if c in out.columns and pd.api.types.is_numeric_dtype(out[c]):
+            values = out[c].round()
+            if ((values - out[c]).abs().fillna(0) < 1e-9).all():
+                out[c] = values.astype("Int64")
+    return out
 
 
 def aggregate_configs(df: pd.DataFrame, by: tuple[str, ...] = ("config_key",)) -> pd.DataFrame:

@@ -232,8 +232,8 @@ def trial_record(trial: Any, study_name: str) -> dict | None:
                "finished_at": trial.datetime_complete.isoformat() if trial.datetime_complete else None}
     else:
         rec = dict(rec)
-    rec["_trial_number"] = trial.number
-    rec["_state"] = state
+    rec["trial_number"] = trial.number
+    rec["state"] = state
     study = rec.get("study")
     # Build new dicts: with deepcopy=False the record is the storage's own object.
     if not isinstance(study, dict):

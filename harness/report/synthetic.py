@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from harness.record import Hardware, ProbeReport, StudyInfo, TrialConfig, TrialRecord, TrialResult
+
 
 @dataclass(frozen=True)
 class SyntheticLaw:
@@ -58,38 +60,33 @@ def synthetic_records(bptts=(35, 70, 140, 280, 560), batch_sizes=(10, 20, 40, 80
                 val_curve.append({"step": steps * k // 4, "tokens": law.budget_tokens * k // 4,
                                   "seconds": round(train_s * k / 4, 4), "loss": loss, "ppl": math.exp(loss)})
         ok = status == "ok"
-        result = {
-            "status": status, "error": error, "diverged_step": diverged_step, "bptt": bptt, "batch_size": bs,
-            "seed": rep, "device": "cuda" if gpu_name else "cpu",
-            "val_loss": final_loss if ok else None, "val_ppl": ppl if ok else None,
-            "best_val_loss": final_loss if ok else None, "best_val_ppl": ppl if ok else None, "test_ppl": None,
-            "train_tokens": law.budget_tokens if ok else 0, "steps": steps if ok else 0,
-            "tokens_per_s": tps if ok else None, "train_s": train_s if ok else 0.0, "eval_s": 0.5,
-            "wall_s": train_s + 1.0 if ok else 1.0, "max_grad_norm": 3.0, "clipped_frac": 0.4,
-            "n_params": 1_000_000, "flops_per_token": 6e6, "achieved_flops": 6e6 * tps if ok else None,
-            "final_lr": lr, "train_curve": [], "val_curve": val_curve,
-            "probe": ({"probe_kind": "nvml" if gpu_name else "cpu", "peak_mem_mib": mem,
-                       "peak_mem_torch_mib": mem * 0.9, "peak_mem_torch_reserved_mib": mem,
-                       "peak_mem_nvml_mib": mem + 500, "peak_mem_nvml_process_mib": mem + 400,
-                       "idle_mem_nvml_mib": 0.0 if gpu_name else None,
-                       "energy_j": law.power_w * train_s if gpu_name else None,
-                       "mean_power_w": law.power_w if gpu_name else None} if ok else {}),
-        }
-        out.append({
-            "status": status, "error": error, "config_key": key,
-            "config": {"bptt": bptt, "batch_size": bs, "lr": lr, "nhid": 650, "emsize": 650, "layers": 2,
-                       "dropout": 0.5, "model": "lstm", "optimizer": "sgd", "variable_bptt": False,
-                       "seed": rep, "repeat": rep},
-            "result": result,
-            "hardware": {"gpu_name": gpu_name, "gpu_memory_mib": law.card_mib if gpu_name else None,
-                         "machine_id": machine_id, "hostname": "synthetic-host", "cpu_model": "Synthetic CPU",
-                         "cpu_cores": 16},
-            "study": {"name": study, "corpus": "synthetic", "budget": "tokens",
-                      "budget_tokens": law.budget_tokens, "budget_seconds": None,
-                      "objectives": ["val_ppl", cost], "cost": cost},
-            "started_at": "2025-01-01T00:00:00+00:00", "finished_at": "2025-01-01T00:01:00+00:00",
-            "worker": "synthetic-host:1", "_trial_number": number,
-        })
+        probe = ProbeReport(
+            probe_kind="nvml" if gpu_name else "cpu", peak_mem_mib=mem, peak_mem_torch_mib=mem * 0.9,
+            peak_mem_torch_reserved_mib=mem, peak_mem_nvml_mib=mem + 500, peak_mem_nvml_process_mib=mem + 400,
+            idle_mem_nvml_mib=0.0 if gpu_name else None, energy_j=law.power_w * train_s if gpu_name else None,
+            mean_power_w=law.power_w if gpu_name else None) if ok else ProbeReport()
+        result = TrialResult(
+            status=status, error=error, diverged_step=diverged_step, bptt=bptt, batch_size=bs, seed=rep,
+            device="cuda" if gpu_name else "cpu", val_loss=final_loss if ok else None, val_ppl=ppl if ok else None,
+            best_val_loss=final_loss if ok else None, best_val_ppl=ppl if ok else None,
+            budget_tokens=law.budget_tokens, train_tokens=law.budget_tokens if ok else 0, steps=steps if ok else 0,
+            warmup_steps=5 if ok else 0, tokens_per_s=tps if ok else None, train_s=train_s if ok else 0.0, eval_s=0.5,
+            wall_s=train_s + 1.0 if ok else 1.0, max_grad_norm=3.0, clipped_frac=0.4, n_params=1_000_000,
+            flops_per_token=6e6, achieved_flops=6e6 * tps if ok else None, final_lr=lr, val_curve=val_curve,
+            probe=probe)
+        record = TrialRecord(
+            trial_number=number, config_key=key, status=status, error=error,
+            config=TrialConfig(bptt=bptt, batch_size=bs, lr=lr, nhid=650, emsize=650, layers=2, dropout=0.5,
+                               model="lstm", optimizer="sgd", variable_bptt=False, seed=rep, repeat=rep),
+            result=result,
+            hardware=Hardware(gpu_name=gpu_name, gpu_memory_mib=int(law.card_mib) if gpu_name else None,
+                              machine_id=machine_id, hostname="synthetic-host", cpu_model="Synthetic CPU",
+                              cpu_cores=16),
+            study=StudyInfo(name=study, corpus="synthetic", budget="tokens", budget_tokens=law.budget_tokens,
+                            objectives=["val_ppl", cost], cost=cost),
+            started_at="2025-01-01T00:00:00+00:00", finished_at="2025-01-01T00:01:00+00:00",
+            worker="synthetic-host:1")
+        out.append(record.to_dict())
         number += 1
     return out
 
@@ -110,7 +107,7 @@ def write_optuna_study(records: list[dict], storage, study_name: str, *, extra_t
     bss = sorted({r["config"]["batch_size"] for r in records} | {20})
     dists = {"bptt": CategoricalDistribution(bptts), "batch_size": CategoricalDistribution(bss)}
     for rec in records:
-        rec = {k: v for k, v in rec.items() if not k.startswith("_")}
+        rec = {k: v for k, v in rec.items() if k not in ("trial_number", "state")}
         params = {"bptt": rec["config"]["bptt"], "batch_size": rec["config"]["batch_size"]}
         res = rec["result"]
         if rec["status"] == "ok":
