@@ -514,11 +514,11 @@ def wall_attempt(ctx: WallContext, bptt: int, bs: int, phase: str, deadline: flo
     result = run_trial(spec, wall_corpus(ctx.corpus, bptt, bs, t.eval_batch_size), ctx.device, probe=probe)
     row = row_of(phase, spec, result, start_mib, ctx.fp)
     row.update(phase=phase, attempt=len(ctx.rows) + 1, tokens_per_step=bptt * bs, steps=result.steps,
-               cap_peak_mib=result.probe.get("cpu_cap_peak_mib"), memory_cap_mib=ctx.plan.wall_cap_mib,
+               cap_peak_mib=result.probe.cpu_cap_peak_mib, memory_cap_mib=ctx.plan.wall_cap_mib,
                started_at=started, finished_at=now_iso(), device_label=device_label(ctx.fp), **ctx.fp)
     ctx.rows.append(row)
     write_wall_csv(ctx.rows, ctx.path)  # after every attempt: a killed run keeps what it measured
-    mem = row["torch_reserved_mib"] or row["cap_peak_mib"] or result.probe.get("peak_mem_mib")
+    mem = row["torch_reserved_mib"] or row["cap_peak_mib"] or result.probe.peak_mem_mib
     ctx.log(f"  wall bptt={bptt} bs={bs} ({phase}): {result.status}"
             + (f", peak {mem:,.1f} MiB" if mem else "") + f", {result.wall_s:.1f} s")
     if result.status in STATUS_FIT:

@@ -78,7 +78,7 @@ def main():
 
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
-    train_data = batchify(torch.load(args.data), args.batch_size).to(device)
+    train_data = batchify(torch.load(args.data, weights_only=True), args.batch_size).to(device)
     model = RNNModel(args.vocab, args.emsize, args.nhid, args.layers, args.dropout).to(device)
     model.train()
     hidden = model.init_hidden(args.batch_size)

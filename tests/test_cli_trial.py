@@ -29,9 +29,10 @@ def test_trial_json_prints_one_object_with_the_metrics(capsys: pytest.CaptureFix
     result = json.loads(out)
     assert result["status"] == "ok" and result["error"] is None
     assert (result["bptt"], result["batch_size"], result["device"]) == (8, 4, "cpu")
-    assert result["steps"] == math.ceil(2000 / (8 * 4))
+    assert result["steps"] == math.ceil(2000 / (8 * 4)) and result["train_tokens"] == 2000
     assert 1 < result["val_ppl"] < 22 and result["tokens_per_s"] > 0
-    assert len(result["val_curve"]) == 2 and result["probe"] == {}
+    assert len(result["val_curve"]) == 2
+    assert all(v is None for v in result["probe"].values())  # --no-probe: nothing measured, nothing invented
     assert err == ""  # no progress lines in JSON mode
 
 

@@ -44,6 +44,8 @@ CONFIG_COLUMNS: dict[str, str] = {
     "n_diverged": "trials that diverged",
     "n_other": "trials pruned, timed out or failed",
     "reason": "why the configuration is not ranked, or how some of its repeats failed",
+    "timing_note": "why its time-based figures are marked (*): warm-up included in a trial too short to exclude "
+                   "it, or timed while other workers shared this CPU; empty when clean",
     **{k: f"mean over ok repeats: {TRIAL_COLUMNS[k]}" for k in AGG_METRICS},
     **{f"{k}_std": f"standard deviation of {k} over ok repeats (empty when n < 2)" for k in AGG_METRICS},
 }
@@ -161,10 +163,29 @@ def aggregate_configs(df: pd.DataFrame, by: tuple[str, ...] = ("config_key",)) -
             out[m] = np.nan
             out[f"{m}_std"] = np.nan
     out["reason"] = _reasons(keyed, counts).reindex(out.index)
+    out["timing_note"] = _timing_notes(ok).reindex(out.index).fillna("")
     out = out.reset_index(drop=True)
     for c in ("n_trials", "n", "n_oom", "n_diverged", "n_other"):
         out[c] = out[c].astype(int)
     return out
+
+
+def _timing_notes(ok: pd.DataFrame) -> pd.Series:
+    """Per configuration: why its throughput is not a clean measurement, or nothing."""
+    def note(g: pd.DataFrame) -> str:
+        parts = []
+        warm = g["timing_includes_warmup"].astype(str).str.lower() == "true" if "timing_includes_warmup" in g else None
+        if warm is not None and warm.any():
+            parts.append(f"{int(warm.sum())} of {len(g)} runs too short to exclude the warm-up from tokens/s")
+        shared = (g["host_workers"].fillna(1) > 1) & (g["device"].astype(str) == "cpu") if "host_workers" in g else None
+        if shared is not None and shared.any():
+            parts.append(f"{int(shared.sum())} of {len(g)} runs timed while {int(g['host_workers'].max())} workers "
+                         "shared this CPU")
+        return "; ".join(parts)
+
+    if ok.empty:
+        return pd.Series(dtype=object)
+    return ok.groupby("_k", sort=False).apply(note, include_groups=False)
 
 
 def _reasons(keyed: pd.DataFrame, counts: pd.DataFrame) -> pd.Series:

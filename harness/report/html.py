@@ -108,6 +108,12 @@ def _pm(r: pd.Series, col: str, fmt: str = "{:.4g}") -> str:
     return text
 
 
+def _timing_mark(x: pd.Series, col: str) -> str:
+    """A star on a time-based figure whose timing is not clean (see configs.csv ``timing_note``)."""
+    timed = col in ("tokens_per_s", "seconds_per_ktok", "joules_per_ktok")
+    return " *" if timed and isinstance(x.get("timing_note"), str) and x.get("timing_note") else ""
+
+
 def _meta(rep: Report) -> str:
     t = rep.trials
     info = rep.info
@@ -115,8 +121,14 @@ def _meta(rep: Report) -> str:
     counts = t["status"].value_counts()
     hw = first("gpu_name") or first("cpu_model") or "unknown hardware"
     budget = first("budget")
-    if budget == "tokens" and t["budget_tokens"].notna().any():
-        budget_text = f"{int(t['budget_tokens'].dropna().iloc[0]):,} training tokens per trial"
+    resolved = t["resolved_budget_tokens"].dropna() if "resolved_budget_tokens" in t else pd.Series(dtype=float)
+    declared = t["budget_tokens"].dropna()
+    if budget == "tokens" and (len(resolved) or len(declared)):
+        # What every trial was actually given: with `epochs` the declared tokens are not the budget.
+        tokens = resolved.mode().iloc[0] if len(resolved) else declared.iloc[0]
+        epochs = t["budget_epochs"].dropna() if "budget_epochs" in t else pd.Series(dtype=float)
+        budget_text = f"{int(tokens):,} training tokens per trial" + (
+            f" ({epochs.iloc[0]:g} x the train split)" if len(epochs) else "")
     elif budget == "seconds" and t["budget_seconds"].notna().any():
         budget_text = f"{t['budget_seconds'].dropna().iloc[0]:g} training seconds per trial"
     else:
@@ -149,7 +161,7 @@ def _ranking_section(rep: Report, limit: int = 40) -> str:
     for col, head, fmt in (("tokens_per_s", "tokens/s", "{:,.0f}"), ("peak_mem_mib", "peak MiB", "{:,.0f}"),
                            ("joules_per_ktok", "J / 1k tok", "{:.3g}")):
         if col != cost and t[col].notna().any():
-            cols.append(("", head, lambda x, c=col, f=fmt: _num(x.get(c), f)))
+            cols.append(("", head, lambda x, c=col, f=fmt: _num(x.get(c), f) + _timing_mark(x, c)))
     cols.append(("wrap", "notes", lambda x: x.get("reason") or ""))
     rows = table(t.head(limit), cols, table_id="ranking",
                  row_class=lambda x: " ".join(c for c, on in (("front", x["pareto_rank"] == 1),
@@ -160,7 +172,9 @@ def _ranking_section(rep: Report, limit: int = 40) -> str:
              f"{esc(r.cost_label)}; within a rank, lower perplexity first. Places marked “=” are ties: the "
              "configurations differ by less than their measured spread (the standard deviation over repeats) on both "
              "objectives. The highlighted row is the recommendation.</p>")
-    notes = "".join(f"<li>{esc(n)}</li>" for n in r.notes)
+    marked = t[t["timing_note"].fillna("") != ""] if "timing_note" in t else t.iloc[:0]
+    timing = [f"{label(x, extra)}: {x['timing_note']}" for _, x in marked.head(limit).iterrows()]
+    notes = "".join(f"<li>{esc(n)}</li>" for n in [*r.notes, *(f"* timing: {n}" for n in timing)])
     return intro + rows + more + (f'<ul class="notes">{notes}</ul>' if notes else "")
 
 
