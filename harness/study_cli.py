@@ -39,6 +39,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--trials", type=int, default=None)
     p.add_argument("--device", default=None)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads for this worker")
+    p.add_argument("--cpus", default=None, help="pin this worker to these CPU cores, e.g. 0,1 (Linux)")
+    p.add_argument("--host-workers", type=int, default=1,
+                   help="workers running on this host at once (recorded with each trial)")
     p.add_argument("--results-dir", default="results")
     p.add_argument("--quiet", action="store_true", help="no per-trial lines (the parent sweep prints them)")
 
@@ -175,6 +178,15 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def cpu_share(index: int, workers: int, cores: list[int]) -> list[int]:
+    """Worker ``index``'s own cores: CPU workers that float over the same cores slow each other down in
+    ways that change from trial to trial; pinned, each trial's timing depends on its own work (memory
+    bandwidth is still shared, which the record's ``host_workers`` says)."""
+    per = max(1, len(cores) // workers)
+    start = (index * per) % len(cores)
+    return cores[start:start + per]
+
+
 def _worker_env(index: int, device: Any, workers: int) -> tuple[dict, str, int]:
     """Pin worker ``index`` to one GPU, or give it its share of the CPU cores."""
     env = dict(os.environ)
@@ -202,7 +214,11 @@ def _run_pool(config: Any, storage_url: str, workers: int, device: Any, n_target
         cmd = [sys.executable, "-m", "harness", "worker", "--study-name", config.name, "--storage", storage_url,
                "--trials", str(n_target), "--device", dev, "--results-dir", str(config.results_root), "--quiet"]
         if threads:
+            cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
             cmd += ["--threads", str(threads)]
+            if cores:
+                cmd += ["--cpus", ",".join(map(str, cpu_share(i, workers, cores)))]
+        cmd += ["--host-workers", str(workers)]
         procs.append(subprocess.Popen(cmd, env=env))
     seen: set[int] = set()
     try:
@@ -236,6 +252,12 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from harness.study import config_from_storage
     from harness.hardware import resolve_device
 
+    if args.cpus:
+        try:
+            os.sched_setaffinity(0, {int(c) for c in args.cpus.split(",")})
+        except (AttributeError, ValueError, OSError) as e:
+            raise HarnessError(f"--cpus {args.cpus!r} cannot be used here ({e}); give cores this process may "
+                               "use, e.g. 0,1, or leave it out") from None
     if args.threads:
         import torch
 
@@ -250,7 +272,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     _sigterm_as_interrupt()
     display = Display(n_target, quiet=args.quiet)
     try:
-        run_worker(study, config, corpus, device, n_target, on_result=display.result, on_start=display.start)
+        run_worker(study, config, corpus, device, n_target, on_result=display.result, on_start=display.start,
+                   host_workers=args.host_workers)
     except KeyboardInterrupt:
         display.close()
         raise SweepInterrupted(f"worker interrupted; {progress(study).done} of {n_target} trials are stored") from None
