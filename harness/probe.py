@@ -469,7 +469,22 @@ class ProcessMemory:
         return None
 
 
-class CpuSource:
+class _ProcessReadings:
+    """The resident-set readings every source offers (its ``memory`` is this process's)."""
+
+    memory: ProcessMemory
+
+    def rss_mib(self) -> float | None:
+        return self.memory.now_mib()
+
+    def reset_rss_peak(self) -> bool:
+        return self.memory.reset_peak()
+
+    def rss_peak_mib(self) -> float | None:
+        return self.memory.peak_mib()
+
+
+class CpuSource(_ProcessReadings):
     """The process's resident-set peak from the kernel, RAPL energy where readable. A sampler thread
     runs only where it is needed: to keep RAPL's wraparound accounting (every 10 s), or to sample the
     resident set where the kernel's peak cannot be reset."""
@@ -504,19 +519,10 @@ class CpuSource:
     def energy_mj(self) -> float | None:
         return self._rapl.total_uj() / 1000.0 if self._rapl else None
 
-    def rss_mib(self) -> float | None:
-        return self.memory.now_mib()
-
-    def reset_rss_peak(self) -> bool:
-        return self.memory.reset_peak()
-
-    def rss_peak_mib(self) -> float | None:
-        return self.memory.peak_mib()
-
 
 # --------------------------------------------------------------------------- NVML source
 
-class NvmlSource:
+class NvmlSource(_ProcessReadings):
     """NVML readings for one device. Readings the driver does not offer are found once at the first
     ``start`` and skipped afterwards, so an unsupported call costs nothing per sample."""
 
@@ -608,15 +614,6 @@ class NvmlSource:
 
     def thread_interval_ms(self, requested: int) -> int | None:
         return requested   # power, utilisation and device memory have no counter: sample them
-
-    def rss_mib(self) -> float | None:
-        return self.memory.now_mib()
-
-    def reset_rss_peak(self) -> bool:
-        return self.memory.reset_peak()
-
-    def rss_peak_mib(self) -> float | None:
-        return self.memory.peak_mib()
 
 
 def _num(v: Any) -> float | None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -24,3 +26,22 @@ def corpus_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.M
     path = tmp_path_factory.mktemp("cache") / "corpus-cache"
     monkeypatch.setenv("BPTT_HARNESS_CACHE", str(path))
     return path
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Tiny models run faster on one intra-op thread, and a shared 2-core machine swings less."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def syn() -> Any:
+    """A small synthetic corpus with a small validation split: cheap trials."""
+    from harness.corpus import load
+
+    return load("synthetic:k=4,vocab=8,noise=4,tokens=20000")

@@ -365,18 +365,6 @@ def test_rapl_absent_or_unreadable_is_none(tmp_path):
 
 # --------------------------------------------------------------------------- with the trainer
 
-@pytest.fixture
-def one_thread():
-    """Two OpenMP threads on a busy 2-core machine can make a tiny step 100x slower; the probe is
-    what is tested here, not torch's threading."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_run_trial_fills_probe_with_documented_keys(one_thread):
     from harness.corpus import load
     from harness.model import ModelConfig

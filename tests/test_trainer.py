@@ -29,19 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = ModelConfig(emsize=16, nhid=16, layers=1, dropout=0.0)
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny models run faster on one intra-op thread, and a shared 2-core machine swings less."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def syn() -> Corpus:
-    """A small corpus with a small validation split: cheap trials."""
-    return load("synthetic:k=4,vocab=8,noise=4,tokens=20000")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def trial(corpus: Corpus, bptt: int = 10, bs: int = 8, model: ModelConfig = TINY,

@@ -34,17 +34,17 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = ModelConfig(emsize=16, nhid=16, layers=1, dropout=0.0)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def syn() -> Corpus:
-    return load("synthetic:k=4,vocab=8,noise=4,tokens=20000")
+def tiny_study(path: Path, name: str, corpus_tokens: int, train: str, search: str) -> Path:
+    """A grid study of a tiny model on a synthetic corpus, written to ``path/<name>.toml``."""
+    study = path / f"{name}.toml"
+    study.write_text(f'name = "{name}"\nsampler = "grid"\n'
+                     f'[corpus]\nsource = "synthetic:k=4,vocab=8,noise=4,tokens={corpus_tokens}"\n'
+                     "[model]\nemsize = 8\nnhid = 8\nlayers = 1\ndropout = 0.0\n"
+                     f"[train]\n{textwrap.dedent(train)}\n[search]\n{textwrap.dedent(search)}\n")
+    return study
 
 
 def trial(corpus: Corpus, bptt: int = 10, bs: int = 8, model: ModelConfig = TINY, probe: Any = None,
@@ -80,26 +80,13 @@ def test_variable_windows_keep_the_exact_budget(syn):
 def test_a_sweep_trains_every_configuration_on_exactly_the_budget(tmp_path):
     """The default study's shape on a small corpus: every finished trial's train_tokens is the budget,
     for shapes that do not divide it, and the report header shows the budget as resolved."""
-    study = tmp_path / "exact.toml"
-    study.write_text(textwrap.dedent("""
-        name = "exact"
-        sampler = "grid"
-        [corpus]
-        source = "synthetic:k=4,vocab=8,noise=4,tokens=20000"
-        [model]
-        emsize = 8
-        nhid = 8
-        layers = 1
-        dropout = 0.0
-        [train]
+    study = tiny_study(tmp_path, "exact", 20_000, """
         optimizer = "adamw"
         lr = 0.01
         epochs = 1.3
-        checkpoints = 2
-        [search]
+        checkpoints = 2""", """
         bptt = [7, 35]
-        batch_size = [3, 64]
-    """))
+        batch_size = [3, 64]""")
     from harness.cli import main
 
     assert main(["sweep", str(study), "--results-dir", str(tmp_path / "results")]) == 0
@@ -242,24 +229,11 @@ def test_each_worker_process_warms_up_once_before_its_first_trial(tmp_path, monk
     calls: list[int] = []
     original = harness.trainer.warm_up
     monkeypatch.setattr(harness.trainer, "warm_up", lambda *a, **k: calls.append(1) or original(*a, **k))
-    study = tmp_path / "w.toml"
-    study.write_text(textwrap.dedent("""
-        name = "w"
-        sampler = "grid"
-        [corpus]
-        source = "synthetic:k=4,vocab=8,noise=4,tokens=5000"
-        [model]
-        emsize = 8
-        nhid = 8
-        layers = 1
-        dropout = 0.0
-        [train]
+    study = tiny_study(tmp_path, "w", 5_000, """
         tokens = 500
-        checkpoints = 1
-        [search]
+        checkpoints = 1""", """
         bptt = [5, 10, 20]
-        batch_size = [4]
-    """))
+        batch_size = [4]""")
     from harness.cli import main
 
     assert main(["sweep", str(study), "--results-dir", str(tmp_path / "results"), "--no-report"]) == 0
