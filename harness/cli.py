@@ -79,6 +79,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true")
 
+    p = sub.add_parser("profile", help="the memory and speed map of a study: a few timed steps per "
+                                       "(bptt, batch size) cell and the memory wall per bptt")
+    p.add_argument("study", help="a study file, e.g. studies/default.toml")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per cell, after 2 untimed ones")
+    p.add_argument("--wall", choices=("auto", "yes", "no"), default="auto",
+                   help="search the largest batch size that fits per bptt (auto: on a GPU or under max_memory_gib)")
+    p.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default: the study's)")
+    p.add_argument("--results-dir", default="results", help="where results/<study>/profile.csv goes")
+
     from harness import study_cli
     from harness.report import cli as report_cli
 
@@ -158,6 +167,51 @@ def format_result(result: Any) -> str:
     return "\n".join(lines)
 
 
+def cmd_profile(args: argparse.Namespace) -> int:
+    import time
+    from pathlib import Path
+
+    from harness.config import load_study
+    from harness.hardware import fingerprint, resolve_device
+    from harness.profile import cells, run_profile, walls_table, write_profile
+    from harness.study import load_corpus
+
+    if args.steps < 1:
+        raise HarnessError(f"--steps {args.steps} must be >= 1")
+    config = load_study(args.study, results_root=Path(args.results_dir))
+    device = resolve_device(args.device or config.device)
+    corpus = load_corpus(config)
+    started = time.monotonic()
+    print(f"profile {config.name}: {len(cells(config))} cells of the search space, then the wall per bptt "
+          f"where there is one; device {device}", file=sys.stderr)
+
+    def show(row: Any) -> None:
+        mem = row.memory_mib
+        print(f"  {row.phase:<4} bptt {row.bptt:>5} x bs {row.batch_size:>6}: {row.status:<8} "
+              + (f"{row.tokens_per_s:>10,.0f} tok/s " if row.tokens_per_s else " " * 17)
+              + (f"{mem:>9,.1f} MiB" if mem is not None else "") + f"  ({time.monotonic() - started:.0f} s)",
+              file=sys.stderr)
+
+    wall = None if args.wall == "auto" else args.wall == "yes"
+    profile = run_profile(config, corpus, device, steps=args.steps, wall=wall, on_row=show)
+    path = write_profile(profile, config.results_dir, fingerprint(device))
+    n = len(profile.rows)
+    elapsed = time.monotonic() - started
+    print(f"{n} cells measured in {elapsed:.0f} s ({n / elapsed:.2f} cells/s)")
+    import pandas as pd
+
+    df = pd.DataFrame([vars(r) for r in profile.rows])
+    grid = df[df["phase"] == "grid"]
+    for col, title in (("tokens_per_s", "tokens/s"), ("peak_mem_mib", "training peak memory, MiB")):
+        table = grid.pivot_table(index="bptt", columns="batch_size", values=col, aggfunc="median")
+        print(f"\n{title} (rows: bptt, columns: batch size)\n{table.to_string(float_format=lambda v: f'{v:,.0f}')}")
+    walls = walls_table(df)
+    if profile.walls:
+        print("\nmemory wall per bptt\n" + walls.to_string(index=False))
+    print(f"\nprofile: {path}")
+    return 0
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     from harness.hardware import doctor_report
 
@@ -165,7 +219,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"corpus": cmd_corpus, "trial": cmd_trial, "doctor": cmd_doctor}
+COMMANDS = {"corpus": cmd_corpus, "trial": cmd_trial, "doctor": cmd_doctor, "profile": cmd_profile}
 
 
 def _quiet_libraries(verbose: bool) -> None:

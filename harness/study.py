@@ -311,6 +311,7 @@ class Objective:
     on_start: Callable[[optuna.Trial, dict], None] | None = None
     host_workers: int = 1
     warmed: bool = False   # this process has run its untimed warm-up (see harness.trainer.warm_up)
+    profile: Any = None    # the study's profile.csv (harness.profile): cells it saw run out of memory are skipped
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
         from harness.probe import make_probe
@@ -338,11 +339,13 @@ class Objective:
         info = study_info(self.config, self.corpus, self.host_workers)
         started = _now()
         try:
-            if not self.warmed:
-                warm_up(spec, self.corpus, self.device)
-                self.warmed = True
-            result = run_trial(spec, self.corpus, self.device, probe=make_probe(self.device),
-                               on_checkpoint=on_checkpoint)
+            result = self._known_oom(spec)
+            if result is None:
+                if not self.warmed:
+                    warm_up(spec, self.corpus, self.device)
+                    self.warmed = True
+                result = run_trial(spec, self.corpus, self.device, probe=make_probe(self.device),
+                                   on_checkpoint=on_checkpoint)
         except KeyboardInterrupt:
             interrupted = TrialResult(status="failed", error="interrupted (SIGINT); retried on resume",
                                       bptt=spec.bptt, batch_size=spec.batch_size, seed=spec.train.seed)
@@ -363,6 +366,17 @@ class Objective:
         # Optuna's constraints API: TPE and NSGA-II learn the memory and stability walls from this.
         trial.set_user_attr("constraint", constraint)
         return values
+
+    def _known_oom(self, spec: TrialSpec) -> TrialResult | None:
+        """An ``oom`` result without training when the study's profile shows the cell cannot fit."""
+        from harness.profile import PROFILE_CSV, doesnt_fit
+
+        if not doesnt_fit(self.profile, spec.train.memory_cap_mib, spec.bptt, spec.batch_size):
+            return None
+        return TrialResult(status="oom", bptt=spec.bptt, batch_size=spec.batch_size, seed=spec.train.seed,
+                           device=str(self.device),
+                           error=f"does not fit: {PROFILE_CSV} ran out of memory at this bptt and batch size or "
+                                 "below both, under the same memory cap (not trained)")
 
     def _spurious(self, trial: optuna.Trial) -> str | None:
         """Why this trial must not run: another worker emptied the grid's queue between our check and
@@ -529,8 +543,10 @@ def run_worker(study: optuna.Study, config: StudyConfig, corpus: Corpus, device:
     ``host_workers``: how many workers run on this host at once (recorded with each trial: on CPU they
     share the machine, so their timings are marked)."""
     from harness.hardware import fingerprint
+    from harness.profile import load_profile
 
-    objective = Objective(config, corpus, device, fingerprint(device), on_result, on_start, host_workers)
+    objective = Objective(config, corpus, device, fingerprint(device), on_result, on_start, host_workers,
+                          profile=load_profile(config.results_dir))
     while True:
         reap(study)
         p = progress(study)
@@ -548,6 +564,40 @@ def write_study_json(config: StudyConfig, storage_url: str) -> None:
     tmp = directory / f".study.json.{os.getpid()}"
     tmp.write_text(json.dumps(meta, indent=2), encoding="utf-8")
     os.replace(tmp, directory / "study.json")
+
+
+def stored_train_tokens(config: StudyConfig, storage_url: str) -> int | None:
+    """The token budget an existing study in this storage was started with (None: no such study)."""
+    try:
+        storage = open_storage(storage_url)
+        if config.name not in [s.study_name for s in optuna.get_all_study_summaries(storage)]:
+            return None
+        stored = optuna.load_study(study_name=config.name, storage=storage).user_attrs.get("study_config") or {}
+    except HarnessError:
+        return None
+    tokens = (stored.get("train") or {}).get("tokens")
+    return int(tokens) if isinstance(tokens, int) else None
+
+
+def plan_budget(config: StudyConfig, storage_url: str, max_seconds: float) -> tuple[StudyConfig, int, bool]:
+    """``--max-seconds``: the study with the token budget that fits that limit, from its profile.
+
+    A study already started keeps the budget it was planned with (its trials must stay comparable).
+    Returns (config, tokens, whether they were planned now)."""
+    from harness.profile import cells, doesnt_fit, load_profile, plan_tokens
+
+    stored = stored_train_tokens(config, storage_url)
+    if stored is not None:
+        tokens, planned = stored, False
+    else:
+        df = load_profile(config.results_dir)
+        fit = [c for c in cells(config) if not doesnt_fit(df, config.train.memory_cap_mib, *c)]
+        tokens = plan_tokens(df, fit, max_seconds, config.train.checkpoints, config.repeats)
+        planned = True
+    train = replace(config.train, budget="tokens", tokens=tokens, epochs=None)
+    raw = {**config.raw, "train": {**(config.raw.get("train") or {}), "budget": "tokens", "tokens": tokens}}
+    raw["train"].pop("epochs", None)
+    return replace(config, train=train, raw=raw), tokens, planned
 
 
 def prepare(config: StudyConfig, storage_url: str, device_name: str | None) -> tuple[optuna.Study, Corpus, Any]:

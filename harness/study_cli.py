@@ -32,6 +32,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default: the study's)")
     p.add_argument("--results-dir", default="results", help="where results/<study>/ goes")
     p.add_argument("--no-report", action="store_true", help="skip the report at the end")
+    p.add_argument("--max-seconds", type=float, default=None,
+                   help="plan the token budget so the whole sweep fits this many seconds, from the study's "
+                        "profile (run harness profile first); a resumed study keeps its planned budget")
 
     p = sub.add_parser("worker", help="join a running study from this machine (same storage and study name)")
     p.add_argument("--study-name", required=True)
@@ -144,6 +147,16 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if workers < 1:
         raise HarnessError(f"--workers {workers} must be >= 1")
     storage_url = resolve_storage(config, args.storage, workers)
+    if args.max_seconds is not None:
+        from harness.study import plan_budget
+
+        if not args.max_seconds > 0:
+            raise HarnessError(f"--max-seconds {args.max_seconds:g} must be > 0")
+        # Planned as if one worker ran every trial: with several GPU workers the sweep ends earlier.
+        config, tokens, planned = plan_budget(config, storage_url, args.max_seconds)
+        print(f"budget: {tokens:,} training tokens per trial "
+              + (f"(planned from profile.csv to fit {args.max_seconds:g} s)" if planned else
+                 "(planned when this study started)"), file=sys.stderr)
     if workers > 1 and storage_url.startswith("sqlite"):
         raise HarnessError(f"storage {redact(storage_url)} is SQLite, which does not take several workers; "
                            "use --storage journal:results/<study>/journal.log or a postgresql:// URL")
