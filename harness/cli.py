@@ -115,8 +115,7 @@ def cmd_trial(args: argparse.Namespace) -> int:
                         seed=args.seed, test=args.test, variable_bptt=args.variable_bptt, amp=args.amp,
                         compile=args.compile, memory_cap_mib=args.memory_cap_mib)
     spec = TrialSpec(bptt=args.bptt, batch_size=args.batch_size, model=model, train=train)
-    corpus = load(_corpus_spec(args))
-    check_fits(corpus, spec.batch_size, spec.bptt, train.eval_batch_size)
+    corpus = load(_corpus_spec(args), check=lambda c: check_fits(c, spec.batch_size, spec.bptt, train.eval_batch_size))
     probe = None if args.no_probe else make_probe(device)
     if not args.json:
         print(f"trial: {model.type} {model.layers}x{model.nhid} on {corpus.name} ({corpus.vocab_size} tokens "
