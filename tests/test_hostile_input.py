@@ -44,6 +44,7 @@ clip = 1.0
 tokens = 1000
 checkpoints = 2
 eval_bptt = 64
+{train}
 
 [search]
 {search}
@@ -51,9 +52,9 @@ eval_bptt = 64
 
 
 def write_study(tmp_path: Path, name: str, *, top: str = "", corpus: str = "synthetic:k=4,vocab=6,noise=2,tokens=8000",
-                search: str = "bptt = [4]\nbatch_size = [2]") -> Path:
+                search: str = "bptt = [4]\nbatch_size = [2]", train: str = "") -> Path:
     path = tmp_path / f"{name}.toml"
-    path.write_text(TINY.format(name=name, top=top, corpus=corpus, search=search))
+    path.write_text(TINY.format(name=name, top=top, corpus=corpus, search=search, train=train))
     return path
 
 
@@ -165,10 +166,10 @@ def test_the_corpus_fit_check_uses_the_largest_grid_point_not_the_range_high(tmp
     from harness.errors import HarnessError
     from harness.study import check_corpus_fits
 
-    # Doublings 4, 8, 16, 32, 64 (high = 100 is never run); the train split holds 65 rows of 2 but not 101.
-    corpus = "synthetic:k=4,vocab=6,noise=2,tokens=140"
-    grid = load_study(write_study(tmp_path, "grid", corpus=corpus,
-                                  search="bptt = { low = 4, high = 100, log = true }\nbatch_size = [2]"))
+    # Doublings 4, 8, 16, 32, 64 (high = 100 is never run); the train split holds 81 rows of 16: 65 fit, 101 not.
+    corpus = "synthetic:k=4,vocab=6,noise=2,tokens=1300"
+    grid = load_study(write_study(tmp_path, "grid", corpus=corpus, train="eval_batch_size = 1",
+                                  search="bptt = { low = 4, high = 100, log = true }\nbatch_size = [16]"))
     check_corpus_fits(grid, load(corpus))
     # A sampled range can draw 100, so there `high` is the right bound.
     with pytest.raises(HarnessError, match="bptt=100"):
