@@ -194,3 +194,13 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 1
+    except Exception:  # a bug: its traceback helps, a storage password in it must not be shown
+        import os
+        import traceback
+
+        from harness.urls import STORAGE_ENV, scrub
+
+        urls = [getattr(args, "storage", None), getattr(args, "source", None), os.environ.get(STORAGE_ENV),
+                *(getattr(args, "sources", None) or [])]
+        print(scrub(traceback.format_exc(), *urls), file=sys.stderr, end="")
+        return 1

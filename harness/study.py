@@ -147,7 +147,10 @@ def _open_rdb(url: str, shown: str) -> optuna.storages.BaseStorage:
 def _directory_lock(directory: Path) -> Iterator[None]:
     fd = os.open(directory, os.O_RDONLY)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as e:  # a file system without locks: open unguarded, as Optuna alone would
+            log.debug("cannot lock %s: %s", directory, e)
         yield
     finally:
         os.close(fd)  # closing releases the lock
@@ -359,6 +362,8 @@ def create_study(config: StudyConfig, storage: optuna.storages.BaseStorage) -> o
     study = optuna.create_study(study_name=config.name, storage=storage, directions=directions,
                                 sampler=make_sampler(config), pruner=make_pruner(config), load_if_exists=True)
     raw = json.loads(json.dumps(config.raw, default=str))
+    if isinstance(raw.get("storage"), str):
+        raw["storage"] = redact(raw["storage"])  # a study file's password is not copied into the storage
     stored = study.user_attrs.get("study_config")
     if stored is not None and stored != raw:
         may_change = MAY_CHANGE + (("search",) if config.sampler == "grid" else ())

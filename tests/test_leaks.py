@@ -248,6 +248,41 @@ def test_worker_command_lines_hold_no_password(tmp_path: Path) -> None:
     assert_results_clean(tmp_path)
 
 
+def test_a_password_in_the_study_file_is_not_copied_into_the_storage(tmp_path: Path, capsys) -> None:
+    require_postgres()
+    name = f"leakf-{uuid.uuid4().hex[:8]}"
+    url = url_forms(PASSWORDS["at-and-colon"])["userinfo-readme-form"]
+    study_file = write_study(tmp_path, name, top=f'storage = "{url}"', search="bptt = [4, 8]\nbatch_size = [2]")
+    results = tmp_path / "results"
+    try:
+        assert main(["sweep", str(study_file), "--results-dir", str(results), "--trials", "1"]) == 0
+        stored = optuna.load_study(study_name=name, storage=f"postgresql+psycopg2://postgres@{PG}")
+        assert_no_marker("the stored study file", json.dumps(stored.user_attrs))
+        # A worker rebuilds the study from that stored copy and still runs.
+        assert main(["worker", "--study-name", name, "--storage", url, "--quiet"]) == 0
+    finally:
+        drop_study(name)
+    out = capsys.readouterr()
+    assert_no_marker("output", out.out + out.err)
+    assert_results_clean(results)
+
+
+def test_a_traceback_never_shows_the_password(tmp_path: Path, capsys, monkeypatch) -> None:
+    import harness.study
+
+    url = url_forms(PASSWORDS["space"])["userinfo"]
+
+    def bug(*args, **kwargs):
+        raise RuntimeError(f"unexpected failure while opening {url}")
+
+    monkeypatch.setattr(harness.study, "prepare", bug)
+    study_file = write_study(tmp_path, "bug")
+    assert main(["sweep", str(study_file), "--results-dir", str(tmp_path / "r"), "--storage", url]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "unexpected failure while opening" in err
+    assert_no_marker("a traceback", err)
+
+
 # --------------------------------------------------------------------------- the README's URL form
 
 def test_the_readme_postgresql_url_form_opens_the_same_study_as_the_psycopg2_form(tmp_path: Path) -> None:
