@@ -81,9 +81,10 @@ def resolve_storage(config: StudyConfig, cli_storage: str | None, workers: int) 
         chosen = config.storage_url
     if recorded is not None and not (same_storage(chosen, recorded)
                                      or same_storage(chosen, _relocated(recorded, config.results_dir))):
+        password = " (its password in place of ***)" if hides_password(recorded) else ""
         raise HarnessError(
             f"{meta} records storage {redact(recorded)}, but this run would open {redact(chosen)}; a study "
-            f"does not move between storages: pass --storage {redact(recorded)} (with its password), or use "
+            f"does not move between storages: pass --storage {redact(recorded)}{password}, or use "
             f"another --results-dir, or delete {config.results_dir} to start over")
     return chosen
 
