@@ -24,3 +24,9 @@ def corpus_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.M
     path = tmp_path_factory.mktemp("cache") / "corpus-cache"
     monkeypatch.setenv("BPTT_HARNESS_CACHE", str(path))
     return path
+
+
+@pytest.fixture(autouse=True)
+def no_storage_from_the_shell(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A ``BPTT_HARNESS_STORAGE`` in the developer's shell would redirect every sweep a test starts."""
+    monkeypatch.delenv("BPTT_HARNESS_STORAGE", raising=False)

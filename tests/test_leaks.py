@@ -393,6 +393,10 @@ def test_the_resume_hint_of_a_postgresql_study_says_where_the_password_comes_fro
         assert "already done" in done.stderr
         assert _states(url, name).count(TrialState.COMPLETE) == 3
         assert_no_marker("stderr", done.stderr + done.stdout)
+        # The report of the folder takes the password from the same place.
+        report = run_cli("report", str(results / name), env={"BPTT_HARNESS_STORAGE": url})
+        assert report.returncode == 0, report.stderr
+        assert_no_marker("report output", report.stdout + report.stderr)
     finally:
         drop_study(name)
     assert_results_clean(tmp_path)
