@@ -125,8 +125,7 @@ def cmd_trial(args: argparse.Namespace) -> int:
                         seed=args.seed, test=args.test, variable_bptt=args.variable_bptt, amp=args.amp,
                         compile=args.compile, memory_cap_mib=args.memory_cap_mib)
     spec = TrialSpec(bptt=args.bptt, batch_size=args.batch_size, model=model, train=train)
-    corpus = load(_corpus_spec(args))
-    check_fits(corpus, spec.batch_size, spec.bptt, train.eval_batch_size)
+    corpus = load(_corpus_spec(args), check=lambda c: check_fits(c, spec.batch_size, spec.bptt, train.eval_batch_size))
     probe = None if args.no_probe else make_probe(device)
     if not args.json:
         print(f"trial: {model.type} {model.layers}x{model.nhid} on {corpus.name} ({corpus.vocab_size} tokens "
@@ -260,4 +259,14 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
+        return 1
+    except Exception:  # a bug: its traceback helps, a storage password in it must not be shown
+        import os
+        import traceback
+
+        from harness.urls import STORAGE_ENV, scrub
+
+        urls = [getattr(args, "storage", None), getattr(args, "source", None), os.environ.get(STORAGE_ENV),
+                *(getattr(args, "sources", None) or [])]
+        print(scrub(traceback.format_exc(), *urls), file=sys.stderr, end="")
         return 1

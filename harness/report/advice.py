@@ -126,11 +126,23 @@ def advise(trials: pd.DataFrame, configs: pd.DataFrame, ranking: Ranking, equal_
 def _nothing_finished(trials: pd.DataFrame) -> str:
     counts = trials["status"].value_counts()
     parts = ", ".join(f"{int(n)} {s}" for s, n in counts.items())
-    errors = trials["error"].dropna().astype(str)
-    common = f" Most common error: {errors.value_counts().index[0].splitlines()[0][:200]}" if len(errors) else ""
+    common = _most_common_error(trials)
     return (f"No configuration finished ok ({parts}), so there is nothing to recommend yet.{common}"
             + (" Try smaller bptt x batch size." if counts.get("oom", 0) else "")
             + (" Try a lower learning rate." if counts.get("diverged", 0) else ""))
+
+
+def _most_common_error(trials: pd.DataFrame) -> str:
+    """The kind of failure most trials had, with one of its messages. Counted by status, not by message
+    text: every diverged trial names its own step, while timeouts all read the same."""
+    failed = trials[trials["status"] != "ok"]
+    if failed.empty:
+        return ""
+    status = str(failed["status"].value_counts().index[0])
+    of_kind = failed[failed["status"] == status]
+    errors = of_kind["error"].dropna().astype(str)
+    example = f", e.g. {errors.value_counts().index[0].splitlines()[0][:200].rstrip('. ')}" if len(errors) else ""
+    return f" Most common error: {status} ({len(of_kind)} of {len(trials)} trials){example}."
 
 
 def _data_notes(trials: pd.DataFrame, n_running: int) -> list[str]:

@@ -29,6 +29,7 @@ main { max-width:1180px; margin:0 auto; padding:24px 28px 60px; background:#fff;
 h1 { font-size:26px; margin:0 0 4px; }
 h2 { font-size:19px; margin:34px 0 10px; padding-bottom:4px; border-bottom:1px solid var(--line); }
 .meta { color:var(--muted); font-size:13px; margin:0 0 18px; }
+.description { font-size:16px; margin:2px 0 8px; }
 .meta span { margin-right:14px; white-space:nowrap; }
 .headline { border-left:5px solid var(--accent); background:#eef5ff; padding:14px 18px; font-size:17px; margin:12px 0; }
 .headline b { display:block; font-size:13px; text-transform:uppercase; letter-spacing:.04em; color:var(--accent); }
@@ -140,6 +141,12 @@ def _meta(rep: Report) -> str:
              ("ranked against", rep.ranking.cost_label), ("storage", rep.storage_display),
              ("generated", rep.generated_at)]
     return "\n".join(f"<span><b>{esc(k)}:</b> {esc(v)}</span>" for k, v in items if v)
+
+
+def _description(rep: Report) -> str:
+    """The study file's one-line ``description``, under the title."""
+    text = rep.info.get("description")
+    return f'<p class="description">{esc(text)}</p>\n' if isinstance(text, str) and text.strip() else ""
 
 
 def _ranking_section(rep: Report, limit: int = 40) -> str:
@@ -278,7 +285,7 @@ def render(rep: Report) -> str:
 <script>{_plotlyjs()}</script></head>
 <body><main>
 <h1>{esc(title)}</h1>
-<p class="meta">{_meta(rep)}</p>
+{_description(rep)}<p class="meta">{_meta(rep)}</p>
 <section id="recommendation"><div class="headline"><b>Recommendation</b>{esc(adv.headline)}</div>
 {f'<ul class="notes">{notes}</ul>' if notes else ''}</section>
 <section id="answers"><h2>What the data says</h2><dl class="answers">{findings}</dl></section>

@@ -1,54 +1,59 @@
-"""Atomic file writes and password redaction: the two things a report must never get wrong."""
+"""Atomic file writes: a report is written whole or not at all (passwords: :mod:`harness.urls`)."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import re
+import socket
 import tempfile
+import time
 from collections.abc import Mapping
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from harness.errors import HarnessError
 
-# scheme://user:password@host -> scheme://user:***@host. People type passwords with '@' or ':' in
-# them unencoded, so the password runs (greedily) to the last '@' that is followed by a host; when in
-# doubt this redacts too much, never too little.
-_URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^:/@\s]*:)(?P<pw>\S*)(?P<tail>@)"
-                           r"(?=[^@/\s]*(?:[/?#\s]|$))")
+
+# A temporary older than this is left over from a killed writer, wherever it ran.
+STALE_TEMP_S = 3600
 
 
-def redact_url(url: str | None) -> str | None:
-    """Return ``url`` with any password replaced by ``***`` (safe to print, log and write)."""
-    if url is None:
-        return None
-    return _URL_PASSWORD.sub(lambda m: f"{m['head']}***{m['tail']}", url)
+def _temp_prefix(path: Path) -> str:
+    """``.report.html.<host>-<pid>.``: a later write can tell a dead writer's leftover from a live one's."""
+    return f".{path.name}.{socket.gethostname()}-{os.getpid()}."
 
 
-def url_password(url: str | None) -> str | None:
-    """The password in a storage URL, if any (used only to scrub it from error text)."""
-    if not url or "://" not in url:
-        return None
+def _pid_alive(pid: int) -> bool:
     try:
-        pw = urlsplit(url).password
-    except ValueError:
-        m = _URL_PASSWORD.search(url)
-        pw = m["pw"] if m else None
-    return pw or None
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
-def scrub(text: str, *urls: str | None) -> str:
-    """Remove the passwords of ``urls`` (raw or percent-decoded) and any ``user:pw@`` from ``text``."""
-    from urllib.parse import quote, unquote
-
-    for url in urls:
-        pw = url_password(url)
-        if pw and pw != "***":
-            for form in {pw, unquote(pw), quote(unquote(pw), safe="")}:
-                if form:
-                    text = text.replace(form, "***")
-    return redact_url(text) or ""
+def remove_stale_temps(path: Path) -> list[Path]:
+    """Remove the temporaries of ``path`` that a killed writer left: those of a process that is gone on
+    this host, and any older than :data:`STALE_TEMP_S`. A live writer's (here or elsewhere) are kept."""
+    pattern = re.compile(rf"^\.{re.escape(path.name)}\.(?:(?P<host>.+)-(?P<pid>\d+)\.)?[^.]+\.tmp$")
+    host, now, removed = socket.gethostname(), time.time(), []
+    try:
+        entries = list(path.parent.iterdir())
+    except OSError:
+        return removed
+    for p in entries:
+        m = pattern.match(p.name)
+        if m is None:
+            continue
+        try:
+            dead = m["host"] == host and not _pid_alive(int(m["pid"]))
+            if dead or now - p.lstat().st_mtime > STALE_TEMP_S:
+                p.unlink()
+                removed.append(p)
+        except OSError:
+            continue  # gone already, or not ours to remove: it never blocks a report
+    return removed
 
 
 def _write_all(f, data: bytes) -> None:
@@ -76,8 +81,9 @@ def write_files_atomic(files: Mapping[Path, str | bytes]) -> None:
             path = Path(path)
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
+                remove_stale_temps(path)
                 data = content.encode("utf-8") if isinstance(content, str) else content
-                fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+                fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
                 temps.append((tmp, path))
                 with os.fdopen(fd, "wb") as f:
                     # mkstemp makes 0600 files; a report is as readable as any file the user creates.

@@ -9,12 +9,13 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from harness.errors import HarnessError
-from harness.report.io import redact_url, scrub
+from harness.urls import STORAGE_ENV, engine_url, hides_password, redact, same_storage, scrub
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ class StudySource:
 
     @property
     def storage_display(self) -> str:
-        return redact_url(self.storage_url) or ""
+        return redact(self.storage_url) or ""
 
 
 @dataclass
@@ -66,7 +67,7 @@ def resolve(source: str | Path, *, storage: str | None = None, study_name: str |
         raise HarnessError("report source '' is empty; pass a results folder, a study file (.toml) or a storage URL")
     if is_storage_url(text) and not Path(text).exists():
         if storage is not None:
-            raise HarnessError(f"report source {redact_url(text)!r} is already a storage URL; drop --storage")
+            raise HarnessError(f"report source {redact(text)!r} is already a storage URL; drop --storage")
         return StudySource(name=study_name, storage_url=text, out_dir=out_dir)
     path = Path(text)
     if path.suffix == ".toml":
@@ -101,12 +102,20 @@ def resolve(source: str | Path, *, storage: str | None = None, study_name: str |
     url = info.get("storage")
     if not isinstance(url, str) or not url:
         raise HarnessError(f"{str(path / STUDY_JSON)!r} has no 'storage' URL; pass --storage URL")
-    if ":***@" in url:
-        raise HarnessError(f"the storage URL in {str(path / STUDY_JSON)!r} ({url}) has its password removed; "
-                           "pass --storage URL with the password")
+    if hides_password(url):
+        url = _password_from_environment(url, path / STUDY_JSON)
     url = _relocate(url, path)
     return StudySource(name=study_name or info.get("study_name"), storage_url=url,
                        out_dir=out_dir or path, info=info)
+
+
+def _password_from_environment(recorded: str, where: Path) -> str:
+    """The full URL of a recorded, password-redacted storage: $BPTT_HARNESS_STORAGE when it names it."""
+    full = os.environ.get(STORAGE_ENV, "")
+    if full and same_storage(full, recorded):
+        return full
+    raise HarnessError(f"the storage URL in {str(where)!r} ({recorded}) has its password removed; "
+                       f"pass --storage URL with the password, or set {STORAGE_ENV} to it")
 
 
 def _read_study_json(folder: Path) -> dict:
@@ -155,7 +164,7 @@ def _open_storage(url: str):
         from optuna.storages.journal import JournalFileBackend
 
         return JournalStorage(JournalFileBackend(str(path)))
-    return url
+    return engine_url(url)
 
 
 def load_trials(src: StudySource) -> LoadedTrials:
@@ -203,6 +212,9 @@ def load_trials(src: StudySource) -> LoadedTrials:
             records.append(rec)
     info = dict(src.info)
     info.setdefault("study_name", name)
+    stored = study.user_attrs.get("study_config")
+    if isinstance(stored, dict) and isinstance(stored.get("description"), str) and stored["description"]:
+        info["description"] = stored["description"]  # the study's own copy: also there without study.json
     return LoadedTrials(study_name=name, storage_display=shown, records=records, n_running=n_running, info=info)
 
 
