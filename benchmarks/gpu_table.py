@@ -514,7 +514,7 @@ def wall_attempt(ctx: WallContext, bptt: int, bs: int, phase: str, deadline: flo
     result = run_trial(spec, wall_corpus(ctx.corpus, bptt, bs, t.eval_batch_size), ctx.device, probe=probe)
     row = row_of(phase, spec, result, start_mib, ctx.fp)
     row.update(phase=phase, attempt=len(ctx.rows) + 1, tokens_per_step=bptt * bs, steps=result.steps,
-               cap_peak_mib=result.probe.cpu_cap_peak_mib, memory_cap_mib=ctx.plan.wall_cap_mib,
+               cap_peak_mib=result.probe.peak_mem_mib if ctx.device.type == "cpu" else None, memory_cap_mib=ctx.plan.wall_cap_mib,
                started_at=started, finished_at=now_iso(), device_label=device_label(ctx.fp), **ctx.fp)
     ctx.rows.append(row)
     write_wall_csv(ctx.rows, ctx.path)  # after every attempt: a killed run keeps what it measured

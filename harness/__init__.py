@@ -1,7 +1,7 @@
 """bptt-harness: measure how bptt and batch size trade perplexity against time, memory and energy.
 
-Importing the package changes nothing process-wide (threads, OpenMP, allocator): the ``harness``
-command sets what it needs in :func:`harness.cli.configure_process`.
+Importing the package changes nothing process-wide (threads, OpenMP policy, allocator settings): a
+notebook that imports it runs exactly as it did before.
 """
 
 __version__ = "0.1.0"

@@ -230,19 +230,9 @@ def _quiet_libraries(verbose: bool) -> None:
     optuna.logging.set_verbosity(optuna.logging.INFO if verbose else optuna.logging.ERROR)
 
 
-def configure_process() -> None:
-    """Process-wide settings belong to the command, never to ``import harness``: see
-    :func:`harness.hardware.fix_malloc_mmap_threshold` (CPU memory figures that do not depend on which
-    trial ran before)."""
-    from harness.hardware import fix_malloc_mmap_threshold
-
-    fix_malloc_mmap_threshold()
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    configure_process()
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     _quiet_libraries(args.verbose)

@@ -43,28 +43,6 @@ def resolve_device(name: str | None) -> torch.device:
     return torch.device(name)
 
 
-def fix_malloc_mmap_threshold(threshold: int = 128 * 1024) -> bool:
-    """Process-wide, so only the CLI calls it: make glibc serve every allocation above ``threshold``
-    bytes with its own mapping, returned to the system on free.
-
-    glibc raises that threshold by itself after large frees (up to 32 MiB), and from then on freed
-    tensors stay in the heap: after a large configuration the next, smaller one showed a 25% larger
-    resident-set peak than the same configuration alone in a fresh process (measured on the default
-    corpus). With the threshold fixed the two agree within a few percent. Returns False where there is
-    no glibc.
-    """
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-    except OSError:
-        return False
-    mallopt = getattr(libc, "mallopt", None)
-    return bool(mallopt is not None and mallopt(-3, threshold))  # -3: M_MMAP_THRESHOLD
-
-
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

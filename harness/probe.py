@@ -651,25 +651,48 @@ def _uuid_str(u: Any) -> str:
     return u.decode() if isinstance(u, bytes) else str(u)
 
 
-def nvml_handle(nv: ModuleType, index: int, visible: str | None) -> Any:
+def nvml_handle(nv: ModuleType, index: int, visible: str | None, torch_uuid: str | None = None) -> Any:
+    """The NVML handle of torch's ``cuda:<index>``: a whole GPU, or a MIG instance by its own UUID (never
+    its parent GPU, whose memory and power are the whole card's)."""
+    mig = any(e.strip().startswith("MIG-") for e in (visible or "").split(","))
     # torch knows the UUID of its device: exact even when CUDA and NVML order devices differently.
-    try:
-        uuid = getattr(torch.cuda.get_device_properties(index), "uuid", None)
-        if uuid is not None:
-            return nv.nvmlDeviceGetHandleByUUID(f"GPU-{uuid}")
-    except Exception:  # noqa: BLE001 - MIG, old torch, or no CUDA runtime: use the variable
-        pass
+    if torch_uuid is None:
+        try:
+            torch_uuid = str(getattr(torch.cuda.get_device_properties(index), "uuid", "") or "") or None
+        except Exception:  # noqa: BLE001 - old torch, or no CUDA runtime: use the variable
+            torch_uuid = None
+    if torch_uuid:
+        for prefix in (("MIG-", "GPU-") if mig else ("GPU-", "MIG-")):
+            try:
+                return nv.nvmlDeviceGetHandleByUUID(f"{prefix}{torch_uuid}")
+            except Exception:  # noqa: BLE001 - not this kind of device
+                continue
     target = nvml_target(index, visible)
     if isinstance(target, int):
         return nv.nvmlDeviceGetHandleByIndex(target)
     try:
         return nv.nvmlDeviceGetHandleByUUID(target)
-    except Exception:  # noqa: BLE001 - a prefix: match it against every device's UUID
-        for i in range(nv.nvmlDeviceGetCount()):
-            h = nv.nvmlDeviceGetHandleByIndex(i)
+    except Exception:  # noqa: BLE001 - a prefix: match it against every device's (and MIG instance's) UUID
+        for h in _all_handles(nv):
             if _uuid_str(nv.nvmlDeviceGetUUID(h)).startswith(target):
                 return h
     raise NvmlUnavailable(f"no NVML device matches {target!r} from CUDA_VISIBLE_DEVICES")
+
+
+def _all_handles(nv: ModuleType) -> Iterator[Any]:
+    """Every GPU, then every MIG instance of each (where MIG is enabled)."""
+    for i in range(nv.nvmlDeviceGetCount()):
+        h = nv.nvmlDeviceGetHandleByIndex(i)
+        yield h
+        try:
+            n_mig = nv.nvmlDeviceGetMaxMigDeviceCount(h)
+        except Exception:  # noqa: BLE001 - no MIG on this GPU or driver
+            continue
+        for j in range(n_mig):
+            try:
+                yield nv.nvmlDeviceGetMigDeviceHandleByIndex(h, j)
+            except Exception:  # noqa: BLE001 - an empty MIG slot
+                continue
 
 
 def open_nvml(index: int) -> NvmlSource:

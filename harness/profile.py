@@ -48,7 +48,6 @@ class ProfileRow:
     peak_mem_mib: float | None = None
     peak_mem_torch_mib: float | None = None
     peak_mem_nvml_mib: float | None = None
-    cpu_cap_peak_mib: float | None = None
     memory_cap_mib: float | None = None
     seconds: float = 0.0
     device: str = ""
@@ -59,8 +58,7 @@ class ProfileRow:
 
     @property
     def memory_mib(self) -> float | None:
-        """What the cell needed: the count against a CPU cap where one was set, else the probe's peak."""
-        return self.cpu_cap_peak_mib if self.cpu_cap_peak_mib is not None else self.peak_mem_mib
+        return self.peak_mem_mib
 
 
 PROFILE_COLUMNS = tuple(f.name for f in dataclasses.fields(ProfileRow))
@@ -173,7 +171,7 @@ def profile_cell(config: StudyConfig, corpus: Any, device: Any, bptt: int, bs: i
                       error=r.error.splitlines()[0][:300] if r.error else None, steps=r.steps, tokens_per_step=bptt * bs,
                       tokens_per_s=r.tokens_per_s, achieved_flops_per_s=r.achieved_flops,
                       peak_mem_mib=r.probe.peak_mem_mib, peak_mem_torch_mib=r.probe.peak_mem_torch_mib,
-                      peak_mem_nvml_mib=r.probe.peak_mem_nvml_mib, cpu_cap_peak_mib=r.probe.cpu_cap_peak_mib,
+                      peak_mem_nvml_mib=r.probe.peak_mem_nvml_mib,
                       memory_cap_mib=t.memory_cap_mib, seconds=r.wall_s, device=str(device))
 
 
@@ -310,7 +308,7 @@ def walls_table(df: Any) -> Any:
         fit_bs = int(ok["batch_size"].max()) if len(ok) else None
         oom_bs = oom["batch_size"][oom["batch_size"] > (fit_bs or 0)]
         at_fit = ok[ok["batch_size"] == fit_bs]
-        mem = at_fit["cpu_cap_peak_mib"].fillna(at_fit["peak_mem_mib"]) if len(at_fit) else pd.Series(dtype=float)
+        mem = at_fit["peak_mem_mib"]
         out.append({"bptt": int(bptt), "largest_fit_bs": fit_bs,
                     "smallest_oom_bs": int(oom_bs.min()) if len(oom_bs) else None,
                     "peak_mib_at_fit": float(mem.max()) if len(mem) else None})

@@ -39,9 +39,10 @@ def col(default: Any = None, doc: str = "", unit: str = "", *, csv: bool = True,
 class ProbeReport:
     """What the probe measured around the training part of a trial, and around its validation apart.
 
-    On CUDA memory is the torch caching allocator's (and NVML's); on CPU it is the process's resident
-    set, counted from the trial's own start, so a trial's figure never includes what an earlier trial
-    of the same process left behind.
+    On CUDA memory is the torch caching allocator's (and NVML's). On CPU the training peak is counted
+    by the trainer (the tensors a step holds), because the process's resident set depends on what
+    earlier trials left and on the allocator's history: measured here, the same configuration's
+    resident-set increase varied by 20% between fresh processes and by 25-35% after a larger trial.
     """
 
     probe_kind: str | None = col(None, "nvml (GPU telemetry) or cpu (process probe)")
@@ -50,9 +51,9 @@ class ProbeReport:
     samples: int | None = col(None, "samples taken during training")
     duration_s: float | None = col(None, "length of the probe's training window", "s")
     peak_mem_mib: float | None = col(
-        None, "THE training peak memory: torch max_memory_reserved on CUDA; on CPU the peak resident set "
-              "during training minus the resident set when the trial started (what this configuration added)",
-        "MiB")
+        None, "THE training peak memory: torch max_memory_reserved on CUDA; on CPU the bytes a training step "
+              "holds, counted exactly (weights, gradients, optimiser state and the activations autograd saves: "
+              "what the CPU memory cap counts, never what an earlier trial left in the process)", "MiB")
     peak_mem_torch_mib: float | None = col(None, "torch max_memory_allocated during training (CUDA)", "MiB")
     peak_mem_torch_reserved_mib: float | None = col(None, "torch max_memory_reserved during training (CUDA)", "MiB")
     peak_mem_nvml_mib: float | None = col(None, "peak device memory used during training (NVML, whole GPU)", "MiB")
@@ -61,7 +62,9 @@ class ProbeReport:
               "driver does not show processes, see nvml_process_mem_source)", "MiB")
     nvml_process_mem_source: str | None = col(None, "process (this PID's memory) or device (whole GPU)")
     idle_mem_nvml_mib: float | None = col(None, "device memory used when training started (NVML)", "MiB")
-    peak_rss_mib: float | None = col(None, "peak resident set of the whole process during training", "MiB")
+    peak_rss_mib: float | None = col(
+        None, "peak resident set of the whole process during training (includes what the process held before "
+              "the trial, and memory the allocator kept from earlier trials)", "MiB")
     rss_start_mib: float | None = col(None, "resident set of the process when the trial started", "MiB")
     energy_j: float | None = col(None, "energy used while training, validation excluded", "J")
     energy_source: str | None = col(None, "how energy was measured (counter, rapl or power-integral)")
@@ -76,10 +79,8 @@ class ProbeReport:
                                name="eval_probe_s")
     eval_energy_j: float | None = col(None, "energy used by the checkpoint validations", "J")
     eval_peak_mem_mib: float | None = col(
-        None, "peak memory of the checkpoint validations, measured like peak_mem_mib", "MiB")
-    cpu_cap_peak_mib: float | None = col(
-        None, "CPU memory cap only: bytes counted against the cap at its peak (weights, gradients, optimiser "
-              "state, saved activations)", "MiB")
+        None, "peak memory of the checkpoint validations: torch max_memory_reserved on CUDA; on CPU the "
+              "resident-set peak during validation above the resident set when the trial started", "MiB")
 
 
 @dataclass
@@ -106,6 +107,8 @@ class TrialResult:
                             "tokens")
     steps: int = col(0, "optimiser steps taken")
     tokens_per_step: int | None = col(None, "bptt x batch_size: target tokens in one full window", "tokens")
+    max_window: int | None = col(None, "longest training window (bptt, or longer with variable-length windows); "
+                                       "x batch_size is the memory model's x", "tokens")
     warmup_steps: int = col(0, "first steps of the trial excluded from tokens_per_s")
     timing_includes_warmup: bool = col(
         False, "true when the trial was too short to exclude its warm-up steps: tokens_per_s then includes "

@@ -253,13 +253,13 @@ def _deadline(seconds: float | None) -> Iterator[None]:
 
 
 class _CpuMemoryCap:
-    """Counts what a training step keeps alive on CPU and raises the real OOM type past the cap.
+    """Counts what a training step keeps alive on CPU and, with a cap, raises the real OOM type past it.
 
     CPU has no allocator statistics like CUDA's, and RSS is blurred by malloc's reuse, so we count
     bytes exactly: static (parameters, gradients, optimiser state) plus the activations autograd saves.
     """
 
-    def __init__(self, cap_bytes: int, static_bytes: int, param_ptrs: set[int] = frozenset()) -> None:
+    def __init__(self, cap_bytes: int | None, static_bytes: int, param_ptrs: set[int] = frozenset()) -> None:
         self.cap, self.static = cap_bytes, static_bytes
         # Autograd saves the weights too; they are already in ``static``, so never count them twice.
         self.param_ptrs = set(param_ptrs)
@@ -277,7 +277,7 @@ class _CpuMemoryCap:
             self.saved += storage.nbytes()
             total = self.static + self.saved
             self.peak = max(self.peak, total)
-            if total > self.cap:
+            if self.cap is not None and total > self.cap:
                 raise oom_error_type()(
                     f"CPU memory budget exceeded: step needs more than {total / 2**20:.1f} MiB, "
                     f"cap is {self.cap / 2**20:.1f} MiB")
@@ -377,6 +377,15 @@ def release_memory(device: torch.device) -> None:
 
 # --------------------------------------------------------------------------- the trial
 
+def cuda_pool_fraction(cap_mib: float, total_bytes: int, outside_pool_bytes: int) -> float:
+    """The fraction of this GPU torch's pool may use to stand in for a card of ``cap_mib``.
+
+    A real card of that size also holds the CUDA context (and cuDNN/cuBLAS workspaces) outside torch's
+    pool, so the pool gets the cap minus what lives outside it here; otherwise a "16 GiB" wall mapped
+    on an 80 GB card would overstate what fits on a real 16 GB one."""
+    return max(0.0, min(1.0, (cap_mib * 2**20 - outside_pool_bytes) / total_bytes))
+
+
 def run_trial(spec: TrialSpec, corpus: Corpus, device: torch.device | str | None = None,
               probe: Any | None = None, on_checkpoint: CheckpointCallback | None = None) -> TrialResult:
     """Train and evaluate one configuration. Never raises for a trial outcome; see ``TrialResult.status``.
@@ -402,8 +411,9 @@ def run_trial(spec: TrialSpec, corpus: Corpus, device: torch.device | str | None
     try:
         with _deadline(t.timeout_s):
             if device.type == "cuda" and t.memory_cap_mib is not None:
-                total = torch.cuda.get_device_properties(device).total_memory
-                torch.cuda.set_per_process_memory_fraction(min(1.0, t.memory_cap_mib * 2**20 / total), device)
+                free, total = torch.cuda.mem_get_info(device)
+                outside = max(0, total - free - torch.cuda.memory_reserved(device))
+                torch.cuda.set_per_process_memory_fraction(cuda_pool_fraction(t.memory_cap_mib, total, outside), device)
                 cuda_cap = True
             _train_and_eval(spec, corpus, device, probe, on_checkpoint, result, start)
     except Diverged as e:
@@ -430,7 +440,8 @@ def run_trial(spec: TrialSpec, corpus: Corpus, device: torch.device | str | None
         try:
             measured = probe.report()
             measured = measured if isinstance(measured, ProbeReport) else ProbeReport(**measured)
-            measured.cpu_cap_peak_mib = result.probe.cpu_cap_peak_mib
+            if result.probe.peak_mem_mib is not None:  # counted on CPU: exact, whatever ran before
+                measured.peak_mem_mib = result.probe.peak_mem_mib
             result.probe = measured
         except Exception as e:  # noqa: BLE001 - a broken probe must not lose the trial
             log.warning("probe report failed: %s", e)
@@ -457,7 +468,7 @@ def _train_and_eval(spec: TrialSpec, corpus: Corpus, device: torch.device, probe
     forward = torch.compile(model) if t.compile else model
     opt = _make_optimizer(model, t, device)
     variable = VariableBptt.around(spec.bptt) if t.variable_bptt else None
-    cap = _cpu_cap(model, t, device)
+    cap = _cpu_cap(model, t, device)   # on CPU: the count behind peak_mem_mib, and the cap if one is set
     saved_hooks = torch.autograd.graph.saved_tensors_hooks(cap.pack, cap.unpack) if cap else contextlib.nullcontext()
 
     budget = Budget.of(t, corpus.train.numel())
@@ -466,7 +477,7 @@ def _train_and_eval(spec: TrialSpec, corpus: Corpus, device: torch.device, probe
     meter = _Meter(device, t.clip)
     deadline = start + t.timeout_s if t.timeout_s else None
     lr, best_val = t.lr, math.inf
-    tokens = steps = 0
+    tokens = steps = longest = 0
 
     def read_and_check() -> None:
         mean, first_bad, n = meter.read_interval()
@@ -502,6 +513,7 @@ def _train_and_eval(spec: TrialSpec, corpus: Corpus, device: torch.device, probe
                     if n_window == 0 or (t.reset_every and n_window % t.reset_every == 0):
                         hidden = model.init_hidden(bs)   # each pass (and reset_every) starts from zeros
                     seq_len, keep = budget.cut(seq_len, bs, tokens)
+                    longest = max(longest, seq_len)
                     x, y = get_batch(train, i, seq_len)
                     hidden = repackage_hidden(hidden)
                     step_lr = lr * (variable.lr_factor(seq_len) if variable else 1.0)
@@ -511,14 +523,17 @@ def _train_and_eval(spec: TrialSpec, corpus: Corpus, device: torch.device, probe
                         cap.step_start()
                     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                         logits, hidden = forward(x, hidden)
-                        loss = F.cross_entropy(logits[:keep].float(), y[:keep])
+                        if keep is not None:  # the budget's last window: only its first `keep` targets
+                            # (slicing every step would cost a full-size gradient copy in backward)
+                            logits, y = logits[:keep], y[:keep]
+                        loss = F.cross_entropy(logits.float(), y)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip if t.clip > 0 else math.inf)
                     opt.step()
                     meter.update(loss, norm)
                     steps += 1
-                    tokens += y.numel() if keep is None else keep
+                    tokens += y.numel()
                     clock.after_step(steps, tokens)
 
                     due = budget.checkpoint_due(budget.progress(tokens, clock.seconds()))
@@ -534,7 +549,7 @@ def _train_and_eval(spec: TrialSpec, corpus: Corpus, device: torch.device, probe
         _sync(device)
         result.train_s = clock.seconds()
         result.eval_s = clock.paused_s
-        result.steps, result.train_tokens = steps, tokens
+        result.steps, result.train_tokens, result.max_window = steps, tokens, longest or None
         result.warmup_steps = min(t.warmup_steps, steps)
         result.final_lr = lr
         if steps:
@@ -544,7 +559,7 @@ def _train_and_eval(spec: TrialSpec, corpus: Corpus, device: torch.device, probe
         if result.tokens_per_s is not None:
             result.achieved_flops = result.tokens_per_s * result.flops_per_token
         if cap:
-            result.probe.cpu_cap_peak_mib = cap.peak / 2**20
+            result.probe.peak_mem_mib = cap.peak / 2**20
 
     _summarise_validation(result)
     if t.test:
@@ -561,10 +576,12 @@ def _phase(probe: Any | None, name: str) -> contextlib.AbstractContextManager:
 
 
 def _cpu_cap(model: RNNModel, t: TrainConfig, device: torch.device) -> _CpuMemoryCap | None:
-    if t.memory_cap_mib is None or device.type != "cpu":
+    """On CPU every trial counts its memory (a hook per saved tensor: no measurable cost); with
+    ``memory_cap_mib`` the count is also the cap."""
+    if device.type != "cpu":
         return None
-    return _CpuMemoryCap(int(t.memory_cap_mib * 2**20), _static_bytes(model, t),
-                         {p.untyped_storage().data_ptr() for p in model.parameters()})
+    cap = int(t.memory_cap_mib * 2**20) if t.memory_cap_mib is not None else None
+    return _CpuMemoryCap(cap, _static_bytes(model, t), {p.untyped_storage().data_ptr() for p in model.parameters()})
 
 
 def warm_up(spec: TrialSpec, corpus: Corpus, device: torch.device | str | None = None, steps: int = 3) -> float:

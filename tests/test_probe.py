@@ -326,6 +326,27 @@ def test_nvml_handle_matches_uuid_prefix():
         nvml_handle(nv, 0, "GPU-9999")
 
 
+def test_nvml_handle_finds_a_mig_instance_by_its_own_uuid_not_its_parent():
+    """A MIG slice: torch reports the instance's UUID; NVML knows it as MIG-<uuid>. The old lookup tried
+    GPU-<uuid>, failed, and fell back to index 0: the whole parent GPU's memory and power."""
+    gpus, migs = {"GPU-parent": "h0"}, {"MIG-aaaa-1111": "m0", "MIG-bbbb-2222": "m1"}
+
+    def by_uuid(u):
+        if u in gpus or u in migs:
+            return {**gpus, **migs}[u]
+        raise NvmlError("NotFound")
+
+    nv = SimpleNamespace(
+        nvmlDeviceGetHandleByUUID=by_uuid, nvmlDeviceGetCount=lambda: 1, nvmlDeviceGetHandleByIndex=lambda i: "h0",
+        nvmlDeviceGetMaxMigDeviceCount=lambda h: 2, nvmlDeviceGetMigDeviceHandleByIndex=lambda h, j: f"m{j}",
+        nvmlDeviceGetUUID=lambda h: {"h0": b"GPU-parent", "m0": b"MIG-aaaa-1111", "m1": b"MIG-bbbb-2222"}[h])
+    assert nvml_handle(nv, 0, "MIG-bbbb-2222", torch_uuid="bbbb-2222") == "m1"
+    assert nvml_handle(nv, 0, "MIG-bbbb", torch_uuid=None) == "m1"          # a prefix, matched among instances
+    assert nvml_handle(nv, 0, None, torch_uuid="aaaa-1111") == "m0"
+    with pytest.raises(NvmlUnavailable):
+        nvml_handle(nv, 0, "MIG-cccc", torch_uuid=None)
+
+
 # --------------------------------------------------------------------------- RAPL
 
 def test_rapl_delta_wraps():

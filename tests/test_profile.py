@@ -136,3 +136,13 @@ def test_max_seconds_plans_the_budget_and_keeps_the_sweep_under_it(tmp_path, cap
     # A resumed study keeps the budget it was planned with.
     assert main(["sweep", str(path), "--results-dir", str(results), "--max-seconds", "999", "--no-report"]) == 0
     assert "planned when this study started" in capsys.readouterr().err
+
+
+def test_the_report_shows_the_profile_the_wall_and_the_memory_models_held_out_error(tmp_path):
+    path, results = study(tmp_path, bs="[4, 16]"), tmp_path / "results"
+    assert main(["profile", str(path), "--results-dir", str(results)]) == 0
+    assert main(["sweep", str(path), "--results-dir", str(results)]) == 0
+    html = (results / "prof" / "report.html").read_text()
+    assert 'id="fig-profile-tps"' in html and 'id="fig-profile-mem"' in html
+    assert "The memory wall, measured" in html and 'id="memory-wall"' in html
+    assert "Leave-one-out check" in html and "profiled cells" in html

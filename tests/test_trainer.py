@@ -144,7 +144,7 @@ def test_cpu_memory_cap_ends_the_trial_as_oom_and_the_next_trial_runs(syn: Corpu
     assert "memory budget exceeded" in r.error and "cap is" in r.error
     assert r.val_ppl is None
     fits = trial(syn, memory_cap_mib=64)
-    assert fits.status == "ok" and 0 < fits.probe.cpu_cap_peak_mib < 64
+    assert fits.status == "ok" and 0 < fits.probe.peak_mem_mib < 64
     assert trial(syn).status == "ok"
 
 

@@ -104,13 +104,11 @@ def test_a_sweep_trains_every_configuration_on_exactly_the_budget(tmp_path):
 MEMORY_SCRIPT = textwrap.dedent("""
     import json, sys
     import torch
-    from harness.cli import configure_process
     from harness.corpus import CorpusSpec, load
     from harness.probe import make_probe
     from harness.spec import ModelConfig, TrainConfig, TrialSpec
     from harness.trainer import run_trial, warm_up
 
-    configure_process()
     torch.set_num_threads(1)
     corpus = load(CorpusSpec("default", lower=True, split_punct=True, max_vocab=5000))
     model = ModelConfig(emsize=128, nhid=128, layers=2, dropout=0.1)

@@ -83,9 +83,12 @@ def generate_from_records(records: list[dict], *, study_name: str, out_dir: Path
 
     if not records:
         raise HarnessError(f"study {study_name!r} has no finished trials; run 'harness sweep' first")
+    from harness.profile import load_profile
+
     trials = records_to_frame(records)
-    rep = build(trials, study_name=study_name, storage_display=storage_display, info=info, n_running=n_running)
     out_dir = Path(out_dir)
+    rep = build(trials, study_name=study_name, storage_display=storage_display, info=info, n_running=n_running,
+                profile=load_profile(out_dir))
     paths = ReportPaths(csv=out_dir / "trials.csv", html=out_dir / "report.html", summary=console.summary(rep),
                         configs_csv=out_dir / "configs.csv")
     write_files_atomic({

@@ -28,6 +28,7 @@ class Report:
     info: dict = field(default_factory=dict)
     n_running: int = 0
     generated_at: str = ""
+    profile: pd.DataFrame | None = None   # the study's profile.csv (harness profile), when it has one
 
 
 def study_cost(trials: pd.DataFrame, info: dict | None = None) -> str:
@@ -39,12 +40,12 @@ def study_cost(trials: pd.DataFrame, info: dict | None = None) -> str:
 
 
 def build(trials: pd.DataFrame, *, study_name: str, storage_display: str | None = None, info: dict | None = None,
-          n_running: int = 0) -> Report:
+          n_running: int = 0, profile: pd.DataFrame | None = None) -> Report:
     info = dict(info or {})
     configs = aggregate_configs(trials)
     ranking = rank_configs(configs, study_cost(trials, info))
     et = equal_time_ranking(trials, ranking.table)
-    fits = fit_memory(trials)
+    fits = fit_memory(trials, profile)
     wall = memory_wall(trials)
     cards = None
     if fits and fits[0].gpu and fits[0].slope_mib > 0:
@@ -52,4 +53,4 @@ def build(trials: pd.DataFrame, *, study_name: str, storage_display: str | None 
     adv = advise(trials, configs, ranking, et, fits, wall, n_running)
     now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     return Report(study_name, trials, configs, ranking, et, fits, cards, wall, adv, storage_display, info,
-                  n_running, now)
+                  n_running, now, profile)

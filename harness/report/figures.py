@@ -161,6 +161,15 @@ def curves(trials: pd.DataFrame, ranking: Ranking, equal_time: EqualTime | None,
     return fig
 
 
+def profile_cells(profile: pd.DataFrame) -> pd.DataFrame:
+    """The profile's grid cells shaped like configs.csv rows, so :func:`heatmap` draws them."""
+    g = profile[profile["phase"] == "grid"].copy()
+    fits = g["status"].isin(("ok", "diverged"))
+    return g.assign(n=fits.astype(int), n_oom=(g["status"] == "oom").astype(int), n_diverged=0, val_ppl=float("nan"),
+                    n_other=(~fits & (g["status"] != "oom")).astype(int),
+                    config_key=[f"bptt={int(b)},batch_size={int(s)}" for b, s in zip(g["bptt"], g["batch_size"])])
+
+
 def memory(trials: pd.DataFrame, fit: MemoryFit | None, card_mib: float | None) -> go.Figure | None:
     d = trials[trials["peak_mem_mib"].notna() & trials["tokens_per_step"].notna() & (trials["status"] != "oom")]
     if d.empty:
@@ -176,9 +185,10 @@ def memory(trials: pd.DataFrame, fit: MemoryFit | None, card_mib: float | None) 
         xs = np.linspace(0, x_hi * 1.05, 50)
         ys = fit.predict(xs)
         if fit.margin_mib:
-            fig.add_trace(go.Scatter(x=np.r_[xs, xs[::-1]], y=np.r_[ys + fit.margin_mib, (ys - fit.margin_mib)[::-1]],
+            half = np.array([fit.upper(x) for x in xs]) - ys   # widens away from the measured range
+            fig.add_trace(go.Scatter(x=np.r_[xs, xs[::-1]], y=np.r_[ys + half, (ys - half)[::-1]],
                                      fill="toself", fillcolor="rgba(255,127,14,0.15)", line=dict(width=0),
-                                     name="fit ± 2 RMS error", hoverinfo="skip"))
+                                     name="95% prediction interval", hoverinfo="skip"))
         fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", name=f"fit: {fit.intercept_mib:,.0f} + "
                                  f"{fit.slope_mib:.4g} × bptt × bs", line=dict(color="#ff7f0e")))
     if len(oom):

@@ -222,30 +222,53 @@ def _not_ranked_section(rep: Report, limit: int = 60) -> str:
 
 def _memory_section(rep: Report) -> str:
     if not rep.fits:
-        return ""
+        return _walls_section(rep)
     f = rep.fits[0]
-    err = (f"RMS error {f.rmse_mib:,.0f} MiB, largest error {f.max_err_mib:,.0f} MiB, R² {f.r2:.4f}, slope ± "
+    err = (f"RMS error {f.rmse_mib:,.1f} MiB, largest error {f.max_err_mib:,.1f} MiB, R² {f.r2:.4f}, slope ± "
            f"{f.slope_se:.2g} MiB" if math.isfinite(f.rmse_mib) else "exact through two points, no error estimate")
-    text = (f"<p>Fitted on {f.n_points} trials of the {esc(f.shape)} model: peak memory ≈ "
-            f"{f.intercept_mib:,.0f} MiB + {f.slope_mib:.4g} MiB × bptt × batch size ({esc(err)}); measured range "
-            f"{f.x_min:,.0f}–{f.x_max:,.0f} tokens per step.</p>")
+    what = "profiled cells" if f.source == "profile" else "trials"
+    text = (f"<p>Fitted on {f.n_points} {what} of the {esc(f.shape)} model: peak memory ≈ "
+            f"{f.intercept_mib:,.1f} MiB + {f.slope_mib:.4g} MiB × the longest window × batch size ({esc(err)}); "
+            f"measured range {f.x_min:,.0f}–{f.x_max:,.0f} tokens per step.</p>")
+    if math.isfinite(f.loo_max_pct):
+        verdict = "within the 5% goal" if f.loo_max_pct <= 5 else "above the 5% goal: treat predictions with care"
+        text += (f"<p>Leave-one-out check: each of the {f.n_points} points predicted from the fit of the others is off "
+                 f"by {f.loo_median_pct:.1f}% (median), {f.loo_max_pct:.1f}% at most, {verdict}.</p>")
     if len(rep.fits) > 1:
-        text += (f'<p class="small">The study has {len(rep.fits)} model shapes; this fit is for the most common one '
-                 f"({esc(f.shape)}).</p>")
+        text += (f'<p class="small">The study has {len(rep.fits)} fits; this one is for {esc(f.shape)} '
+                 f"({what}).</p>")
     if rep.cards is not None and not rep.cards.empty:
         cards = [c for c in rep.cards.columns if c != "batch_size"]
         cols: list[Column] = [("", "batch size", lambda x: str(int(x["batch_size"])))]
         cols += [("", c, lambda x, c=c: "" if pd.isna(x[c]) else f"{int(x[c]):,}") for c in cards]
-        margin = f"{f.margin_mib:,.0f} MiB margin (2 × RMS error)" if f.margin_mib else "no error margin"
-        over = f" and {f.overhead_mib:,.0f} MiB outside torch's pool (CUDA context, from NVML)" if f.overhead_mib else ""
-        text += (f"<h3>Predicted largest bptt per batch size, by card memory (predictions, not measurements)</h3>"
-                 f"<p class=\"small\">Extrapolated from the fit with a {esc(margin)}{esc(over)}; 0 means even bptt 1 "
-                 "is predicted not to fit. Check the edge on the real card before relying on it.</p>"
+        over = f" and {f.overhead_mib:,.0f} MiB outside torch's pool (CUDA context)" if f.overhead_mib else ""
+        text += (f"<h3>Predicted largest bptt per batch size, by card (predictions, not measurements)</h3>"
+                 f"<p class=\"small\">Each card's memory as the driver reports it (less than its nominal size), the "
+                 f"upper end of the fit's 95% prediction interval (it widens away from the measured range){esc(over)}; "
+                 "0 means even bptt 1 is predicted not to fit. Check the edge on the real card before relying on it.</p>"
                  + table(rep.cards, cols, table_id="memory-predictions"))
     elif not f.gpu:
-        text += ("<p class=\"small\">Measured on CPU (peak resident memory of the process), so no GPU card predictions "
+        text += ("<p class=\"small\">Measured on CPU (the bytes a step holds, counted), so no GPU card predictions "
                  "are made.</p>")
-    return text
+    return text + _walls_section(rep)
+
+
+def _walls_section(rep: Report) -> str:
+    """The profile's memory wall: per bptt, the largest batch size that fit and the smallest that did not."""
+    from harness.profile import walls_table
+
+    if rep.profile is None or rep.profile.empty or not (rep.profile["phase"] == "wall").any():
+        return ""
+    w = walls_table(rep.profile)
+    cols: list[Column] = [("", "bptt", lambda x: str(int(x["bptt"]))),
+                          ("", "largest batch size that fits", lambda x: _int(x["largest_fit_bs"])),
+                          ("", "smallest that ran out of memory", lambda x: _int(x["smallest_oom_bs"])),
+                          ("", "peak MiB at the fit", lambda x: _num(x["peak_mib_at_fit"], "{:,.1f}"))]
+    return "<h3>The memory wall, measured (harness profile)</h3>" + table(w, cols, table_id="memory-wall")
+
+
+def _int(v: object) -> str:
+    return "" if v is None or pd.isna(v) else f"{int(v):,}"
 
 
 def render(rep: Report) -> str:
@@ -275,6 +298,13 @@ def render(rep: Report) -> str:
     add("fig-curves", figures.curves(rep.trials, rep.ranking, rep.equal_time),
         "Validation perplexity during training for the best configurations (and bptt 35 × bs 20 as the reference): "
         "left at equal tokens, right at equal time; the dashed line is the equal-time ranking point.")
+    if rep.profile is not None and len(rep.profile):
+        cells = figures.profile_cells(rep.profile)
+        add("fig-profile-tps", figures.heatmap(cells, "tokens_per_s"),
+            "The profile (harness profile): throughput of every cell from a few timed steps after warm-up, "
+            "without full training. Grey cells ran out of memory.")
+        add("fig-profile-mem", figures.heatmap(cells, "peak_mem_mib"),
+            "The profile: training peak memory of every cell; the table below gives the wall per bptt.")
     add("fig-memory", figures.memory(rep.trials, rep.fits[0] if rep.fits else None, rep.wall.card_mib),
         "Measured peak memory against tokens per step with the fitted line: points far from the line mean the "
         "linear model does not hold; red crosses are OOM trials.")
