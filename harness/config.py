@@ -16,9 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness.corpus import CorpusSpec
 from harness.errors import HarnessError
-from harness.spec import ModelConfig, TrainConfig
+from harness.spec import CorpusSpec, ModelConfig, TrainConfig
 from harness.urls import redact
 
 SAMPLERS = ("grid", "tpe", "random", "nsga2")

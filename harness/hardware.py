@@ -6,6 +6,7 @@ result sets from several machines can be grouped and compared.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -22,14 +23,12 @@ import torch
 
 from harness.errors import HarnessError
 from harness.probe import MIB, make_probe, sample_dict
+from harness.record import Hardware
 
 log = logging.getLogger(__name__)
 
-FINGERPRINT_KEYS = (
-    "gpu_name", "gpu_memory_mib", "gpu_compute_capability", "gpu_count", "driver_version", "cuda_version",
-    "cudnn_version", "torch_version", "cpu_model", "cpu_cores", "ram_gib", "hostname", "machine_id",
-    "python_version", "platform",
-)
+# The fingerprint is the record's Hardware part: one schema (harness/record.py) for both.
+FINGERPRINT_KEYS = tuple(f.name for f in dataclasses.fields(Hardware))
 
 
 def resolve_device(name: str | None) -> torch.device:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
+import platform
 import re
+import socket
 
 import pytest
 import torch
@@ -11,11 +15,20 @@ import torch
 from harness.hardware import FINGERPRINT_KEYS, device_label, doctor_report, fingerprint, machine_id, slug
 
 
-def test_fingerprint_keys_and_cpu_values():
+def test_fingerprint_is_the_records_hardware_and_says_what_this_machine_is():
+    from harness.record import Hardware, from_dict
+
     fp = fingerprint("cpu")
-    assert tuple(fp) == FINGERPRINT_KEYS
-    assert fp["torch_version"] == torch.__version__
-    assert fp["cpu_cores"] >= 1 and fp["ram_gib"] > 0 and fp["cpu_model"]
+    assert tuple(fp) == FINGERPRINT_KEYS == tuple(f.name for f in dataclasses.fields(Hardware))
+    assert dataclasses.asdict(from_dict(Hardware, fp)) == fp  # stored in the record as it is
+    # Each value against an independent reading of this machine:
+    assert fp["torch_version"] == torch.__version__ and fp["python_version"] == platform.python_version()
+    assert fp["hostname"] == socket.gethostname()
+    assert fp["cpu_cores"] == len(os.sched_getaffinity(0))
+    assert fp["ram_gib"] == pytest.approx(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, abs=0.1)
+    model = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), None)
+    if model:
+        assert fp["cpu_model"] == model
     assert re.fullmatch(r"[0-9a-f]{12}", fp["machine_id"])
     for key in ("gpu_name", "gpu_memory_mib", "gpu_compute_capability", "gpu_count", "driver_version",
                 "cuda_version", "cudnn_version"):

@@ -157,11 +157,10 @@ def test_unexpected_exception_and_timeout_do_not_stop_the_sweep(tmp_path: Path, 
         return real(spec, *args, **kwargs)
 
     monkeypatch.setattr(trainer, "_train_and_eval", faulty)
-    study_file = write_study(tmp_path, "faults", train="timeout_s = 8", search="bptt = [4, 6, 8]\nbatch_size = [4]")
+    # 2 s: a tiny trial takes a fraction of that; the hung one is ended by its deadline, not by 120 s.
+    study_file = write_study(tmp_path, "faults", train="timeout_s = 2", search="bptt = [4, 6, 8]\nbatch_size = [4]")
     results = tmp_path / "results"
-    t0 = time.monotonic()
     assert main(["sweep", str(study_file), "--results-dir", str(results), "--no-report"]) == 0
-    assert time.monotonic() - t0 < 60
     study = load(sqlite_url(results, "faults"), "faults")
     status = {t.params["bptt"]: (t.state, t.user_attrs["record"]) for t in study.get_trials()}
     assert status[4][0] == TrialState.FAIL and status[4][1]["status"] == "failed"

@@ -409,3 +409,27 @@ def test_cpu_workers_get_their_own_cores_and_say_they_shared_the_host():
     configs = aggregate_configs(records_to_frame(recs)).set_index("config_key")
     assert "2 workers shared this CPU" in configs.loc["bptt=35,batch_size=20", "timing_note"]
     assert configs.loc["bptt=35,batch_size=40", "timing_note"] == ""
+
+
+def test_train_clock_leaves_paused_time_out_and_marks_the_warm_up():
+    from harness.trainer import TrainClock
+
+    clock = TrainClock(torch.device("cpu"), warmup_steps=2)
+    time.sleep(0.05)
+    with clock.paused():
+        time.sleep(0.2)
+    assert 0.04 < clock.seconds() < 0.19 and clock.paused_s >= 0.2
+    clock.after_step(1, 100)
+    assert clock.warm_at is None
+    clock.after_step(2, 200)
+    warm_s, warm_tokens = clock.warm_at
+    assert warm_tokens == 200
+    tps, includes_warmup = clock.throughput(warm_s + 1.0, 1200)
+    assert tps == pytest.approx(1000.0) and includes_warmup is False
+    assert TrainClock(torch.device("cpu"), 5).throughput(2.0, 400) == (200.0, True)  # never warm: timed whole
+
+
+def test_parsing_a_study_file_does_not_import_torch():
+    code = "import sys, harness.config; harness.config.load_study('studies/default.toml'); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    assert out.stdout.strip() == "False"
