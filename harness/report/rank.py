@@ -210,6 +210,32 @@ def _places(table: pd.DataFrame, cost: str) -> tuple[list[int], list[bool]]:
     return places, ties
 
 
+# --- equal wall time ---------------------------------------------------------------------------
+
+@dataclass
+class EqualTime:
+    """Ranking by perplexity at the same training time for every configuration.
+
+    Attributes:
+        seconds: the latest training time every ranked configuration reached (``None`` if no curves).
+        table: config rows with ``ppl_at_time`` (mean over repeats), ``ppl_at_time_std`` and ``place``;
+            configurations without a checkpoint by then are last with NaN.
+        best_budget / best_time: config keys of the best configuration at the study's budget and at
+            equal time.
+        disagree: the two bests differ by more than the measured spread.
+        spearman: rank correlation of the two perplexity orders (None with fewer than 3 configurations).
+        comparable: the budget's best has a checkpoint by ``seconds``; when False nothing can be said.
+    """
+
+    seconds: float | None
+    table: pd.DataFrame
+    best_budget: str | None = None
+    best_time: str | None = None
+    disagree: bool = False
+    spearman: float | None = None
+    comparable: bool = True
+
+
 def ppl_at(curve: list[dict], seconds: float) -> float:
     """Validation perplexity at ``seconds`` of training: the loss is interpolated linearly between
     the two checkpoints around it; NaN before the first checkpoint (nothing was measured yet)."""
