@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # make gpu-table: the published bptt x batch-size table on this machine's GPU (see benchmarks/gpu_table.py).
-# Writes results/published/<device label>/, including gpu-table.log; arguments go to the script
-# (e.g. --tokens N, --max-seconds S, or --allow-cpu --tiny --out DIR for a CPU rehearsal).
+# Writes results/published/<device label>/<study>/; arguments go to the script
+# (e.g. --max-seconds S, or --allow-cpu --tiny --out DIR for a CPU rehearsal).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY=python3

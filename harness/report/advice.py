@@ -151,8 +151,9 @@ def _data_notes(trials: pd.DataFrame, n_running: int) -> list[str]:
         notes.append(f"{n_running} trial(s) were still running and are not in this report.")
     ok = trials[trials["status"] == "ok"]
     if len(ok) and not (ok["probe_kind"] == "nvml").any():
-        notes.append("No GPU telemetry: memory is the process's peak resident set (CPU probe) and energy was "
-                     "not measured.")
+        notes.append("No GPU telemetry: memory is what a CPU training step holds, counted by the trainer "
+                     "(weights, gradients, optimiser state, saved activations), and energy was measured only where "
+                     "RAPL is readable.")
     elif len(ok) and ok["energy_j"].isna().all():
         notes.append("Energy was not measured on this hardware.")
     dead = trials[trials["error"].astype(str).str.contains("worker died", na=False)]
@@ -248,10 +249,11 @@ def _memory(wall: MemoryWall, fits: list[MemoryFit], extra: list[str]) -> Findin
         f = fits[0]
         err = f" (fit error: RMS {f.rmse_mib:,.0f} MiB, R² {f.r2:.3f})" if math.isfinite(f.rmse_mib) else \
             " (fitted through two points: no error estimate)"
-        parts.append(f"Fitted memory model: peak ≈ {f.intercept_mib:,.0f} MiB + {f.slope_mib:.4g} MiB × bptt × bs{err}.")
+        parts.append(f"Fitted memory model: peak ≈ {f.intercept_mib:,.1f} MiB + {f.slope_mib:.4g} MiB × the longest "
+                     f"window × bs{err}.")
         if not f.gpu:
-            parts.append("Measured on CPU as the process's peak resident memory, which includes Python and the "
-                         "libraries, so the fit says little about a GPU.")
+            parts.append("Measured on CPU as the bytes a training step holds (no allocator caches or CUDA context), "
+                         "so it is a lower bound for a GPU, not a prediction of one.")
         if f.gpu and wall.card_mib and f.slope_mib > 0:
             x = f.max_tokens_per_step(wall.card_mib)
             if x > 0:

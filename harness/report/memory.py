@@ -55,7 +55,7 @@ class MemoryFit:
         slope_se: standard error of the slope. ``x_min``/``x_max``: the range fitted; ``x_mean`` and
             ``sxx`` (sum of squared deviations of x) give the prediction interval.
         shape: the model the fit is for (e.g. ``lstm 2x650``). ``gpu``: GPU memory (torch reserved)
-            rather than the process's resident set on CPU.
+            rather than the counted bytes of a CPU step.
         overhead_mib: memory a card needs outside torch's pool (CUDA context), from NVML where known.
         loo_median_pct / loo_max_pct: leave-one-out error: each point predicted by the fit of the
             others, as a percentage of its measured peak (NaN with fewer than 3 points).
