@@ -16,14 +16,13 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from harness.corpus import load  # noqa: E402
-from harness.model import ModelConfig  # noqa: E402
-from harness.probe import make_probe  # noqa: E402
-from harness.trainer import TrainConfig, TrialSpec, run_trial  # noqa: E402
+from harness.corpus import load
+from harness.model import ModelConfig
+from harness.probe import make_probe
+from harness.trainer import TrainConfig, TrialSpec, run_trial
 
 
 def sample_cost_us(interval_ms: int, n: int = 2000) -> float:

@@ -26,6 +26,7 @@ fraction of the train lines, for a quick run; ``--small`` uses a 2-layer 32-unit
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import tempfile
@@ -33,15 +34,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
+import torch
+import torch.nn.functional as F
+from torch import nn
 
-from harness.corpus import EOS, SPLITS, UNK, CorpusSpec, load  # noqa: E402
-from harness.model import ModelConfig  # noqa: E402
-from harness.trainer import TrainConfig, TrialSpec, run_trial  # noqa: E402
+from harness.corpus import EOS, SPLITS, UNK, CorpusSpec, load
+from harness.model import ModelConfig
+from harness.trainer import TrainConfig, TrialSpec, run_trial
 
 EVAL_BATCH_SIZE = 10  # main.py: eval_batch_size = 10
 
@@ -280,6 +280,11 @@ def compare(directory: Path, r: Recipe, device: str = "cpu") -> dict[str, dict]:
     harness = harness_on_files(directory, r, device)
     corpus = harness.pop("corpus")
     done("harness", harness)
+    theirs = CanonicalCorpus(directory)
+    harness["same_streams"] = all(
+        [corpus.vocab[i] for i in corpus.split(s).tolist()]
+        == [theirs.dictionary.idx2word[i] for i in getattr(theirs, s).tolist()] for s in SPLITS)
+    harness["same_vocabulary"] = sorted(theirs.dictionary.idx2word) == sorted(corpus.vocab)
     same_ids = canonical_train(corpus.train, corpus.valid, corpus.vocab_size, r, device)
     same_ids["vocab_size"] = corpus.vocab_size
     done("canonical, harness ids", same_ids)
@@ -295,6 +300,8 @@ def main() -> int:
     ap.add_argument("--small", action="store_true", help="a 2-layer 32-unit model instead of 2x200")
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     ap.add_argument("--dir", type=Path, default=None, help="write the corpus files here (default: a temp dir)")
+    ap.add_argument("--valid-lines", type=int, default=None, help="keep only the first N lines of valid")
+    ap.add_argument("--json", action="store_true", help="end with one JSON line of the three results")
     args = ap.parse_args()
     if not 0 < args.fraction <= 1:
         ap.error("--fraction must be in (0, 1]")
@@ -305,6 +312,10 @@ def main() -> int:
         r = Recipe(emsize=32, nhid=32, seed=args.seed)
     with tempfile.TemporaryDirectory() as tmp:
         directory = write_corpus_files(args.dir or Path(tmp) / "corpus", args.fraction)
+        if args.valid_lines:
+            valid = directory / "valid.txt"
+            lines = valid.read_text(encoding="utf-8").splitlines(keepends=True)[: args.valid_lines]
+            valid.write_text("".join(lines), encoding="utf-8")
         sizes = {s: sum(len(ln.split()) + 1 for ln in (directory / f"{s}.txt").open(encoding="utf-8"))
                  for s in SPLITS}
         print(f"corpus files in {directory}: " + ", ".join(f"{s} {n:,} tokens" for s, n in sizes.items()))
@@ -318,6 +329,8 @@ def main() -> int:
     h = results["harness"]["val_ppl"]
     print(f"ratio harness / canonical:             {h / results['canonical']['val_ppl']:.4f}")
     print(f"ratio harness / canonical, harness ids: {h / results['canonical, harness ids']['val_ppl']:.6f}")
+    if args.json:
+        print(json.dumps(results))
     return 0
 
 

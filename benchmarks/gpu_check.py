@@ -26,19 +26,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from harness.corpus import CorpusSpec, load  # noqa: E402
-from harness.hardware import device_label, fingerprint  # noqa: E402
-from harness.model import ModelConfig  # noqa: E402
-from harness.probe import make_probe  # noqa: E402
-from harness.trainer import TrainConfig, TrialSpec, release_memory, run_trial  # noqa: E402
+from harness.corpus import CorpusSpec, load
+from harness.hardware import device_label, fingerprint
+from harness.model import ModelConfig
+from harness.probe import make_probe, telemetry_problems
+from harness.trainer import TrainConfig, TrialSpec, release_memory, run_trial
 
 ROOT = Path(__file__).resolve().parents[1]
-MAX_ABOVE_IDLE_MIB = 256
-ENERGY_MIN_S = 5.0
 
 COLUMNS = ("role", "bptt", "batch_size", "status", "train_tokens", "train_s", "duration_s", "tokens_per_s",
            "torch_alloc_mib", "torch_reserved_mib", "nvml_device_mib", "nvml_process_mib", "nvml_process_source",
@@ -91,42 +88,6 @@ def row_of(role: str, spec: TrialSpec, result: Any, start_mib: float | None, fp:
         "probe_kind": p.get("probe_kind"), "device": result.device, "device_label": device_label(fp),
         "machine_id": fp["machine_id"], "error": (result.error or "")[:200] or None,
     }
-
-
-def checks(rows: list[dict], idle_mib: float | None, gpu: bool) -> list[str]:
-    """Every broken rule as one line; empty when the probe's numbers hold together."""
-    bad = []
-    for r in rows:
-        name = f"{r['role']} bptt={r['bptt']} bs={r['batch_size']}"
-        if r["status"] == "failed":
-            bad.append(f"{name}: trial failed: {r['error']}")
-        if gpu and r["probe_kind"] != "nvml":
-            bad.append(f"{name}: probe is {r['probe_kind']!r}, not NVML, on a CUDA device")
-        nvml, reserved = r["nvml_device_mib"], r["torch_reserved_mib"]
-        # An OOM makes the allocator free its cache before it gives up, so its peak may go unsampled.
-        if r["status"] != "oom" and nvml is not None and reserved is not None and nvml < reserved:
-            bad.append(f"{name}: NVML peak device memory {nvml:.0f} MiB < torch peak reserved {reserved:.0f} MiB")
-        long = (r["duration_s"] or 0) > ENERGY_MIN_S
-        if long and (r["energy_j"] is None if gpu else False):
-            bad.append(f"{name}: no energy recorded for a {r['duration_s']:.1f} s trial")
-        if long and r["energy_j"] is not None and r["energy_j"] <= 0:
-            bad.append(f"{name}: energy {r['energy_j']} J <= 0 for a {r['duration_s']:.1f} s trial")
-    oom = [r for r in rows if r["role"] == "oom"]
-    if not oom or oom[0]["status"] != "oom":
-        bad.append(f"the OOM configuration was recorded as {oom[0]['status'] if oom else 'nothing'!r}, not 'oom'")
-    after = [r for r in rows if r["role"] == "after-oom"]
-    if not after:
-        bad.append("no trial ran after the OOM configuration")
-    else:
-        a = after[0]
-        if a["status"] != "ok":
-            bad.append(f"the trial after the OOM ended as {a['status']!r}: {a['error']}")
-        if idle_mib is None or a["start_mib"] is None:
-            bad.append("memory before the trial after the OOM could not be read")
-        elif a["start_mib"] - idle_mib > MAX_ABOVE_IDLE_MIB:
-            bad.append(f"the trial after the OOM started {a['start_mib'] - idle_mib:.0f} MiB above idle "
-                       f"({a['start_mib']:.0f} vs {idle_mib:.0f} MiB; limit {MAX_ABOVE_IDLE_MIB})")
-    return bad
 
 
 def _cell(v: Any, digits: int = 0) -> str:
@@ -223,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     write_csv(rows, path)
     print(table(rows))
     print(f"idle before the OOM trial: {_cell(idle)} MiB; wrote {path}")
-    failures = checks(rows, idle, gpu=device.type == "cuda")
+    failures = telemetry_problems(rows, idle, gpu=device.type == "cuda")
     for line in failures:
         print(f"GPU-CHECK FAILED: {line}", file=sys.stderr)
     if failures:

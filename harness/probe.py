@@ -742,3 +742,49 @@ def make_probe(device: torch.device | str, interval_ms: int = 50) -> Probe:
 
 def sample_dict(s: Sample | None) -> dict[str, Any]:
     return {f.name: getattr(s, f.name) if s else None for f in fields(Sample)}
+
+
+# --------------------------------------------------------------------------- consistency rules
+
+# The trial after an out-of-memory one must start within this of the idle device (memory released).
+MAX_ABOVE_IDLE_MIB = 256
+# A training window at least this long must have moved the energy counter.
+ENERGY_MIN_S = 5.0
+
+
+def telemetry_problems(rows: list[dict], idle_mib: float | None, gpu: bool) -> list[str]:
+    """``make gpu-check``'s rules: every way the probe's numbers of a short grid fail to hold together,
+    as one line each (empty when they hold). ``rows`` are the check's trials (roles ``grid``, ``oom``,
+    ``after-oom``); ``idle_mib`` is device memory before the first."""
+    bad = []
+    for r in rows:
+        name = f"{r['role']} bptt={r['bptt']} bs={r['batch_size']}"
+        if r["status"] == "failed":
+            bad.append(f"{name}: trial failed: {r['error']}")
+        if gpu and r["probe_kind"] != "nvml":
+            bad.append(f"{name}: probe is {r['probe_kind']!r}, not NVML, on a CUDA device")
+        nvml, reserved = r["nvml_device_mib"], r["torch_reserved_mib"]
+        # An OOM makes the allocator free its cache before it gives up, so its peak may go unsampled.
+        if r["status"] != "oom" and nvml is not None and reserved is not None and nvml < reserved:
+            bad.append(f"{name}: NVML peak device memory {nvml:.0f} MiB < torch peak reserved {reserved:.0f} MiB")
+        long = (r["duration_s"] or 0) > ENERGY_MIN_S
+        if long and (r["energy_j"] is None if gpu else False):
+            bad.append(f"{name}: no energy recorded for a {r['duration_s']:.1f} s trial")
+        if long and r["energy_j"] is not None and r["energy_j"] <= 0:
+            bad.append(f"{name}: energy {r['energy_j']} J <= 0 for a {r['duration_s']:.1f} s trial")
+    oom = [r for r in rows if r["role"] == "oom"]
+    if not oom or oom[0]["status"] != "oom":
+        bad.append(f"the OOM configuration was recorded as {oom[0]['status'] if oom else 'nothing'!r}, not 'oom'")
+    after = [r for r in rows if r["role"] == "after-oom"]
+    if not after:
+        bad.append("no trial ran after the OOM configuration")
+    else:
+        a = after[0]
+        if a["status"] != "ok":
+            bad.append(f"the trial after the OOM ended as {a['status']!r}: {a['error']}")
+        if idle_mib is None or a["start_mib"] is None:
+            bad.append("memory before the trial after the OOM could not be read")
+        elif a["start_mib"] - idle_mib > MAX_ABOVE_IDLE_MIB:
+            bad.append(f"the trial after the OOM started {a['start_mib'] - idle_mib:.0f} MiB above idle "
+                       f"({a['start_mib']:.0f} vs {idle_mib:.0f} MiB; limit {MAX_ABOVE_IDLE_MIB})")
+    return bad

@@ -407,40 +407,33 @@ def test_run_trial_fills_probe_with_documented_keys(one_thread):
 
 # --------------------------------------------------------------------------- make gpu-check
 
-def load_gpu_check():
-    import importlib.util
+def run_gpu_check(*args: str):
+    import subprocess
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
-    spec = importlib.util.spec_from_file_location("gpu_check", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["gpu_check"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+    return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=600)
 
 
-def test_gpu_check_tiny_cpu_rehearsal_writes_csv(tmp_path, capsys):
+def test_gpu_check_tiny_cpu_rehearsal_writes_csv(tmp_path):
     import csv
 
-    gc = load_gpu_check()
-    assert gc.main(["--allow-cpu", "--tiny", "--out", str(tmp_path)]) == 0
+    done = run_gpu_check("--allow-cpu", "--tiny", "--out", str(tmp_path))
+    assert done.returncode == 0, done.stderr[-2000:]
     (path,) = tmp_path.glob("gpu-check-*-tiny.csv")
     rows = list(csv.DictReader(path.open()))
     assert [r["role"] for r in rows] == ["grid"] * 4 + ["oom", "after-oom"]
-    assert tuple(rows[0]) == gc.COLUMNS
     assert rows[4]["status"] == "oom" and rows[5]["status"] == "ok"
     assert all(r["probe_kind"] == "cpu" and r["nvml_device_mib"] == "" for r in rows)  # no invented GPU numbers
     assert not list(tmp_path.glob("*.tmp"))
-    assert "gpu-check passed" in capsys.readouterr().out
+    assert "gpu-check passed" in done.stdout
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the refusal without CUDA")
-def test_gpu_check_refuses_without_cuda(tmp_path, capsys):
-    gc = load_gpu_check()
-    assert gc.main(["--out", str(tmp_path)]) == 2
-    assert gc.main(["--allow-cpu", "--out", str(tmp_path)]) == 2  # a CPU run must say it is tiny
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 2 and "no CUDA GPU" in err[0]
+def test_gpu_check_refuses_without_cuda(tmp_path):
+    for args in ([], ["--allow-cpu"]):  # a CPU run must say it is tiny
+        done = run_gpu_check(*args, "--out", str(tmp_path))
+        assert done.returncode == 2 and "no CUDA GPU" in done.stderr.strip().splitlines()[0]
     assert not list(tmp_path.iterdir())
 
 
@@ -457,11 +450,12 @@ def good_rows():
 
 
 def test_gpu_check_rules():
-    gc = load_gpu_check()
-    assert gc.checks(good_rows(), idle_mib=500.0, gpu=True) == []
+    from harness.probe import telemetry_problems
+
+    assert telemetry_problems(good_rows(), idle_mib=500.0, gpu=True) == []
 
     def fails(rows, idle=500.0, gpu=True):
-        (line,) = gc.checks(rows, idle_mib=idle, gpu=gpu)
+        (line,) = telemetry_problems(rows, idle_mib=idle, gpu=gpu)
         return line
 
     rows = good_rows()
@@ -471,16 +465,16 @@ def test_gpu_check_rules():
     rows[0]["energy_j"] = 0.0
     assert "energy 0.0 J <= 0" in fails(rows)
     rows[0]["duration_s"] = 4.0  # too short for the counter to be held to account
-    assert gc.checks(rows, 500.0, gpu=True) == []
+    assert telemetry_problems(rows, 500.0, gpu=True) == []
     rows = good_rows()
     rows[0]["energy_j"] = None
     assert "no energy recorded" in fails(rows)
-    assert gc.checks(rows, 500.0, gpu=False) == []  # CPU without RAPL: energy is honestly missing
+    assert telemetry_problems(rows, 500.0, gpu=False) == []  # CPU without RAPL: energy is honestly missing
     rows = good_rows()
     rows[1].update(status="ok", nvml_device_mib=5000.0)
     assert "recorded as 'ok', not 'oom'" in fails(rows)
     assert "started 357 MiB above idle" in fails(good_rows(), idle=243.0)
-    assert gc.checks(good_rows(), idle_mib=344.0, gpu=True) == []  # 256 MiB above is still fine
+    assert telemetry_problems(good_rows(), idle_mib=344.0, gpu=True) == []  # 256 MiB above is still fine
     rows = good_rows()
     rows[2]["probe_kind"] = "cpu"
     assert "not NVML" in fails(rows)

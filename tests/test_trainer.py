@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import importlib.util
 import math
 import signal
 import sys
@@ -417,20 +416,10 @@ def test_step_loop_reads_nothing_back_to_the_host(syn: Corpus, optimizer: str) -
 
 # --------------------------------------------------------------------------- the canonical example
 
-def load_canonical_compare(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
-    """benchmarks/canonical_compare.py, imported by path (benchmarks/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("canonical_compare", REPO / "benchmarks" / "canonical_compare.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_harness_matches_the_canonical_example_on_the_same_files(tmp_path: Path,
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_harness_matches_the_canonical_example_on_the_same_files() -> None:
     """The canonical recipe (small model, 3% of train) run by the harness and by a faithful copy of
-    the example's main.py on the same files and seed.
+    the example's main.py on the same files and seed (``benchmarks/canonical_compare.py``, run as a
+    user runs it).
 
     The example numbers words in order of first appearance and the harness by frequency, so fed
     their own ids the two start from differently permuted random rows, and on a run this short that
@@ -438,25 +427,20 @@ def test_harness_matches_the_canonical_example_on_the_same_files(tmp_path: Path,
     the two halves of "the same": both read the same word streams and vocabulary from the files, and
     fed the same ids the example's loop lands on the harness's perplexity to rounding.
     """
-    cc = load_canonical_compare(monkeypatch)
-    directory = cc.write_corpus_files(tmp_path / "ptb-like", fraction=0.03)
-    valid = directory / "valid.txt"
-    valid.write_text("".join(valid.read_text(encoding="utf-8").splitlines(keepends=True)[:300]), encoding="utf-8")
-    recipe = cc.Recipe(emsize=32, nhid=32)  # the canonical recipe with a small model
+    import json
+    import subprocess
+    import sys
 
-    harness = cc.harness_on_files(directory, recipe)
-    corpus = harness.pop("corpus")
-    canonical_corpus = cc.CanonicalCorpus(directory)
-    for split in ("train", "valid", "test"):
-        ours = [corpus.vocab[i] for i in corpus.split(split).tolist()]
-        theirs = [canonical_corpus.dictionary.idx2word[i] for i in getattr(canonical_corpus, split).tolist()]
-        assert ours == theirs, f"the {split} word streams differ"
-    assert sorted(canonical_corpus.dictionary.idx2word) == sorted(corpus.vocab)
-
-    canonical = cc.canonical_train(corpus.train, corpus.valid, corpus.vocab_size, recipe)
-    assert harness["steps"] == canonical["steps"] == math.ceil((corpus.train.numel() // 20 - 1) / 35)
-    assert harness["val_ppl"] == pytest.approx(canonical["val_ppl"], rel=1e-5)
-    assert harness["val_ppl"] < corpus.vocab_size / 3  # and it learned something
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "canonical_compare.py"), "--small",
+                           "--fraction", "0.03", "--valid-lines", "300", "--threads", "1", "--json"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads(done.stdout.strip().splitlines()[-1])
+    harness, same_ids = results["harness"], results["canonical, harness ids"]
+    assert harness["same_streams"] and harness["same_vocabulary"]
+    assert harness["steps"] == same_ids["steps"]
+    assert harness["val_ppl"] == pytest.approx(same_ids["val_ppl"], rel=1e-5)
+    assert harness["val_ppl"] < harness["vocab_size"] / 3  # and it learned something
 
 
 def test_pruned_trial_keeps_its_checkpoint_perplexity(syn: Corpus) -> None:
