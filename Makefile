@@ -36,7 +36,7 @@ venv: $(STAMP)
 # Rebuilt when missing or older than pyproject.toml.
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	@echo "installing $(TORCH_REQ)$(if $(TORCH_INDEX_URL), from $(TORCH_INDEX_URL))"
+	@echo "installing $(TORCH_REQ): a wheel already on this machine, else from $(or $(TORCH_INDEX_URL),pip's index)"
 	$(PY) -m pip install -q --no-index --no-deps "$(TORCH_REQ)" 2>/dev/null || \
 		$(PY) -m pip install -q $(if $(TORCH_INDEX_URL),--index-url "$(TORCH_INDEX_URL)") "$(TORCH_REQ)"
 	$(PY) -m pip install -q -e ".[test]"

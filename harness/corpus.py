@@ -28,12 +28,12 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
 
 from harness.errors import HarnessError
+from harness.spec import CorpusSpec
 
 log = logging.getLogger(__name__)
 
@@ -58,31 +58,6 @@ SPLIT_FILE_NAMES = {
 }
 
 _PUNCT = re.compile(r"\w+(?:['’]\w+)*|[^\w\s]")
-
-
-@dataclass(frozen=True)
-class CorpusSpec:
-    """Which text and how to tokenise it.
-
-    Attributes:
-        source: ``"default"``, a path (file or directory), or ``"synthetic:k=12[,vocab=16,noise=2,tokens=200000,seed=0]"``.
-        tokenizer: ``"word"`` (whitespace split, ``<eos>`` at each line end) or ``"char"``.
-        lower: lower-case the text before tokenising (word tokenizer).
-        split_punct: split punctuation off words (``"end."`` -> ``"end" "."``).
-        max_vocab: keep only the most frequent ``max_vocab - 1`` train tokens, the rest become ``<unk>``.
-    """
-
-    source: str = "default"
-    tokenizer: Literal["word", "char"] = "word"
-    lower: bool = False
-    split_punct: bool = False
-    max_vocab: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.tokenizer not in ("word", "char"):
-            raise HarnessError(f"tokenizer {self.tokenizer!r} is not known; use 'word' or 'char'")
-        if self.max_vocab is not None and (not isinstance(self.max_vocab, int) or self.max_vocab < 2):
-            raise HarnessError(f"max_vocab={self.max_vocab!r} must be an integer >= 2 (or left out for no cap)")
 
 
 @dataclass

@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from harness.errors import HarnessError
-from harness.spec import ModelConfig, TrainConfig, TrialSpec
+from harness.spec import CorpusSpec, ModelConfig, TrainConfig, TrialSpec
 
 # Old option names kept working (the study key's name comes first in --help).
 ALIASES = {"corpus:source": ("--corpus",), "model:type": ("--model",), "train:timeout_s": ("--timeout",)}
@@ -29,7 +29,7 @@ DEFAULT_CELL = {"bptt": 35, "batch_size": 20}
 class TrialSetup:
     """What ``harness trial`` runs: the corpus, the configuration, the device, and where it came from."""
 
-    corpus: Any               # harness.corpus.CorpusSpec
+    corpus: CorpusSpec
     spec: TrialSpec
     device: str
     repeats: int = 1
@@ -85,8 +85,6 @@ def _add_section(p: argparse.ArgumentParser, section: str, cls: type, skip: tupl
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from harness.corpus import CorpusSpec
-
     p.add_argument("--from", dest="from_", metavar="RESULTS", default=None,
                    help="a study's results folder (results/<study>), study file or storage URL: run one of its "
                         "configurations with its corpus, model and train settings (options given as well "
@@ -173,8 +171,6 @@ def load_from(source: str) -> tuple[Any, Any]:
 
 def setup(args: argparse.Namespace) -> TrialSetup:
     """The trial that ``args`` ask for, validated, nothing loaded or trained yet."""
-    from harness.corpus import CorpusSpec
-
     if args.repeats < 1:
         raise HarnessError(f"--repeats {args.repeats} must be >= 1")
     study = loaded = None

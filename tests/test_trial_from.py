@@ -134,3 +134,13 @@ def test_repeats_run_with_consecutive_seeds(capsys: pytest.CaptureFixture[str]) 
 def test_setup_refuses_a_bad_memory_budget() -> None:
     with pytest.raises(HarnessError, match="--max-memory-gib nan must be a number of GiB > 0"):
         trial_cli.setup(trial_parser().parse_args(["--max-memory-gib", "nan"]))
+
+
+def test_building_the_command_line_loads_no_torch() -> None:
+    """The trial options come from the [corpus] keys too: ``harness report`` must not wait for torch."""
+    import subprocess
+    import sys
+
+    code = "import sys, harness.cli; harness.cli.build_parser(); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
