@@ -154,7 +154,7 @@ def test_optuna_dashboard_serves_the_study_with_names_attributes_and_constraints
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen([*command, f"sqlite:///{smoke_results / 'study.db'}", "--host", "127.0.0.1",
-                             "--port", str(port), "--server", "wsgiref"],
+                             "--port", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         studies = None
