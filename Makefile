@@ -4,9 +4,21 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 STUDY  ?= studies/default.toml
-# The CPU wheel is tiny next to the CUDA one; override TORCH_SPEC to pin another build.
-TORCH_CPU_SPEC ?= torch==2.13.0
-TORCH_GPU_SPEC ?= torch
+# PyTorch: one version for both builds. On Linux a plain PyPI install pulls the CUDA-bundled wheel
+# (several GB), so the build comes from the PyTorch wheel index: the CPU build where no NVIDIA GPU is
+# visible, else the CUDA build named by TORCH_CUDA (cu126 for drivers older than CUDA 12.8; `harness
+# doctor` says whether the driver runs it). macOS wheels on PyPI are CPU builds already.
+# Overrides: make venv TORCH_GPU=1 (the CUDA build on a login node without a GPU), TORCH_GPU= (CPU),
+# TORCH_INDEX_URL=<a mirror of the PyTorch index>, TORCH_INDEX_URL= (plain torch==VERSION from pip's own
+# configured index: on Linux that is PyPI's CUDA-bundled wheel).
+# A matching wheel already on this machine (pip's find-links) is used first, without the network.
+TORCH_VERSION   ?= 2.13.0
+TORCH_CUDA      ?= cu128
+UNAME           ?= $(shell uname -s)
+TORCH_GPU       ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
+TORCH_BUILD     ?= $(if $(filter Linux,$(UNAME)),$(if $(TORCH_GPU),$(TORCH_CUDA),cpu))
+TORCH_INDEX_URL ?= $(if $(TORCH_BUILD),https://download.pytorch.org/whl/$(TORCH_BUILD))
+TORCH_REQ        = torch==$(TORCH_VERSION)$(if $(and $(TORCH_BUILD),$(TORCH_INDEX_URL)),+$(TORCH_BUILD))
 
 .PHONY: help venv test sweep report gpu-check gpu-table bench doctor clean
 
@@ -24,14 +36,11 @@ venv: $(STAMP)
 # Rebuilt when missing or older than pyproject.toml.
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
-		echo "NVIDIA GPU visible: installing $(TORCH_GPU_SPEC) (CUDA build)"; \
-		$(PY) -m pip install -q "$(TORCH_GPU_SPEC)"; \
-	else \
-		echo "no NVIDIA GPU visible: installing the CPU build $(TORCH_CPU_SPEC)"; \
-		$(PY) -m pip install -q "$(TORCH_CPU_SPEC)"; \
-	fi
+	@echo "installing $(TORCH_REQ): a wheel already on this machine, else from $(or $(TORCH_INDEX_URL),pip's index)"
+	$(PY) -m pip install -q --no-index --no-deps "$(TORCH_REQ)" 2>/dev/null || \
+		$(PY) -m pip install -q $(if $(TORCH_INDEX_URL),--index-url "$(TORCH_INDEX_URL)") "$(TORCH_REQ)"
 	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[dashboard]" || echo "warning: optuna-dashboard could not be installed; its test is skipped"
 	touch $(STAMP)
 
 test: $(STAMP)

@@ -21,7 +21,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _add_corpus_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--corpus", default="default",
+    p.add_argument("--source", "--corpus", dest="corpus", default="default",
                    help="'default' (embedded Wikipedia text), a text file, a directory with train/valid/test, "
                         "or 'synthetic:k=12'")
     p.add_argument("--tokenizer", choices=("word", "char"), default="word")
@@ -47,33 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_corpus_args(p)
     p.add_argument("--json", action="store_true")
 
-    p = sub.add_parser("trial", help="train and evaluate one configuration")
-    _add_corpus_args(p)
-    p.add_argument("--bptt", type=int, default=35)
-    p.add_argument("--batch-size", type=int, default=20)
-    p.add_argument("--model", choices=("lstm", "gru"), default="lstm")
-    p.add_argument("--emsize", type=int, default=200)
-    p.add_argument("--nhid", type=int, default=200)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--dropout", type=float, default=0.2)
-    p.add_argument("--tied", action="store_true")
-    p.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd")
-    p.add_argument("--lr", type=float, default=20.0)
-    p.add_argument("--clip", type=float, default=0.25)
-    p.add_argument("--tokens", type=int, default=200_000, help="training-token budget")
-    p.add_argument("--epochs", type=float, default=None, help="budget in passes over train (overrides --tokens)")
-    p.add_argument("--seconds", type=float, default=None, help="a training-time budget instead of tokens")
-    p.add_argument("--checkpoints", type=int, default=4)
-    p.add_argument("--variable-bptt", action="store_true")
-    p.add_argument("--test", action="store_true", help="also evaluate the test split")
-    p.add_argument("--amp", choices=("bf16",), default=None)
-    p.add_argument("--compile", action="store_true")
-    p.add_argument("--timeout", type=float, default=None, help="wall-clock limit in seconds")
-    p.add_argument("--memory-cap-mib", type=float, default=None)
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-probe", action="store_true", help="skip the memory/energy probe")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p = sub.add_parser("trial", help="train and evaluate one configuration, or re-run one row of a study "
+                                     "(--from results/<study> --config bptt=35,batch_size=5)")
+    from harness import trial_cli
+
+    trial_cli.add_arguments(p)
 
     p = sub.add_parser("doctor", help="show the device, probe and hardware fingerprint")
     p.add_argument("--device", default="auto")
@@ -110,26 +88,27 @@ def cmd_corpus(args: argparse.Namespace) -> int:
 
 
 def cmd_trial(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from harness import trial_cli
     from harness.corpus import check_fits, load
     from harness.hardware import resolve_device
+    from harness.model import check_model
     from harness.probe import make_probe
-    from harness.spec import ModelConfig, TrainConfig, TrialSpec
     from harness.trainer import run_trial, warm_up
 
-    device = resolve_device(args.device)
-    model = ModelConfig(type=args.model, emsize=args.emsize, nhid=args.nhid, layers=args.layers,
-                        dropout=args.dropout, tied=args.tied)
-    train = TrainConfig(optimizer=args.optimizer, lr=args.lr, clip=args.clip,
-                        budget="seconds" if args.seconds is not None else "tokens", tokens=args.tokens, epochs=args.epochs,
-                        seconds=60.0 if args.seconds is None else args.seconds, checkpoints=args.checkpoints, timeout_s=args.timeout,
-                        seed=args.seed, test=args.test, variable_bptt=args.variable_bptt, amp=args.amp,
-                        compile=args.compile, memory_cap_mib=args.memory_cap_mib)
-    spec = TrialSpec(bptt=args.bptt, batch_size=args.batch_size, model=model, train=train)
-    corpus = load(_corpus_spec(args), check=lambda c: check_fits(c, spec.batch_size, spec.bptt, train.eval_batch_size))
-    probe = None if args.no_probe else make_probe(device)
+    ts = trial_cli.setup(args)
+    spec, model, train = ts.spec, ts.spec.model, ts.spec.train
+    device = resolve_device(ts.device)
+    corpus = load(ts.corpus, check=lambda c: check_fits(c, spec.batch_size, spec.bptt, train.eval_batch_size))
+    check_model(model, corpus.vocab_size)
     if not args.json:
-        print(f"trial: {model.type} {model.layers}x{model.nhid} on {corpus.name} ({corpus.vocab_size} tokens "
+        shape = model.factory or f"{model.type} {model.layers}x{model.nhid}"
+        print(f"trial: {shape} on {corpus.name} ({corpus.vocab_size} tokens "
               f"in vocabulary), bptt={spec.bptt} bs={spec.batch_size}, device {device}", file=sys.stderr)
+        measured = trial_cli.study_measured(ts)
+        if measured:
+            print(measured, file=sys.stderr)
 
     def on_checkpoint(i: int, point: dict) -> bool:
         if not args.json:
@@ -138,14 +117,21 @@ def cmd_trial(args: argparse.Namespace) -> int:
         return False
 
     warm_up(spec, corpus, device)  # a fresh process: start-up is not the trial's
-    result = run_trial(spec, corpus, device, probe=probe, on_checkpoint=on_checkpoint)
-    if args.json:
-        from harness.record import finite_or_none
+    ok = True
+    for r in range(ts.repeats):  # --repeats: seeds seed, seed + 1, ... as a study's repeats
+        run = replace(spec, train=replace(train, seed=train.seed + r))
+        if ts.repeats > 1 and not args.json:
+            print(f"repeat {r}, seed {run.train.seed}", file=sys.stderr)
+        probe = None if args.no_probe else make_probe(device)
+        result = run_trial(run, corpus, device, probe=probe, on_checkpoint=on_checkpoint)
+        ok = ok and result.status == "ok"
+        if args.json:
+            from harness.record import finite_or_none
 
-        print(json.dumps(finite_or_none(result.to_dict())))
-    else:
-        print(format_result(result))
-    return 0 if result.status == "ok" else 1
+            print(json.dumps(finite_or_none(result.to_dict())), flush=True)
+        else:
+            print(format_result(result), flush=True)
+    return 0 if ok else 1
 
 
 def format_result(result: Any) -> str:

@@ -28,7 +28,6 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
@@ -59,7 +58,6 @@ SPLIT_FILE_NAMES = {
 }
 
 _PUNCT = re.compile(r"\w+(?:['’]\w+)*|[^\w\s]")
-
 
 
 @dataclass

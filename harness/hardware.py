@@ -149,13 +149,18 @@ def doctor_report(device_arg: str, as_json: bool = False) -> str:
         energy = "energy from RAPL" if probe.source.energy_kind else "energy not measured: RAPL is not readable"
         summary = f"{why}: the CPU probe will be used (peak RSS and CPU time; {energy}). No GPU numbers are recorded"
     notes = getattr(probe.source, "notes", {})
+    from harness.cuda_check import check_installed
+
+    install = check_installed()
     if as_json:
         return json.dumps({"device": str(device), "probe_kind": probe.kind,
                            "probe_fallback_reason": probe.fallback_reason, "summary": summary,
                            "nvml_readings": notes or None, "label": device_label(fp),
-                           "fingerprint": fp, "sample": sample})
+                           "fingerprint": fp, "sample": sample,
+                           "torch_build": {"ok": install.ok, "message": install.message}})
     lines = [f"device       {device}", f"probe        {probe.kind}", f"             {summary}",
-             f"label        {device_label(fp)}"]
+             f"label        {device_label(fp)}",
+             f"torch build  {'ok' if install.ok else 'PROBLEM'}: {install.message}"]
     lines += [f"nvml         {k}: {v}" for k, v in notes.items()]
     lines.append("fingerprint")
     lines += [f"  {k:<24} {v}" for k, v in fp.items()]

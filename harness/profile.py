@@ -189,11 +189,11 @@ def time_validation(config: StudyConfig, corpus: Any, device: Any) -> ProfileRow
     import torch
 
     from harness.batching import batchify
-    from harness.model import RNNModel
+    from harness.model import build_model
     from harness.trainer import evaluate, release_memory
 
     t = config.train
-    model = RNNModel(config.model, corpus.vocab_size).to(device)
+    model = build_model(config.model, corpus.vocab_size).to(device)
     valid = batchify(corpus.valid, t.eval_batch_size).to(device)
     amp = t.amp == "bf16" and getattr(device, "type", "cpu") == "cuda"
     start = time.perf_counter()

@@ -26,10 +26,11 @@ SCHEMA_VERSION = 2
 
 
 def col(default: Any = None, doc: str = "", unit: str = "", *, csv: bool = True, name: str | None = None,
-        factory: Any = None) -> Any:
+        factory: Any = None, attr: bool = False) -> Any:
     """A record field: ``doc`` and ``unit`` document its column; ``csv=False`` keeps it out of trials.csv;
-    ``name`` is the column's name when it differs from the field's."""
-    meta = {"doc": doc, "unit": unit, "csv": csv, "column": name}
+    ``name`` is the column's name when it differs from the field's; ``attr=True`` also stores it as a flat
+    Optuna user attribute (see :func:`user_attrs`)."""
+    meta = {"doc": doc, "unit": unit, "csv": csv, "column": name, "attr": attr}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -53,7 +54,7 @@ class ProbeReport:
     peak_mem_mib: float | None = col(
         None, "THE training peak memory: torch max_memory_reserved on CUDA; on CPU the bytes a training step "
               "holds, counted exactly (weights, gradients, optimiser state and the activations autograd saves: "
-              "what the CPU memory cap counts, never what an earlier trial left in the process)", "MiB")
+              "what the CPU memory cap counts, never what an earlier trial left in the process)", "MiB", attr=True)
     peak_mem_torch_mib: float | None = col(None, "torch max_memory_allocated during training (CUDA)", "MiB")
     peak_mem_torch_reserved_mib: float | None = col(None, "torch max_memory_reserved during training (CUDA)", "MiB")
     peak_mem_nvml_mib: float | None = col(None, "peak device memory used during training (NVML, whole GPU)", "MiB")
@@ -95,7 +96,7 @@ class TrialResult:
     seed: int = col(0, "seed of the trial", csv=False)
     device: str = col("cpu", "torch device of the trial")
     val_loss: float | None = col(None, "final validation cross-entropy", "nats/token")
-    val_ppl: float | None = col(None, "final validation perplexity")
+    val_ppl: float | None = col(None, "final validation perplexity", attr=True)
     best_val_loss: float | None = col(None, "best validation cross-entropy over the checkpoints", "nats/token",
                                       csv=False)
     best_val_ppl: float | None = col(None, "best validation perplexity over the checkpoints")
@@ -113,8 +114,9 @@ class TrialResult:
     timing_includes_warmup: bool = col(
         False, "true when the trial was too short to exclude its warm-up steps: tokens_per_s then includes "
                "them and is marked in the report")
-    tokens_per_s: float | None = col(None, "training throughput after warm-up", "tokens/s")
-    seconds_per_ktok: float | None = col(None, "training seconds per 1,000 tokens (1000 / tokens_per_s)", "s")
+    tokens_per_s: float | None = col(None, "training throughput after warm-up", "tokens/s", attr=True)
+    seconds_per_ktok: float | None = col(None, "training seconds per 1,000 tokens (1000 / tokens_per_s)", "s",
+                                         attr=True)
     train_s: float = col(0.0, "training seconds (validation excluded)", "s")
     eval_s: float = col(0.0, "validation and test seconds", "s")
     wall_s: float = col(0.0, "wall-clock seconds of the whole trial", "s")
@@ -124,7 +126,8 @@ class TrialResult:
     flops_per_token: float = col(0.0, "estimated training FLOPs per token", "FLOP")
     achieved_flops: float | None = col(None, "tokens_per_s x flops_per_token", "FLOP/s", name="achieved_flops_per_s")
     final_lr: float | None = col(None, "learning rate at the end (after annealing)")
-    joules_per_ktok: float | None = col(None, "training energy per 1,000 training tokens (validation excluded)", "J")
+    joules_per_ktok: float | None = col(None, "training energy per 1,000 training tokens (validation excluded)", "J",
+                                        attr=True)
     train_curve: list[dict] = col(csv=False, factory=list,
                                   doc="training loss every log_every steps: step, tokens, seconds, loss")
     val_curve: list[dict] = col(csv=False, factory=list,
@@ -214,9 +217,10 @@ class TrialRecord:
 
     trial_number: int | None = col(None, "Optuna trial number (filled in when read back)")
     state: str | None = col(None, "Optuna trial state (COMPLETE, PRUNED, FAIL; filled in when read back)")
-    config_key: str | None = col(None, "the configuration, identical for repeats of it (e.g. bptt=35,batch_size=20)")
+    config_key: str | None = col(None, "the configuration, identical for repeats of it (e.g. bptt=35,batch_size=20)",
+                                 attr=True)
     config: TrialConfig = field(default_factory=TrialConfig)
-    status: Status = col("failed", "ok, diverged, oom, pruned, timeout or failed")
+    status: Status = col("failed", "ok, diverged, oom, pruned, timeout or failed", attr=True)
     error: str | None = col(None, "why the trial did not finish ok (empty when ok)")
     result: TrialResult = field(default_factory=TrialResult)
     hardware: Hardware = field(default_factory=Hardware)
@@ -284,6 +288,7 @@ class Column:
     kind: str          # "int", "float", "bool" or "str"
     unit: str
     doc: str
+    attr: bool = False  # also a flat Optuna user attribute
 
 
 def _kind(tp: Any) -> str:
@@ -309,7 +314,7 @@ def _walk(cls: type, prefix: tuple[str, ...]) -> list[Column]:
             out += _walk(sub, (*prefix, f.name))
         elif f.metadata.get("csv", True):
             out.append(Column(f.metadata.get("column") or f.name, (*prefix, f.name), _kind(hints[f.name]),
-                              f.metadata.get("unit", ""), f.metadata.get("doc", "")))
+                              f.metadata.get("unit", ""), f.metadata.get("doc", ""), f.metadata.get("attr", False)))
     return out
 
 
@@ -332,6 +337,13 @@ def flatten(rec: TrialRecord) -> dict[str, Any]:
             v = getattr(v, part)
         row[c.name] = v
     return row
+
+
+def user_attrs(rec: TrialRecord) -> dict[str, Any]:
+    """The main metrics of a record as flat Optuna user attributes, named like their ``trials.csv`` columns:
+    optuna-dashboard sorts and plots user attributes, but not the fields inside the nested ``record``."""
+    row = flatten(rec)
+    return finite_or_none({c.name: row[c.name] for c in trial_columns() if c.attr})
 
 
 def columns_markdown() -> str:

@@ -7,10 +7,39 @@ file stays light (``python -c "import harness.config"`` loads no torch).
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from harness.errors import HarnessError
+
+
+FACTORY_RE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")
+
+
+@dataclass(frozen=True)
+class CorpusSpec:
+    """Which text and how to tokenise it.
+
+    Attributes:
+        source: ``"default"``, a path (file or directory), or ``"synthetic:k=12[,vocab=16,noise=2,tokens=200000,seed=0]"``.
+        tokenizer: ``"word"`` (whitespace split, ``<eos>`` at each line end) or ``"char"``.
+        lower: lower-case the text before tokenising (word tokenizer).
+        split_punct: split punctuation off words (``"end."`` -> ``"end" "."``).
+        max_vocab: keep only the most frequent ``max_vocab - 1`` train tokens, the rest become ``<unk>``.
+    """
+
+    source: str = "default"
+    tokenizer: Literal["word", "char"] = "word"
+    lower: bool = False
+    split_punct: bool = False
+    max_vocab: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.tokenizer not in ("word", "char"):
+            raise HarnessError(f"tokenizer {self.tokenizer!r} is not known; use 'word' or 'char'")
+        if self.max_vocab is not None and (not isinstance(self.max_vocab, int) or self.max_vocab < 2):
+            raise HarnessError(f"max_vocab={self.max_vocab!r} must be an integer >= 2 (or left out for no cap)")
 
 
 @dataclass(frozen=True)
@@ -49,6 +78,10 @@ class ModelConfig:
         layers: number of recurrent layers.
         dropout: dropout on embeddings, between layers and before the decoder.
         tied: share the embedding and decoder weights (needs ``emsize == nhid``).
+        factory: your own model instead of the built-in one: ``"package.module:function"``, called as
+            ``function(model_config, ntoken)``; it returns an ``nn.Module`` with ``forward(x, hidden) ->
+            (logits, hidden)`` (``x``: ``(seq_len, bs)`` token ids, logits ``(seq_len * bs, ntoken)``) and
+            ``init_hidden(bs)``. The other keys are passed to it in ``model_config`` (and searched as usual).
     """
 
     type: Literal["lstm", "gru"] = "lstm"
@@ -57,6 +90,7 @@ class ModelConfig:
     layers: int = 2
     dropout: float = 0.2
     tied: bool = False
+    factory: str | None = None
 
     def __post_init__(self) -> None:
         if self.type not in ("lstm", "gru"):
@@ -67,6 +101,9 @@ class ModelConfig:
                 raise HarnessError(f"model {name}={value!r} must be an integer >= 1")
         if not 0.0 <= self.dropout < 1.0:
             raise HarnessError(f"model dropout={self.dropout!r} must be in [0, 1)")
+        if self.factory is not None and not (isinstance(self.factory, str) and FACTORY_RE.match(self.factory)):
+            raise HarnessError(f"model factory={self.factory!r} must be 'package.module:function', a function "
+                               "returning your nn.Module, e.g. 'mymodels:small_lstm'")
         if self.tied and self.emsize != self.nhid:
             raise HarnessError(f"tied weights need emsize == nhid; got emsize={self.emsize}, nhid={self.nhid}")
 

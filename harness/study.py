@@ -36,7 +36,8 @@ from optuna.trial import FrozenTrial, TrialState
 from harness.config import ParamSpace, StudyConfig, check_storage_url
 from harness.corpus import Corpus, check_fits, load
 from harness.errors import HarnessError
-from harness.record import INFEASIBLE, Hardware, StudyInfo, TrialConfig, TrialRecord, TrialResult, from_dict
+from harness.record import (INFEASIBLE, Hardware, StudyInfo, TrialConfig, TrialRecord, TrialResult, from_dict,
+                            user_attrs)
 from harness.spec import ModelConfig, TrialSpec, resolve_budget_tokens
 from harness.urls import STORAGE_ENV, engine_url, hides_password, redact, same_storage, scrub
 
@@ -290,12 +291,23 @@ def make_sampler(config: StudyConfig) -> optuna.samplers.BaseSampler:
     n = config.n_trials()
     if config.sampler in ("grid", "random"):
         # A grid is run as a queue of enqueued trials (see enqueue_grid), so the sampler is never asked.
-        return optuna.samplers.RandomSampler(seed=config.seed)
+        return _ConstrainedRandomSampler(seed=config.seed)
     if config.sampler == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=config.seed, constraints_func=_constraints,
                                              population_size=max(4, min(50, n // 3)))
     return optuna.samplers.TPESampler(seed=config.seed, constraints_func=_constraints,
                                       n_startup_trials=max(3, min(10, n // 3)), multivariate=True)
+
+
+class _ConstrainedRandomSampler(optuna.samplers.RandomSampler):
+    """Optuna's RandomSampler stores no constraints; this one does, as TPE and NSGA-II do, so that
+    optuna-dashboard and ``study.best_trial(s)`` show a grid's out-of-memory and diverged trials as infeasible."""
+
+    def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState,
+                    values: Any) -> None:
+        from optuna.samplers._base import _process_constraints_after_trial
+
+        _process_constraints_after_trial(_constraints, study, trial, state)
 
 
 def grid_points(config: StudyConfig) -> list[tuple[dict[str, Any], int]]:
@@ -357,6 +369,23 @@ def _changed_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
     return [] if a == b else [prefix.rstrip(".")]
 
 
+def metric_names(config: StudyConfig) -> list[str]:
+    """The objectives named like their ``trials.csv`` columns, in those units (what optuna-dashboard shows)."""
+    from harness.report.frame import COST_COLUMNS
+
+    return ["val_ppl", COST_COLUMNS[config.cost]][:len(config.objectives)]
+
+
+def _name_metrics(study: optuna.Study, config: StudyConfig) -> None:
+    """Name a new study's objectives. A study that already holds values from before they were named keeps
+    its unnamed objectives and their old units (see :func:`cost_value`): one study never mixes units."""
+    if study.metric_names is not None or any(t.values for t in study.get_trials(deepcopy=False)):
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names(metric_names(config))
+
+
 def create_study(config: StudyConfig, storage: optuna.storages.BaseStorage) -> optuna.Study:
     directions = ["minimize"] * len(config.objectives)
     study = optuna.create_study(study_name=config.name, storage=storage, directions=directions,
@@ -384,6 +413,7 @@ def create_study(config: StudyConfig, storage: optuna.storages.BaseStorage) -> o
     elif study.directions != [optuna.study.StudyDirection.MINIMIZE] * len(config.objectives):
         raise HarnessError(f"study {config.name!r} already exists in this storage with other objectives; "
                            "use another name or storage")
+    _name_metrics(study, config)
     return study
 
 
@@ -420,15 +450,14 @@ def config_key(params: dict[str, Any]) -> str:
     return ",".join(f"{k}={params[k]}" for k in order if k in params)
 
 
-def cost_value(result: TrialResult, cost: str) -> float | None:
-    """The study's cost from a trial's result: seconds per token, training peak memory (MiB) or joules
-    per training token."""
-    if cost == "seconds_per_token":
-        return 1.0 / result.tokens_per_s if result.tokens_per_s else None
+def cost_value(result: TrialResult, cost: str, per_ktok: bool = True) -> float | None:
+    """The study's cost from a trial's result, in the unit of its ``trials.csv`` column: seconds per 1k
+    tokens, training peak memory (MiB) or joules per 1k training tokens. ``per_ktok=False``: per token, the
+    unit of studies created before their objectives were named."""
     if cost == "peak_memory":
         return result.probe.peak_mem_mib
-    energy, tokens = result.probe.energy_j, result.train_tokens
-    return energy / tokens if energy is not None and tokens else None
+    value = result.seconds_per_ktok if cost == "seconds_per_token" else result.joules_per_ktok
+    return value if value is None or per_ktok else value / 1000.0
 
 
 def study_info(config: StudyConfig, corpus: Corpus, host_workers: int = 1) -> StudyInfo:
@@ -446,11 +475,20 @@ def make_record(info: StudyInfo, spec: TrialSpec, params: dict, repeat: int, res
     """The stored measurement of one trial; ``harness.report`` reads exactly this."""
     config = TrialConfig(bptt=spec.bptt, batch_size=spec.batch_size, lr=spec.train.lr, nhid=spec.model.nhid,
                          emsize=spec.model.emsize, layers=spec.model.layers, dropout=spec.model.dropout,
-                         model=spec.model.type, optimizer=spec.train.optimizer,
+                         model=spec.model.factory or spec.model.type, optimizer=spec.train.optimizer,
                          variable_bptt=spec.train.variable_bptt, seed=spec.train.seed, repeat=repeat)
     return TrialRecord(config_key=config_key(params), config=config, status=result.status, error=result.error,
                        result=result, hardware=from_dict(Hardware, hardware), study=info, started_at=started,
                        finished_at=_now(), worker=worker_id())
+
+
+def store_record(trial: optuna.Trial, record: TrialRecord) -> dict:
+    """Store the record, and its main metrics flat beside it for optuna-dashboard; returns the stored dict."""
+    stored = record.to_dict()
+    trial.set_user_attr("record", stored)
+    for name, value in user_attrs(record).items():
+        trial.set_user_attr(name, value)
+    return stored
 
 
 def _now() -> str:
@@ -490,6 +528,9 @@ class Objective:
     host_workers: int = 1
     warmed: bool = False   # this process has run its untimed warm-up (see harness.trainer.warm_up)
     profile: Any = None    # the study's profile.csv (harness.profile): cells it saw run out of memory are skipped
+    # Called at each validation checkpoint with the trial and the point (index, of, tokens, seconds, ppl).
+    on_checkpoint: Callable[[optuna.Trial, dict], None] | None = None
+    _named: bool | None = None  # whether the study's objectives are named (and so in trials.csv's units)
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
         from harness.probe import make_probe
@@ -509,9 +550,13 @@ class Objective:
             self.on_start(trial, params)
 
         def on_checkpoint(i: int, point: dict) -> bool:
-            if not single or not math.isfinite(point["loss"]):
+            if self.on_checkpoint:
+                self.on_checkpoint(trial, {**point, "index": i, "of": spec.train.checkpoints})
+            # Intermediate values in the objective's unit (optuna-dashboard plots them beside it); Optuna
+            # takes them only from single-objective studies.
+            if not single or not math.isfinite(point["ppl"]):
                 return False
-            trial.report(point["loss"], step=i)
+            trial.report(point["ppl"], step=i)
             return trial.should_prune()
 
         info = study_info(self.config, self.corpus, self.host_workers)
@@ -528,19 +573,17 @@ class Objective:
             interrupted = TrialResult(status="failed", error="interrupted (SIGINT); retried on resume",
                                       bptt=spec.bptt, batch_size=spec.batch_size, seed=spec.train.seed)
             trial.set_user_attr("interrupted", True)
-            trial.set_user_attr("record", make_record(info, spec, params, repeat, interrupted, self.hardware,
-                                                      started).to_dict())
+            store_record(trial, make_record(info, spec, params, repeat, interrupted, self.hardware, started))
             raise
         typed = make_record(info, spec, params, repeat, result, self.hardware, started)
-        record = typed.to_dict()
-        trial.set_user_attr("record", record)
+        record = store_record(trial, typed)
         if (repeat == 0 and self.config.repeats > 1 and self.config.sampler != "grid"
                 and not _has_repeats(trial.study, params)):
             for r in range(1, self.config.repeats):
                 trial.study.enqueue_trial(params, user_attrs={"repeat": r})
         if self.on_result:
             self.on_result(trial, record)
-        values, constraint = self._values(typed)
+        values, constraint = self._values(typed, trial.study)
         # Optuna's constraints API: TPE and NSGA-II learn the memory and stability walls from this.
         trial.set_user_attr("constraint", constraint)
         return values
@@ -568,7 +611,12 @@ class Objective:
             return f"trial {retry_of} was already queued for retry"
         return None
 
-    def _values(self, record: TrialRecord) -> tuple[float | tuple[float, ...], list[float]]:
+    def named_metrics(self, study: optuna.Study) -> bool:
+        if self._named is None:
+            self._named = study.metric_names is not None
+        return self._named
+
+    def _values(self, record: TrialRecord, study: optuna.Study) -> tuple[float | tuple[float, ...], list[float]]:
         status, result = record.status, record.result
         if status == "pruned":
             raise optuna.TrialPruned(record.error)
@@ -581,7 +629,7 @@ class Objective:
         constraint = [1.0 if status in INFEASIBLE else max(0.0, over)]
         values = [math.inf if status in INFEASIBLE or result.val_ppl is None else result.val_ppl]
         if len(self.config.objectives) > 1:
-            cost = cost_value(result, self.config.cost)
+            cost = cost_value(result, self.config.cost, per_ktok=self.named_metrics(study))
             values.append(math.inf if infeasible or cost is None else cost)
         return (values[0] if len(values) == 1 else tuple(values)), constraint
 
@@ -721,7 +769,8 @@ def check_cost_measurable(config: StudyConfig, device: Any) -> None:
 
 def run_worker(study: optuna.Study, config: StudyConfig, corpus: Corpus, device: Any, n_target: int,
                on_result: Callable[[optuna.Trial, dict], None] | None = None,
-               on_start: Callable[[optuna.Trial, dict], None] | None = None, host_workers: int = 1) -> None:
+               on_start: Callable[[optuna.Trial, dict], None] | None = None, host_workers: int = 1,
+               on_checkpoint: Callable[[optuna.Trial, dict], None] | None = None) -> None:
     """Run trials until the study holds ``n_target`` finished ones (counting every worker's).
 
     ``host_workers``: how many workers run on this host at once (recorded with each trial: on CPU they
@@ -730,7 +779,7 @@ def run_worker(study: optuna.Study, config: StudyConfig, corpus: Corpus, device:
     from harness.profile import load_profile
 
     objective = Objective(config, corpus, device, fingerprint(device), on_result, on_start, host_workers,
-                          profile=load_profile(config.results_dir))
+                          profile=load_profile(config.results_dir), on_checkpoint=on_checkpoint)
     while True:
         reap(study)
         p = progress(study)
@@ -797,6 +846,9 @@ def prepare(config: StudyConfig, storage_url: str, device_name: str | None) -> t
     device = resolve_device(device_name or config.device)
     check_cost_measurable(config, device)
     corpus = load_corpus(config)
+    from harness.model import check_model
+
+    check_model(config.model, corpus.vocab_size)  # a user's model factory: one line now, not a failed trial later
     study = create_study(config, open_storage(storage_url))
     if config.sampler == "grid":
         enqueue_grid(study, config)

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from harness.errors import HarnessError
+from harness.progress import Eta, EtaColumn, checkpoint_line
 from harness.urls import STORAGE_ENV, hides_password
 
 
@@ -54,32 +55,49 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 class Display:
-    """One line per finished trial, plus a live bar on a terminal: n/N, current config, ETA, best, counts."""
+    """One line per finished trial, plus a live bar on a terminal: n/N, current config, ETA, best, counts.
+    Trials expected to take ``checkpoint_after_s`` or more also get a line per validation checkpoint."""
 
-    def __init__(self, total: int, quiet: bool = False) -> None:
+    def __init__(self, total: int, quiet: bool = False, checkpoint_after_s: float = 10.0) -> None:
         from rich.console import Console
 
-        self.total, self.quiet = total, quiet
+        self.total, self.quiet, self.checkpoint_after_s = total, quiet, checkpoint_after_s
+        self.eta = Eta(total)
+        self.params: dict[int, str] = {}
         self.console = Console(stderr=True, highlight=False, soft_wrap=True)
         self.live = self.console.is_terminal and not quiet
         self.started = time.monotonic()
         self.finished_here = 0
         self.bar = None
         if self.live:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
             self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                TimeRemainingColumn(), console=self.console, transient=True)
+                                EtaColumn(self.eta), console=self.console, transient=True)
             self.task = self.bar.add_task("starting", total=total)
             self.bar.start()
 
     def set_done(self, done: int) -> None:
+        self.eta.done = done
         if self.bar:
             self.bar.update(self.task, completed=done)
 
     def start(self, trial: Any, params: dict) -> None:
+        self.eta.start_trial()
+        self.params[trial.number] = _fmt_params(params)
         if self.bar:
             self.bar.update(self.task, description=f"trial {trial.number}: {_fmt_params(params)}")
+
+    def checkpoint(self, trial: Any, point: dict) -> None:
+        """Inside a trial: the ETA learns from it; a long trial prints its validation perplexity so far."""
+        self.eta.checkpoint((point["index"] + 1) / point["of"])
+        params = self.params.get(trial.number, "")
+        if self.bar:
+            self.bar.update(self.task, description=f"trial {trial.number}: {params}, checkpoint "
+                                                   f"{point['index'] + 1}/{point['of']} val ppl {point['ppl']:.4g}")
+        per = self.eta.per_trial()
+        if not self.quiet and per is not None and per >= self.checkpoint_after_s:
+            self.console.print(checkpoint_line(trial.number, params, point))
 
     def result(self, trial: Any, record: dict, study: Any = None) -> None:
         from harness.study import progress
@@ -90,6 +108,7 @@ class Display:
             p.done += 1
             p.counts[record["status"]] = p.counts.get(record["status"], 0) + 1
         self.set_done(p.done)
+        self.eta.finish_trial(p.done)
         if self.quiet:
             return
         r = record["result"]
@@ -99,9 +118,8 @@ class Display:
         if record["status"] == "ok" and r.get("val_ppl") and (best is None or r["val_ppl"] < best["result"]["val_ppl"]):
             best = record  # the trial just finished may be the new best
         best_s = f"best {best['result']['val_ppl']:.2f} ({best['config_key']})" if best else "best -"
-        elapsed = time.monotonic() - self.started
-        remaining = max(0, self.total - p.done)
-        eta = _fmt_s(elapsed / self.finished_here * remaining) if self.finished_here else "?"
+        left = self.eta.seconds_left()
+        eta = _fmt_s(left) if left is not None else "?"
         counts = " ".join(f"{k} {v}" for k, v in sorted(p.counts.items()))
         error = f" ({record['error'][:80]})" if record["status"] != "ok" and record.get("error") else ""
         self.console.print(f"[{p.done}/{self.total}] {record['config_key']}: {record['status']}{error} "
@@ -176,7 +194,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         try:
             if workers == 1:
                 run_worker(study, config, corpus, device, n_target, on_result=display.result,
-                           on_start=display.start)
+                           on_start=display.start, on_checkpoint=display.checkpoint)
             else:
                 _run_pool(config, storage_url, workers, device, n_target, display, study)
         except KeyboardInterrupt:
@@ -342,7 +360,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         display = Display(n_target, quiet=args.quiet)
         try:
             run_worker(study, config, corpus, device, n_target, on_result=display.result, on_start=display.start,
-                       host_workers=args.host_workers)
+                       host_workers=args.host_workers, on_checkpoint=display.checkpoint)
         except KeyboardInterrupt:
             display.close()
             raise SweepInterrupted(

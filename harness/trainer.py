@@ -33,7 +33,8 @@ from harness.batching import VariableBptt, batchify, epoch_windows, get_batch, w
 from harness.corpus import Corpus, check_fits
 from harness.errors import HarnessError
 from harness.hardware import resolve_device
-from harness.model import RNNModel, count_params, flops_per_token, repackage_hidden
+from harness.model import (RNNModel, build_model, count_params, estimated_flops_per_token, flops_per_token,
+                           repackage_hidden)
 from harness.record import ProbeReport, TrialResult, derive
 from harness.spec import ModelConfig, TrainConfig, TrialSpec, resolve_budget_tokens
 
@@ -390,6 +391,10 @@ def run_trial(spec: TrialSpec, corpus: Corpus, device: torch.device | str | None
               probe: Any | None = None, on_checkpoint: CheckpointCallback | None = None) -> TrialResult:
     """Train and evaluate one configuration. Never raises for a trial outcome; see ``TrialResult.status``.
 
+    ``spec`` is the configuration (bptt, batch size, :class:`ModelConfig` with an optional ``factory`` for
+    your own model, :class:`TrainConfig`); ``corpus`` comes from :func:`harness.corpus.load` (``harness.load_corpus``);
+    ``device`` is ``"auto"`` (None), ``"cpu"``, ``"cuda"`` or a ``torch.device``.
+
     ``probe`` is a :class:`harness.probe.Probe` (or anything with ``__enter__``/``__exit__`` and a
     ``report()``) wrapped around the training part; its ``phase("eval")`` marks the checkpoint
     validations, so training's costs leave them out. ``on_checkpoint(index, point)`` is called at each
@@ -462,9 +467,10 @@ def _train_and_eval(spec: TrialSpec, corpus: Corpus, device: torch.device, probe
     # Data goes to the device once; windows are views of these matrices.
     train = batchify(corpus.train, bs).to(device)
     valid = batchify(corpus.valid, t.eval_batch_size).to(device)
-    model = RNNModel(spec.model, corpus.vocab_size).to(device)
+    model = build_model(spec.model, corpus.vocab_size).to(device)
     result.n_params = count_params(model)
-    result.flops_per_token = flops_per_token(spec.model, corpus.vocab_size)
+    result.flops_per_token = (flops_per_token(spec.model, corpus.vocab_size) if spec.model.factory is None
+                              else estimated_flops_per_token(model))
     forward = torch.compile(model) if t.compile else model
     opt = _make_optimizer(model, t, device)
     variable = VariableBptt.around(spec.bptt) if t.variable_bptt else None

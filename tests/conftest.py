@@ -51,3 +51,18 @@ def syn() -> Any:
 def no_storage_from_the_shell(monkeypatch: pytest.MonkeyPatch) -> None:
     """A ``BPTT_HARNESS_STORAGE`` in the developer's shell would redirect every sweep a test starts."""
     monkeypatch.delenv("BPTT_HARNESS_STORAGE", raising=False)
+
+
+@pytest.fixture(scope="session")
+def smoke_results(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``studies/smoke.toml`` swept once, report included: ``results/smoke`` of a finished study, for the
+    tests that read one (they must not write into it)."""
+    from harness.cli import main
+
+    root = tmp_path_factory.mktemp("smoke")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("BPTT_HARNESS_CACHE", str(root / "cache"))
+        mp.delenv("BPTT_HARNESS_STORAGE", raising=False)
+        study = Path(__file__).resolve().parents[1] / "studies" / "smoke.toml"
+        assert main(["sweep", str(study), "--results-dir", str(root / "results")]) == 0
+    return root / "results" / "smoke"

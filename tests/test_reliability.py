@@ -27,7 +27,7 @@ BAD_TRIAL_ARGS = {
     "--checkpoints": bad_positive_int,
     "--lr": bad_positive_float,
     "--timeout": bad_positive_float,
-    "--memory-cap-mib": bad_positive_float,
+    "--max-memory-gib": bad_positive_float,
     "--epochs": bad_positive_float,
     "--seconds": bad_positive_float,
     "--clip": st.one_of(st.floats(max_value=-1e-9, allow_nan=False).map(repr), st.sampled_from(["nan", "inf"])),

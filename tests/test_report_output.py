@@ -114,7 +114,7 @@ def test_csv_columns_are_documented_and_present(results: Path):
 
 def test_atomic_write_keeps_the_previous_report_on_a_full_disk(results: Path, monkeypatch):
     paths = generate(results)
-    before = {p: p.read_bytes() for p in (paths.csv, paths.html, paths.configs_csv)}
+    before = {p: p.read_bytes() for p in (paths.csv, paths.html, paths.configs_csv, paths.summary_json)}
 
     def full_disk(f, data: bytes) -> None:
         f.write(data[: len(data) // 2])
@@ -127,7 +127,7 @@ def test_atomic_write_keeps_the_previous_report_on_a_full_disk(results: Path, mo
     assert "No space left on device" in msg and "previous report" in msg and "\n" not in msg
     assert {p: p.read_bytes() for p in before} == before
     assert sorted(p.name for p in results.iterdir()) == ["configs.csv", "report.html", "study.db", "study.json",
-                                                         "trials.csv"]
+                                                         "summary.json", "trials.csv"]
 
 
 def test_cli_report_prints_summary_and_paths(results: Path, capsys):

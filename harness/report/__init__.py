@@ -27,12 +27,14 @@ class ReportPaths:
         html: ``report.html`` (or ``compare.html``), self-contained.
         summary: the console table and the recommendation, as text.
         configs_csv: ``configs.csv``, one row per configuration (mean, std and n over repeats).
+        summary_json: ``summary.json``, the verdict as data (:mod:`harness.report.summary`).
     """
 
     csv: Path
     html: Path
     summary: str
     configs_csv: Path | None = None
+    summary_json: Path | None = None
 
 
 def generate(source: str | Path, *, storage: str | None = None, study_name: str | None = None,
@@ -80,6 +82,7 @@ def generate_from_records(records: list[dict], *, study_name: str, out_dir: Path
     from harness.report.build import build
     from harness.report.frame import csv_frame, records_to_frame
     from harness.report.io import write_files_atomic
+    from harness.report.summary import summary_json
 
     if not records:
         raise HarnessError(f"study {study_name!r} has no finished trials; run 'harness sweep' first")
@@ -90,11 +93,12 @@ def generate_from_records(records: list[dict], *, study_name: str, out_dir: Path
     rep = build(trials, study_name=study_name, storage_display=storage_display, info=info, n_running=n_running,
                 profile=load_profile(out_dir))
     paths = ReportPaths(csv=out_dir / "trials.csv", html=out_dir / "report.html", summary=console.summary(rep),
-                        configs_csv=out_dir / "configs.csv")
+                        configs_csv=out_dir / "configs.csv", summary_json=out_dir / "summary.json")
     write_files_atomic({
         paths.csv: csv_frame(trials).to_csv(index=False, lineterminator="\n"),
         paths.configs_csv: _configs_csv(rep),
         paths.html: html.render(rep),
+        paths.summary_json: summary_json(rep),
     })
     log.info("report written to %s", out_dir)
     return paths

@@ -25,6 +25,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="results folders (or study files / storage URLs), one per machine or several machines in one")
     p.add_argument("--name", default=None, help="output goes to <out>/compare-<name>/ (default: from the sources)")
     p.add_argument("--out", type=Path, default=Path("results"), help="parent folder of compare-<name>/ (default: results)")
+    p.add_argument("--only-matching", action="store_true",
+                   help="when the sources measure different things (corpus, model, train settings, torch release), "
+                        "compare only the trials measured like the first source and say what was left out "
+                        "(default: refuse)")
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -37,13 +41,15 @@ def cmd_report(args: argparse.Namespace) -> int:
     print(f"trials:  {paths.csv}")
     if paths.configs_csv is not None:
         print(f"configs: {paths.configs_csv}")
+    if paths.summary_json is not None:
+        print(f"summary: {paths.summary_json}")
     return 0
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from harness.report.compare import generate_compare
 
-    paths = generate_compare(list(args.sources), name=args.name, out_root=args.out)
+    paths = generate_compare(list(args.sources), name=args.name, out_root=args.out, only_matching=args.only_matching)
     print(paths.summary)
     print()
     print(f"comparison: {paths.html}")

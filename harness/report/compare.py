@@ -1,7 +1,10 @@
 """``harness compare A B ...``: the same study on several machines, side by side.
 
-Trials are grouped by hardware fingerprint (``machine_id``), whatever result set they came from, so
-one PostgreSQL study run by several machines splits correctly too. Per configuration: throughput,
+Only like is compared with like: every trial is keyed by a hash of what it measures (its study's
+corpus, model and train settings and the torch release, :mod:`harness.report.setup`), and result sets
+that measure different things are refused with one line (or, with ``only_matching``, left out with a
+visible warning). Trials are grouped by hardware fingerprint (``machine_id``), whatever result set they
+came from, so one PostgreSQL study run by several machines splits correctly too. Per configuration: throughput,
 peak memory and energy on each machine with ratios to the first machine; each machine's feasible
 region; the best configuration per machine.
 """
@@ -39,6 +42,7 @@ COMPARE_COLUMNS = {
     "peak_mem_ratio": "peak_mem_mib / the reference machine's",
     "joules_per_ktok_ratio": "joules_per_ktok / the reference machine's",
     "reference_machine": "the machine the ratios are relative to (the first one given)",
+    "setup": "hash of what the trials measure (corpus, model, train settings, torch release): the same in every row",
 }
 
 
@@ -93,9 +97,23 @@ def _source_name(src: str) -> str:
     return p.stem if p.suffix == ".toml" else p.name or "source"
 
 
+def _source_names(sources: list[str]) -> list[str]:
+    """Short names of the sources: their folders, or for one study on several machines
+    (``results/published/<machine>/<study>``) the machines' folders."""
+    names = [_source_name(str(s)) for s in sources]
+    parents = [Path(str(s)).parent.name for s in sources]
+    if len(sources) > 1 and len(set(names)) == 1 and len(set(parents)) == len(parents) and all(parents):
+        return parents
+    return names
+
+
 def generate_compare(sources: list[str], name: str | None = None, out_root: Path = Path("results"), *,
-                     storage: str | None = None) -> ReportPaths:
-    """Write ``<out_root>/compare-<name>/compare.html`` and ``compare.csv`` for the given result sets."""
+                     storage: str | None = None, only_matching: bool = False) -> ReportPaths:
+    """Write ``<out_root>/compare-<name>/compare.html`` and ``compare.csv`` for the given result sets.
+
+    Result sets that measure different things are refused with one line; with ``only_matching`` the
+    trials measured like the first source's are compared and the rest left out with a warning."""
+    from harness.report.setup import attach_setup, like_with_like
     from harness.report.source import load_trials, resolve
 
     if not sources:
@@ -104,28 +122,34 @@ def generate_compare(sources: list[str], name: str | None = None, out_root: Path
         raise HarnessError(f"compare name {name!r} is not a plain folder name; use letters, digits, '.', '_' or '-'")
     frames = []
     displays = []
-    for src_text in sources:
+    setups: dict[str, dict] = {}
+    for src_text, short in zip(sources, _source_names(list(sources))):
         src = resolve(src_text, storage=storage)
         loaded = load_trials(src)
         if not loaded.records:
             raise HarnessError(f"study {loaded.study_name!r} in {src_text!r} has no finished trials; nothing to compare")
-        frames.append(records_to_frame(loaded.records).assign(source=_source_name(str(src_text))))
+        frame, found = attach_setup(records_to_frame(loaded.records), loaded.study_config)
+        frames.append(frame.assign(source=short))
+        setups.update(found)
         displays.append(loaded.storage_display)
-    trials = pd.concat(frames, ignore_index=True)
-    name = name or safe_dirname("-vs-".join(dict.fromkeys(_source_name(str(s)) for s in sources)))[:80]
-    return write_compare(trials, name=name, out_root=out_root, storages=displays)
+    trials, warnings = like_with_like(pd.concat(frames, ignore_index=True), setups, only_matching)
+    name = name or safe_dirname("-vs-".join(dict.fromkeys(_source_names(list(sources)))))[:80]
+    return write_compare(trials, name=name, out_root=out_root, storages=displays, warnings=warnings)
 
 
-def write_compare(trials: pd.DataFrame, *, name: str, out_root: Path, storages: list[str] | None = None) -> ReportPaths:
+def write_compare(trials: pd.DataFrame, *, name: str, out_root: Path, storages: list[str] | None = None,
+                  warnings: list[str] | None = None) -> ReportPaths:
     from harness.report.io import write_files_atomic
 
     cfg, summary, order = compare_frames(trials)
+    if "setup" in trials:
+        cfg["setup"] = trials["setup"].iloc[0]
     out = Path(out_root) / f"compare-{name}"
     csv_cols = [c for c in COMPARE_COLUMNS if c in cfg.columns]
-    text = summary_text(summary, order)
+    text = "".join(f"warning: {w}\n" for w in warnings or []) + summary_text(summary, order)
     paths = ReportPaths(csv=out / "compare.csv", html=out / "compare.html", summary=text)
     write_files_atomic({paths.csv: cfg[csv_cols].to_csv(index=False, lineterminator="\n"),
-                        paths.html: render_compare(trials, cfg, summary, order, name, storages or [])})
+                        paths.html: render_compare(trials, cfg, summary, order, name, storages or [], warnings)})
     return paths
 
 
@@ -162,7 +186,7 @@ def _bars(cfg: pd.DataFrame, order: list[str], col: str, title: str, axis: str) 
 
 
 def render_compare(trials: pd.DataFrame, cfg: pd.DataFrame, summary: pd.DataFrame, order: list[str], name: str,
-                   storages: list[str]) -> str:
+                   storages: list[str], warnings: list[str] | None = None) -> str:
     from harness.report import figures
     from harness.report.html import CSS, _plotlyjs, esc, figure_block, table
 
@@ -224,6 +248,7 @@ def render_compare(trials: pd.DataFrame, cfg: pd.DataFrame, summary: pd.DataFram
             figs.append(figure_block(f"fig-cmp-region-{i}", f, f"Machine {i + 1} = {m}: coloured cells ran; OOM and "
                                      "diverged cells are marked — the edge of them is this machine's feasible region."))
     note = "<p>Only one machine in these results: nothing to put side by side.</p>" if len(order) == 1 else ""
+    note += "".join(f'<p class="bad warning"><b>warning:</b> {esc(w)}</p>' for w in warnings or [])
     now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     src = "".join(f"<li>{esc(s)}</li>" for s in storages)
     return f"""<!DOCTYPE html>

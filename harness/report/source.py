@@ -53,6 +53,7 @@ class LoadedTrials:
     records: list[dict]
     n_running: int = 0
     info: dict = field(default_factory=dict)
+    study_config: dict | None = None  # the study file as `harness sweep` stored it with the study
 
 
 def is_storage_url(text: str) -> bool:
@@ -215,7 +216,8 @@ def load_trials(src: StudySource) -> LoadedTrials:
     stored = study.user_attrs.get("study_config")
     if isinstance(stored, dict) and isinstance(stored.get("description"), str) and stored["description"]:
         info["description"] = stored["description"]  # the study's own copy: also there without study.json
-    return LoadedTrials(study_name=name, storage_display=shown, records=records, n_running=n_running, info=info)
+    return LoadedTrials(study_name=name, storage_display=shown, records=records, n_running=n_running, info=info,
+                        study_config=stored if isinstance(stored, dict) else None)
 
 
 def trial_record(trial: Any, study_name: str) -> dict | None:
