@@ -17,6 +17,7 @@ splits are cached on disk keyed by (content hash, tokenizer options), so trials 
 from __future__ import annotations
 
 import hashlib
+import io
 import importlib.util
 import json
 import logging
@@ -406,16 +407,14 @@ def _cache_read(key: str, directory: Path) -> tuple[dict[str, np.ndarray], dict]
 
 
 def _cache_write(key: str, directory: Path, arrays: dict[str, np.ndarray], meta: dict) -> None:
+    from harness.fileio import write_files_atomic
+
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
     try:
-        directory.mkdir(parents=True, exist_ok=True)
-        # Temporary names then rename: a killed process never leaves a half-written entry behind.
-        tmp_arrays = directory / f".{key}.{os.getpid()}.npz"
-        tmp_meta = directory / f".{key}.{os.getpid()}.json"
-        np.savez(tmp_arrays, **arrays)
-        tmp_meta.write_text(json.dumps(meta), encoding="utf-8")
-        os.replace(tmp_arrays, directory / f"{key}.npz")
-        os.replace(tmp_meta, directory / f"{key}.json")
-    except OSError as e:  # the cache is an optimisation: a read-only home must not stop a sweep
+        # Both files or neither: a killed process never leaves a half-written entry behind.
+        write_files_atomic({directory / f"{key}.npz": buffer.getvalue(), directory / f"{key}.json": json.dumps(meta)})
+    except HarnessError as e:  # the cache is an optimisation: a read-only home must not stop a sweep
         log.warning("could not write the corpus cache in %s: %s", directory, e)
 
 

@@ -270,7 +270,7 @@ def write_profile(profile: Profile, directory: Path, fingerprint: dict) -> Path:
     """``profile.csv``: one row per attempt, with the machine's fingerprint on every row."""
     import pandas as pd
 
-    from harness.report.io import write_files_atomic
+    from harness.fileio import write_files_atomic
 
     df = pd.DataFrame([dataclasses.asdict(r) for r in profile.rows], columns=list(PROFILE_COLUMNS))
     for key in ("gpu_name", "gpu_memory_mib", "cpu_model", "torch_version", "machine_id", "hostname"):

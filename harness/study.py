@@ -795,14 +795,9 @@ def write_study_json(config: StudyConfig, storage_url: str) -> None:
     meta = {"study_name": config.name, "storage": redact(storage_url), "objectives": list(config.objectives),
             "cost": config.cost, "sampler": config.sampler, "study_file": str(config.path) if config.path else None,
             "description": config.description}
-    tmp = directory / f".study.json.{os.getpid()}"
-    try:
-        tmp.write_text(json.dumps(meta, indent=2), encoding="utf-8")
-        os.replace(tmp, directory / "study.json")
-    except OSError:
-        with contextlib.suppress(OSError):
-            tmp.unlink()  # a full disk leaves no half-written temporary behind
-        raise
+    from harness.fileio import write_files_atomic
+
+    write_files_atomic({directory / "study.json": json.dumps(meta, indent=2)})
 
 
 def stored_train_tokens(config: StudyConfig, storage_url: str) -> int | None:

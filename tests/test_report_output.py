@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-import harness.report.io as report_io
+import harness.fileio as report_io
 from harness.cli import main
 from harness.errors import HarnessError
 from harness.report import generate, generate_from_records
@@ -124,7 +124,7 @@ def test_atomic_write_keeps_the_previous_report_on_a_full_disk(results: Path, mo
     with pytest.raises(HarnessError) as e:
         generate(results)
     msg = str(e.value)
-    assert "No space left on device" in msg and "previous report" in msg and "\n" not in msg
+    assert "No space left on device" in msg and "previous version" in msg and "\n" not in msg
     assert {p: p.read_bytes() for p in before} == before
     assert sorted(p.name for p in results.iterdir()) == ["configs.csv", "report.html", "study.db", "study.json",
                                                          "summary.json", "trials.csv"]

@@ -81,7 +81,7 @@ def generate_from_records(records: list[dict], *, study_name: str, out_dir: Path
     from harness.report import console, html
     from harness.report.build import build
     from harness.report.frame import csv_frame, records_to_frame
-    from harness.report.io import write_files_atomic
+    from harness.fileio import write_files_atomic
     from harness.report.summary import summary_json
 
     if not records:

@@ -139,7 +139,7 @@ def generate_compare(sources: list[str], name: str | None = None, out_root: Path
 
 def write_compare(trials: pd.DataFrame, *, name: str, out_root: Path, storages: list[str] | None = None,
                   warnings: list[str] | None = None) -> ReportPaths:
-    from harness.report.io import write_files_atomic
+    from harness.fileio import write_files_atomic
 
     cfg, summary, order = compare_frames(trials)
     if "setup" in trials:

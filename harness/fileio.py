@@ -1,4 +1,5 @@
-"""Atomic file writes: a report is written whole or not at all (passwords: :mod:`harness.urls`)."""
+"""Atomic file writes: every file the harness writes (reports, study.json, profile.csv, the corpus cache)
+is written whole or not at all, by one writer (passwords: :mod:`harness.urls`)."""
 
 from __future__ import annotations
 
@@ -91,13 +92,13 @@ def write_files_atomic(files: Mapping[Path, str | bytes]) -> None:
                     _write_all(f, data)
             except OSError as e:
                 reason = e.strerror or str(e)
-                raise HarnessError(f"cannot write {path}: {reason}; the previous report was left as it was") from None
+                raise HarnessError(f"cannot write {path}: {reason}; the previous version was left as it was") from None
         for tmp, path in temps:
             try:
                 os.replace(tmp, path)
             except OSError as e:
                 raise HarnessError(f"cannot write {path}: {e.strerror or e}; "
-                                   "the previous report was left as it was") from None
+                                   "the previous version was left as it was") from None
     finally:
         for tmp, _ in temps:
             with contextlib.suppress(FileNotFoundError):
