@@ -20,9 +20,10 @@ TORCH_BUILD     ?= $(if $(filter Linux,$(UNAME)),$(if $(TORCH_GPU),$(TORCH_CUDA)
 TORCH_INDEX_URL ?= $(if $(TORCH_BUILD),https://download.pytorch.org/whl/$(TORCH_BUILD))
 TORCH_REQ        = torch==$(TORCH_VERSION)$(if $(and $(TORCH_BUILD),$(TORCH_INDEX_URL)),+$(TORCH_BUILD))
 
-.PHONY: help venv test sweep report gpu-check gpu-table bench doctor clean
+.PHONY: help venv lint test sweep report gpu-check gpu-table bench doctor clean
 
 help:
+	@echo "make lint       ruff and mypy over harness/"
 	@echo "make test       run the test suite"
 	@echo "make sweep      run $(STUDY) and write results/<study>/report.html"
 	@echo "make report     rebuild the report of $(STUDY) from its stored trials"
@@ -42,6 +43,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[test]"
 	$(PY) -m pip install -q -e ".[dashboard]" || echo "warning: optuna-dashboard could not be installed; its test is skipped"
 	touch $(STAMP)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check harness
+	$(VENV)/bin/mypy
 
 test: $(STAMP)
 	$(PY) -m pytest -q
