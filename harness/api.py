@@ -39,7 +39,7 @@ def load_results(source: str | os.PathLike, *, storage: str | None = None,
     from harness.report.frame import csv_frame, records_to_frame
     from harness.report.source import load_trials, resolve
 
-    loaded = load_trials(resolve(source, storage=storage, study_name=study_name))
+    loaded = load_trials(resolve(os.fspath(source), storage=storage, study_name=study_name))
     return csv_frame(records_to_frame(loaded.records)).reset_index(drop=True)
 
 
@@ -69,7 +69,7 @@ def run_study(study: str | os.PathLike | StudyConfig, *, results_dir: str | os.P
     if isinstance(study, StudyConfig):
         config = study if results_dir is None else replace(study, results_root=Path(results_dir))
     else:
-        config = load_study(study, results_root=Path(results_dir if results_dir is not None else "results"))
+        config = load_study(os.fspath(study), results_root=Path(results_dir if results_dir is not None else "results"))
     if trials is not None:
         if not isinstance(trials, int) or trials < 1:
             raise HarnessError(f"trials={trials!r} must be an integer >= 1")

@@ -83,7 +83,7 @@ def epoch_windows(rows: int, bptt: int, variable: VariableBptt | None = None,
     """
     i = 0
     while i < rows - 1:
-        want = variable.draw(rng) if variable is not None else bptt
+        want = variable.draw(rng) if variable is not None and rng is not None else bptt
         seq_len = min(want, rows - 1 - i)
         yield i, seq_len
         i += seq_len

@@ -410,7 +410,7 @@ def _cache_write(key: str, directory: Path, arrays: dict[str, np.ndarray], meta:
     from harness.fileio import write_files_atomic
 
     buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
+    np.savez(buffer, **arrays)  # type: ignore[arg-type]  # numpy's stub reads ** as its allow_pickle flag
     try:
         # Both files or neither: a killed process never leaves a half-written entry behind.
         write_files_atomic({directory / f"{key}.npz": buffer.getvalue(), directory / f"{key}.json": json.dumps(meta)})

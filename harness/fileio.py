@@ -38,7 +38,8 @@ def remove_stale_temps(path: Path) -> list[Path]:
     """Remove the temporaries of ``path`` that a killed writer left: those of a process that is gone on
     this host, and any older than :data:`STALE_TEMP_S`. A live writer's (here or elsewhere) are kept."""
     pattern = re.compile(rf"^\.{re.escape(path.name)}\.(?:(?P<host>.+)-(?P<pid>\d+)\.)?[^.]+\.tmp$")
-    host, now, removed = socket.gethostname(), time.time(), []
+    host, now = socket.gethostname(), time.time()
+    removed: list[Path] = []
     try:
         entries = list(path.parent.iterdir())
     except OSError:

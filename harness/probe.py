@@ -228,7 +228,7 @@ class Probe:
             self._thread.start()
         return self
 
-    def __exit__(self, *exc: object) -> bool:
+    def __exit__(self, *exc: object) -> None:
         thread, self._thread = self._thread, None
         self._stop.set()
         if thread is not None:
@@ -239,7 +239,6 @@ class Probe:
         finally:
             self._open = False
             self.source.stop()
-        return False
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:

@@ -113,11 +113,15 @@ def find_max_fitting(try_fn: Callable[[int], bool | None], start: int, resolutio
             bs = bs // 2
         else:  # fits below a known failure: bisect from here
             break
-    while s.smallest_fail - s.largest_fit > max(1, int(resolution * s.largest_fit)):
+    while True:
+        lo, hi = s.largest_fit, s.smallest_fail
+        assert lo is not None and hi is not None  # the loop above ends only with both known
+        if hi - lo <= max(1, int(resolution * lo)):
+            break
         if len(s.attempts) >= max_attempts:
             s.reason = "attempt cap"
             return s
-        if attempt((s.largest_fit + s.smallest_fail) // 2) is None:
+        if attempt((lo + hi) // 2) is None:
             s.reason = "stopped"
             return s
     s.reason = "resolved"
@@ -132,7 +136,7 @@ def grid_values(config: StudyConfig, name: str) -> list[int]:
     try:
         return sorted(set(int(v) for v in p.grid()))
     except HarnessError:
-        lo, hi = int(p.low), int(p.high)
+        lo, hi = int(p.low or 1), int(p.high or 1)
         values = {lo, hi} | {2 ** k for k in range(math.ceil(math.log2(lo)), int(math.log2(hi)) + 1)}
         return sorted(v for v in values if lo <= v <= hi)
 
@@ -358,7 +362,7 @@ def plan_tokens(df: Any, cells: Iterable[tuple[int, int]], max_seconds: float, c
                   .median()) if len(grid) else 1.0
     evals = df[df["phase"] == "eval"]["seconds"]
     eval_s = float(evals.median()) if len(evals) else 0.0
-    per_token = sum(1.0 / rate(df, *c) for c in cells) * repeats  # type: ignore[operator]
+    per_token = sum(1.0 / (rate(df, *c) or math.inf) for c in cells) * repeats
     fixed = len(cells) * repeats * (setup + checkpoints * eval_s)
     tokens = int((max_seconds / SAFETY - fixed) / per_token) if per_token > 0 else 0
     if tokens < 1_000:

@@ -21,7 +21,7 @@ import math
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -73,7 +73,8 @@ _OOM_MARKERS = ("out of memory", "can't allocate memory", "CUDNN_STATUS_ALLOC_FA
 def oom_error_type() -> type[Exception]:
     """torch's out-of-memory exception: ``torch.OutOfMemoryError`` from torch 2.5, before that only
     ``torch.cuda.OutOfMemoryError`` (the same class where both exist)."""
-    return getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", MemoryError)
+    found = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", None)
+    return found if isinstance(found, type) else MemoryError
 
 
 def is_oom(e: BaseException) -> bool:
@@ -260,7 +261,7 @@ class _CpuMemoryCap:
     bytes exactly: static (parameters, gradients, optimiser state) plus the activations autograd saves.
     """
 
-    def __init__(self, cap_bytes: int | None, static_bytes: int, param_ptrs: set[int] = frozenset()) -> None:
+    def __init__(self, cap_bytes: int | None, static_bytes: int, param_ptrs: Iterable[int] = ()) -> None:
         self.cap, self.static = cap_bytes, static_bytes
         # Autograd saves the weights too; they are already in ``static``, so never count them twice.
         self.param_ptrs = set(param_ptrs)
@@ -320,12 +321,12 @@ class _Meter:
         return (loss_sum / count if count else float("nan")), int(first_bad), int(count)
 
 
-def evaluate(model: RNNModel, matrix: torch.Tensor, bptt: int, bs: int, amp: bool) -> float:
+def evaluate(model: torch.nn.Module, matrix: torch.Tensor, bptt: int, bs: int, amp: bool) -> float:
     """Mean cross-entropy over a split with fixed windows and the state carried through it."""
     model.eval()
     total = torch.zeros((), device=matrix.device, dtype=torch.float64)
     count = 0
-    hidden = model.init_hidden(bs)
+    hidden = model.init_hidden(bs)  # type: ignore[operator]  # the model interface: any module with init_hidden
     with torch.inference_mode(), torch.autocast(matrix.device.type, dtype=torch.bfloat16, enabled=amp):
         for x, y in windows(matrix, bptt):
             logits, hidden = model(x, hidden)
@@ -335,7 +336,7 @@ def evaluate(model: RNNModel, matrix: torch.Tensor, bptt: int, bs: int, amp: boo
     return total.item() / count
 
 
-def _make_optimizer(model: RNNModel, t: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+def _make_optimizer(model: torch.nn.Module, t: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
     if t.optimizer == "sgd":
         return torch.optim.SGD(model.parameters(), lr=t.lr)
     # Fused on CUDA and CPU: the unfused AdamW calls step.item() for every parameter at every step.
@@ -346,7 +347,7 @@ def _make_optimizer(model: RNNModel, t: TrainConfig, device: torch.device) -> to
         return torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
 
 
-def _static_bytes(model: RNNModel, t: TrainConfig) -> int:
+def _static_bytes(model: torch.nn.Module, t: TrainConfig) -> int:
     params = sum(p.numel() * p.element_size() for p in model.parameters())
     # weights + gradients (+ AdamW's two moments)
     return params * (4 if t.optimizer == "adamw" else 2)
@@ -511,13 +512,14 @@ def _train_and_eval(spec: TrialSpec, corpus: Corpus, device: torch.device, probe
             raise Pruned(f"pruned at checkpoint {len(result.val_curve)} (val ppl {point['ppl']:.4g})")
 
     clock = TrainClock(device, t.warmup_steps)
+    init_hidden: Callable[[int], Any] = model.init_hidden  # type: ignore[assignment]  # the model interface
     try:
         with probe if probe is not None else contextlib.nullcontext(), saved_hooks:
-            hidden = model.init_hidden(bs)
+            hidden = init_hidden(bs)
             while not budget.done:
                 for n_window, (i, seq_len) in enumerate(epoch_windows(train.size(0), spec.bptt, variable, rng)):
                     if n_window == 0 or (t.reset_every and n_window % t.reset_every == 0):
-                        hidden = model.init_hidden(bs)   # each pass (and reset_every) starts from zeros
+                        hidden = init_hidden(bs)   # each pass (and reset_every) starts from zeros
                     seq_len, keep = budget.cut(seq_len, bs, tokens)
                     longest = max(longest, seq_len)
                     x, y = get_batch(train, i, seq_len)
@@ -581,7 +583,7 @@ def _phase(probe: Any | None, name: str) -> contextlib.AbstractContextManager:
     return phase(name) if phase is not None else contextlib.nullcontext()
 
 
-def _cpu_cap(model: RNNModel, t: TrainConfig, device: torch.device) -> _CpuMemoryCap | None:
+def _cpu_cap(model: torch.nn.Module, t: TrainConfig, device: torch.device) -> _CpuMemoryCap | None:
     """On CPU every trial counts its memory (a hook per saved tensor: no measurable cost); with
     ``memory_cap_mib`` the count is also the cap."""
     if device.type != "cpu":
