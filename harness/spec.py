@@ -43,31 +43,6 @@ class CorpusSpec:
 
 
 @dataclass(frozen=True)
-class CorpusSpec:
-    """Which text and how to tokenise it.
-
-    Attributes:
-        source: ``"default"``, a path (file or directory), or ``"synthetic:k=12[,vocab=16,noise=2,tokens=200000,seed=0]"``.
-        tokenizer: ``"word"`` (whitespace split, ``<eos>`` at each line end) or ``"char"``.
-        lower: lower-case the text before tokenising (word tokenizer).
-        split_punct: split punctuation off words (``"end."`` -> ``"end" "."``).
-        max_vocab: keep only the most frequent ``max_vocab - 1`` train tokens, the rest become ``<unk>``.
-    """
-
-    source: str = "default"
-    tokenizer: Literal["word", "char"] = "word"
-    lower: bool = False
-    split_punct: bool = False
-    max_vocab: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.tokenizer not in ("word", "char"):
-            raise HarnessError(f"tokenizer {self.tokenizer!r} is not known; use 'word' or 'char'")
-        if self.max_vocab is not None and (not isinstance(self.max_vocab, int) or self.max_vocab < 2):
-            raise HarnessError(f"max_vocab={self.max_vocab!r} must be an integer >= 2 (or left out for no cap)")
-
-
-@dataclass(frozen=True)
 class ModelConfig:
     """The language model.
 

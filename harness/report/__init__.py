@@ -92,13 +92,14 @@ def generate_from_records(records: list[dict], *, study_name: str, out_dir: Path
     out_dir = Path(out_dir)
     rep = build(trials, study_name=study_name, storage_display=storage_display, info=info, n_running=n_running,
                 profile=load_profile(out_dir))
+    configs_csv, summary_path = out_dir / "configs.csv", out_dir / "summary.json"
     paths = ReportPaths(csv=out_dir / "trials.csv", html=out_dir / "report.html", summary=console.summary(rep),
-                        configs_csv=out_dir / "configs.csv", summary_json=out_dir / "summary.json")
+                        configs_csv=configs_csv, summary_json=summary_path)
     write_files_atomic({
         paths.csv: csv_frame(trials).to_csv(index=False, lineterminator="\n"),
-        paths.configs_csv: _configs_csv(rep),
+        configs_csv: _configs_csv(rep),
         paths.html: html.render(rep),
-        paths.summary_json: summary_json(rep),
+        summary_path: summary_json(rep),
     })
     log.info("report written to %s", out_dir)
     return paths

@@ -16,6 +16,7 @@ import html
 import logging
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -228,7 +229,10 @@ def render_compare(trials: pd.DataFrame, cfg: pd.DataFrame, summary: pd.DataFram
                     text += f" ({v / base:.2f}×)"
             return text
         cols.append(("", f"{m}: tokens/s", cell))
-        cols.append(("", f"{m}: peak MiB", lambda r, c=cell: c(r, what="peak_mem_mib", fmt="{:,.0f}")))
+        def peak(r: pd.Series, c: Any = cell) -> str:
+            return c(r, what="peak_mem_mib", fmt="{:,.0f}")
+
+        cols.append(("", f"{m}: peak MiB", peak))
     figs = []
     f = _bars(cfg[cfg["status"] == "ok"], order, "tokens_per_s", "Throughput per configuration and machine", "tokens/s")
     if f is not None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import io
 import math
 import textwrap
@@ -31,9 +33,10 @@ def summary(rep: Report, top: int = 10, width: int = 110) -> str:
         cost = rep.ranking.cost
         table = Table(box=box.SIMPLE_HEAD, title=f"top {min(top, len(t))} of {len(t)} configurations "
                       f"(perplexity against {rep.ranking.cost_label})", title_justify="left")
-        for name, just in (("#", "right"), ("configuration", "left"), ("Pareto", "right"), ("val ppl", "right"),
+        justify: tuple[tuple[str, Literal["left", "right"]], ...] = (("#", "right"), ("configuration", "left"), ("Pareto", "right"), ("val ppl", "right"),
                            ("n", "right"), (rep.ranking.cost_label, "right"), ("tokens/s", "right"),
-                           ("peak MiB", "right")):
+                           ("peak MiB", "right"))
+        for name, just in justify:
             table.add_column(name, justify=just)
         for _, r in t.head(top).iterrows():
             ppl = _f(r["val_ppl"], "{:.4g}")
