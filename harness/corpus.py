@@ -17,8 +17,8 @@ splits are cached on disk keyed by (content hash, tokenizer options), so trials 
 from __future__ import annotations
 
 import hashlib
-import io
 import importlib.util
+import io
 import json
 import logging
 import math

@@ -14,7 +14,6 @@ from pathlib import Path
 
 from harness.errors import HarnessError
 
-
 # A temporary older than this is left over from a killed writer, wherever it ran.
 STALE_TEMP_S = 3600
 

@@ -78,10 +78,10 @@ def safe_dirname(name: str) -> str:
 def generate_from_records(records: list[dict], *, study_name: str, out_dir: Path, storage_display: str | None = None,
                           info: dict | None = None, n_running: int = 0) -> ReportPaths:
     """The report of already-loaded records (what :func:`generate` does after reading the storage)."""
+    from harness.fileio import write_files_atomic
     from harness.report import console, html
     from harness.report.build import build
     from harness.report.frame import csv_frame, records_to_frame
-    from harness.fileio import write_files_atomic
     from harness.report.summary import summary_json
 
     if not records:

@@ -253,7 +253,7 @@ def render_compare(trials: pd.DataFrame, cfg: pd.DataFrame, summary: pd.DataFram
                                      "diverged cells are marked — the edge of them is this machine's feasible region."))
     note = "<p>Only one machine in these results: nothing to put side by side.</p>" if len(order) == 1 else ""
     note += "".join(f'<p class="bad warning"><b>warning:</b> {esc(w)}</p>' for w in warnings or [])
-    now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    now = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     src = "".join(f"<li>{esc(s)}</li>" for s in storages)
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">

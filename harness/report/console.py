@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 import io
 import math
 import textwrap
+from typing import Literal
 
 from rich import box
 from rich.console import Console
