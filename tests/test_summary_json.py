@@ -53,7 +53,7 @@ def test_card_predictions_and_no_nan(tmp_path: Path) -> None:
     paths = generate_from_records(records, study_name="gpu", out_dir=tmp_path)
     s = strict(paths.summary_json.read_text())
     cards = {c["batch_size"]: c for c in s["memory"]["cards"]}
-    assert set(cards) == {20, 80, 320} and cards[20]["80 GiB"] > cards[320]["80 GiB"] > 0
+    assert set(cards) == {20, 80, 320} and cards[20]["H100 80GB"] > cards[320]["H100 80GB"] > 0
     assert s["memory"]["wall"]["smallest_oom"]["config_key"] == "bptt=280,batch_size=320"
     assert s["recommendation"]["configuration"]["n"] == 2
     assert s["recommendation"]["configuration"]["val_ppl_std"] > 0
