@@ -109,6 +109,20 @@ def test_a_race_reruns_the_leaders_with_new_seeds_within_its_budget(tmp_path: Pa
     assert sum("record" in t.user_attrs for t in study.get_trials()) == 4
 
 
+def test_a_resumed_study_may_change_its_race_but_not_its_lr_rule(tmp_path: Path) -> None:
+    from harness.config import parse_study
+    from harness.errors import HarnessError
+    from harness.study import create_study
+
+    base = {"name": "r", "sampler": "grid", "corpus": {"source": "synthetic:k=4,vocab=6,noise=2,tokens=8000"},
+            "search": {"bptt": [4], "batch_size": [4]}, "race": {"trials": 2}, "lr": {"rule": "sqrt"}}
+    storage = open_storage(f"sqlite:///{tmp_path / 'r.db'}")
+    create_study(parse_study(base), storage)
+    create_study(parse_study({**base, "race": {"trials": 6, "max_seeds": 4}}), storage)
+    with pytest.raises(HarnessError, match=r"changed: lr.rule"):
+        create_study(parse_study({**base, "lr": {"rule": "linear"}}), storage)
+
+
 def rec(bptt: int, bs: int, ppl: float | None, seed: int = 0, *, status: str = "ok", test: float | None = None,
         tps: float = 10_000.0) -> dict:
     ok = status == "ok"
