@@ -42,6 +42,7 @@ class LrRule:
         ladder: ``tuned`` only: multipliers of that lr that are tried.
         tune_fraction: ``tuned`` only: each ladder run trains on this fraction of the budget; the
             lowest validation loss after it wins.
+        max_lr: no shape gets a larger lr than this (a scaled-up lr can pass plain SGD's stability edge).
     """
 
     rule: str = "fixed"
@@ -50,6 +51,7 @@ class LrRule:
     tune_from: str = "sqrt"
     ladder: tuple[float, ...] = (0.5, 1.0, 2.0)
     tune_fraction: float = 0.1
+    max_lr: float | None = None
 
     def __post_init__(self) -> None:
         if self.rule not in RULES:
@@ -67,6 +69,8 @@ class LrRule:
             raise HarnessError(f"lr ladder = {list(self.ladder)!r} repeats a multiplier; list each once")
         if not isinstance(self.tune_fraction, (int, float)) or not 0 < self.tune_fraction <= 1:
             raise HarnessError(f"lr tune_fraction = {self.tune_fraction!r} must be a number in (0, 1]")
+        if self.max_lr is not None and (not isinstance(self.max_lr, (int, float)) or not 0 < self.max_lr < math.inf):
+            raise HarnessError(f"lr max_lr = {self.max_lr!r} must be a number > 0 (or left out)")
 
     @property
     def scaling(self) -> str:
@@ -76,7 +80,8 @@ class LrRule:
     def lr_for(self, ref_lr: float, bptt: int, batch_size: int) -> float:
         """The rule's lr for a shape (for ``tuned``: the middle of its ladder)."""
         ratio = (bptt * batch_size) / (self.ref_bptt * self.ref_batch_size)
-        return scaled_lr(self.scaling, ref_lr, ratio)
+        lr = scaled_lr(self.scaling, ref_lr, ratio)
+        return lr if self.max_lr is None else min(lr, self.max_lr)
 
     def describe(self, ref_lr: float) -> str:
         """The rule in words, for the report: ``sqrt rule: lr 20 at bptt 35 × bs 20, x √(tokens per step / 700)``."""
@@ -85,6 +90,8 @@ class LrRule:
         formula = {"fixed": f"lr {ref_lr:g} for every shape",
                    "linear": f"{ref} × (tokens per step / {tokens})",
                    "sqrt": f"{ref} × √(tokens per step / {tokens})"}[self.scaling]
+        if self.max_lr is not None and self.scaling != "fixed":
+            formula += f", at most {self.max_lr:g}"
         if self.rule != "tuned":
             return f"{self.rule} rule: {formula}"
         ladder = "/".join(f"×{m:g}" for m in sorted(self.ladder))

@@ -38,6 +38,15 @@ def test_each_rule_gives_the_hand_computed_lr(rule: str, bptt: int, bs: int, exp
     assert LrRule(rule).lr_for(20.0, bptt, bs) == pytest.approx(expected, rel=1e-12)
 
 
+def test_max_lr_caps_a_scaled_up_lr_only() -> None:
+    capped = LrRule("sqrt", max_lr=20.0)
+    assert capped.lr_for(20.0, 140, 80) == 20.0                                   # 80 without the cap
+    assert capped.lr_for(20.0, 10, 5) == pytest.approx(20.0 / math.sqrt(14))     # below it: unchanged
+    assert capped.describe(20.0) == "sqrt rule: lr 20 at bptt 35 × bs 20 × √(tokens per step / 700), at most 20"
+    with pytest.raises(HarnessError, match=r"lr max_lr = -1.0 must be a number > 0"):
+        LrRule("sqrt", max_lr=-1.0)
+
+
 def test_a_reference_shape_of_ones_own_and_tuned_centres_on_its_rule() -> None:
     assert LrRule("linear", ref_bptt=10, ref_batch_size=5).lr_for(2.0, 20, 5) == pytest.approx(4.0)
     assert LrRule("tuned", tune_from="sqrt").lr_for(20.0, 140, 80) == pytest.approx(80.0)
