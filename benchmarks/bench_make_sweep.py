@@ -2,10 +2,12 @@
 clone (empty corpus cache, new results folder; the venv already installed), with its racing runs.
 
 Prints the wall-clock time, the trials (first pass and racing), their summed training and validation
-seconds, and the recommendation. The budget is 10 minutes on 2 cores; on a shared machine the time is
-an upper bound.
+seconds, and the recommendation. The budget is 10 minutes on 2 cores. On a machine shared with other
+jobs, run it with ``--threads 1``: torch's two threads then do not wait on each other's descheduled cores
+(which makes validation several times slower), and the sweep's CPU time is an upper bound for its wall
+time on a quiet 2-core machine.
 
-    .venv/bin/python benchmarks/bench_make_sweep.py [--study studies/default.toml] [--keep DIR]
+    .venv/bin/python benchmarks/bench_make_sweep.py [--study studies/default.toml] [--threads 1] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -28,10 +30,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--study", default=str(REPO / "studies" / "default.toml"))
     parser.add_argument("--keep", default=None, help="write the results here instead of a temporary folder")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads of the sweep (default: torch's)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         results = Path(args.keep) if args.keep else Path(tmp) / "results"
         env = {**os.environ, "BPTT_HARNESS_CACHE": str(Path(tmp) / "cache")}  # a fresh clone tokenises once
+        if args.threads:
+            env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
         t0 = time.perf_counter()
         out = subprocess.run([sys.executable, "-m", "harness", "sweep", args.study, "--results-dir", str(results)],
                              cwd=REPO, env=env, capture_output=True, text=True)
