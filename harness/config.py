@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from harness.errors import HarnessError
+from harness.lr import LrRule, parse_lr_table
+from harness.race import RaceConfig
 from harness.spec import CorpusSpec, ModelConfig, TrainConfig
 from harness.urls import redact
 
@@ -24,10 +26,10 @@ SAMPLERS = ("grid", "tpe", "random", "nsga2")
 PRUNERS = ("none", "median", "hyperband")
 COSTS = ("seconds_per_token", "peak_memory", "joules_per_token")
 TOP_KEYS = ("name", "description", "objectives", "sampler", "pruner", "trials", "storage", "max_memory_gib",
-            "seed", "device", "workers", "corpus", "model", "train", "search")
+            "seed", "device", "workers", "corpus", "model", "train", "search", "lr", "race")
 # [train] keys beyond TrainConfig's own fields. memory_cap_mib is set from the top-level max_memory_gib.
 TRAIN_EXTRA = ("repeats",)
-TRAIN_HIDDEN = ("memory_cap_mib",)
+TRAIN_HIDDEN = ("memory_cap_mib", "time_grid_until_s")
 SEARCH_KEYS = {"bptt": "int", "batch_size": "int", "lr": "float", "nhid": "int", "emsize": "int", "layers": "int",
                "dropout": "float", "variable_bptt": "bool"}
 STORAGE_FORMS = "sqlite:///path/study.db, journal:path/journal.log or postgresql://user@host/db"
@@ -90,6 +92,8 @@ class StudyConfig:
     device: str = "auto"
     workers: int = 1
     repeats: int = 1
+    lr_rule: LrRule = field(default_factory=LrRule)
+    race: RaceConfig | None = None
     description: str = ""
     path: Path | None = None
     results_root: Path = Path("results")
@@ -217,6 +221,22 @@ def _check_range(space: ParamSpace) -> None:
                            f"got {lo:g}..{hi:g}")
 
 
+def _lr_rule(table: Any, search: dict[str, ParamSpace]) -> LrRule:
+    if not isinstance(table, dict):
+        raise HarnessError(f"study file: [lr] must be a table of keys, got {table!r}")
+    fields = [f.name for f in dataclasses.fields(LrRule)]
+    for key, value in table.items():
+        if key not in fields:
+            raise _unknown("lr", key, fields)
+        if key != "ladder":
+            _check_type(f"lr.{key}", value, _kind_of(str(LrRule.__dataclass_fields__[key].type)))
+    rule = parse_lr_table(table)
+    if rule.rule != "fixed" and "lr" in search:
+        raise HarnessError(f"study file: search.lr with lr.rule = {rule.rule!r}: the rule sets each shape's lr; "
+                           "search lr only with rule = \"fixed\" (or remove search.lr)")
+    return rule
+
+
 def check_storage_url(url: str) -> None:
     if not isinstance(url, str) or not url.strip():
         raise HarnessError(f"storage {url!r} is empty; use {STORAGE_FORMS}")
@@ -284,7 +304,7 @@ def parse_study(raw: dict, path: Path | None = None, results_root: Path = Path("
             raise HarnessError(f"study file: train.repeats = {repeats} must be >= 1")
     if isinstance(train_table, dict):
         for key in train_table:
-            if key in TRAIN_HIDDEN:
+            if key == "memory_cap_mib":
                 raise HarnessError("study file: train.memory_cap_mib is set from the top-level max_memory_gib; "
                                    "use max_memory_gib = N")
     train = _build(TrainConfig, train_table, "train", skip=TRAIN_HIDDEN, also=TRAIN_EXTRA)
@@ -302,6 +322,8 @@ def parse_study(raw: dict, path: Path | None = None, results_root: Path = Path("
         if key not in search_raw:
             raise HarnessError(f"study file: search.{key} is missing; every study searches bptt and batch_size")
     search = {key: _param_space(key, value) for key, value in search_raw.items()}
+    lr_rule = _lr_rule(raw.get("lr", {}), search)
+    race = _build(RaceConfig, raw["race"], "race") if "race" in raw else None
     if model.tied and ({"nhid", "emsize"} & set(search)):
         raise HarnessError("study file: tied = true needs emsize == nhid in every trial; do not search "
                            "nhid or emsize with tied weights (or set tied = false)")
@@ -310,6 +332,7 @@ def parse_study(raw: dict, path: Path | None = None, results_root: Path = Path("
                          objectives=tuple(objectives), sampler=sampler, pruner=pruner, trials=raw.get("trials"),
                          storage=raw.get("storage"), max_memory_gib=raw.get("max_memory_gib"),
                          seed=raw.get("seed", 0), device=device, workers=raw.get("workers", 1), repeats=repeats,
+                         lr_rule=lr_rule, race=race,
                          description=raw.get("description", ""), path=path, results_root=results_root,
                          # The resolved name goes with the stored copy, so `harness worker` can rebuild it.
                          raw={**raw, "name": name})

@@ -132,6 +132,9 @@ class TrialResult:
                                   doc="training loss every log_every steps: step, tokens, seconds, loss")
     val_curve: list[dict] = col(csv=False, factory=list,
                                 doc="validation at each checkpoint: step, tokens, seconds, loss, ppl")
+    time_curve: list[dict] = col(csv=False, factory=list,
+                                 doc="validation on the study's time grid (time_grid_s): grid_s, seconds, step, "
+                                     "tokens, loss, ppl")
     probe: ProbeReport = field(default_factory=ProbeReport)
 
     def __post_init__(self) -> None:
@@ -171,6 +174,21 @@ class TrialConfig:
 
 
 @dataclass
+class LrChoice:
+    """How the trial's learning rate (``lr``) was set: the study's ``[lr]`` rule and what tuning cost."""
+
+    rule: str | None = col(None, "the study's lr rule: fixed, linear, sqrt or tuned", name="lr_rule")
+    rule_lr: float | None = col(None, "the rule's lr for this shape (for tuned: the middle of the ladder)",
+                                name="lr_rule_value")
+    tune_tokens: int | None = col(
+        None, "tuned: training tokens the lr ladder of this configuration cost (on the trial that ran it; 0 when "
+              "it reused an earlier ladder)", "tokens", name="lr_tune_tokens")
+    tune_s: float | None = col(None, "tuned: wall-clock seconds the lr ladder cost (as lr_tune_tokens)", "s",
+                               name="lr_tune_s")
+    ladder: list[dict] = col(csv=False, factory=list, doc="tuned: every rung of the ladder: lr, val_loss, status")
+
+
+@dataclass
 class Hardware:
     """The machine a trial ran on (:func:`harness.hardware.fingerprint`)."""
 
@@ -206,6 +224,10 @@ class StudyInfo:
     budget_seconds: float | None = col(None, "training-time budget", "s")
     objectives: list[str] = col(csv=False, factory=list, doc="the study's objectives")
     cost: str | None = col(None, "the study's cost objective (seconds_per_token, peak_memory or joules_per_token)")
+    lr_rule_text: str | None = col(None, "the study's lr rule in words ([lr]): how each shape's lr was set",
+                                   name="lr_rule_description")
+    race_max_seeds: int | None = col(None, "[race] max_seeds: seeds a contender may get (empty: no racing)")
+    race_trials: int | None = col(None, "[race] trials: extra runs the race may spend (empty: no racing)")
     host_workers: int | None = col(
         None, "trials running at once on this host when it ran; above 1 on CPU the workers shared the "
               "machine (each pinned to its own cores), so its timings are marked")
@@ -220,6 +242,7 @@ class TrialRecord:
     config_key: str | None = col(None, "the configuration, identical for repeats of it (e.g. bptt=35,batch_size=20)",
                                  attr=True)
     config: TrialConfig = field(default_factory=TrialConfig)
+    lr_choice: LrChoice = field(default_factory=LrChoice)
     status: Status = col("failed", "ok, diverged, oom, pruned, timeout or failed", attr=True)
     error: str | None = col(None, "why the trial did not finish ok (empty when ok)")
     result: TrialResult = field(default_factory=TrialResult)

@@ -101,6 +101,13 @@ class TrainConfig:
             (the same for every configuration; a pass that a batch size shortens continues into the next).
         seconds: training seconds when ``budget = "seconds"``.
         checkpoints: validation evaluations spread evenly over the budget (the last one is the end).
+        time_grid_s: besides the checkpoints, a validation point every this many training seconds (at the
+            step end nearest each multiple), the same grid for every configuration, so that an equal-time
+            comparison reads measurements instead of interpolating. Observation only: these points never
+            anneal the lr, prune or end a trial.
+        time_grid_until_s: set by the study, not a study-file key: no time-grid point past this many seconds.
+            An equal-time comparison reads the latest grid time every run reached, never later than the
+            shortest run of the study so far, so points past that would only cost validation time.
         spike_factor: a logged training loss above ``spike_factor`` x its running minimum is divergence
             (so is a loss clearly above a uniform guess once the model had learned; see ``DivergenceGuard``).
         timeout_s: wall-clock limit for the whole trial; past it the trial ends as ``timeout``.
@@ -133,6 +140,8 @@ class TrainConfig:
     epochs: float | None = None
     seconds: float = 60.0
     checkpoints: int = 4
+    time_grid_s: float | None = None
+    time_grid_until_s: float | None = None
     spike_factor: float = 3.0
     timeout_s: float | None = None
     seed: int = 0
@@ -170,6 +179,11 @@ class TrainConfig:
                 raise bad(key, "it must be an integer >= 1")
         if self.epochs is not None and (not _finite_number(self.epochs) or self.epochs <= 0):
             raise bad("epochs", "it must be a number > 0")
+        if self.time_grid_s is not None and (not _finite_number(self.time_grid_s) or self.time_grid_s <= 0):
+            raise bad("time_grid_s", "it must be a number of training seconds > 0 (or left out)")
+        if self.time_grid_until_s is not None and (not _finite_number(self.time_grid_until_s)
+                                                   or self.time_grid_until_s < 0):
+            raise bad("time_grid_until_s", "it must be a number of training seconds >= 0")
         if self.timeout_s is not None and (not _finite_number(self.timeout_s) or self.timeout_s <= 0):
             raise bad("timeout_s", "it must be a number of seconds > 0")
         if self.amp not in (None, "bf16"):

@@ -23,6 +23,7 @@ import os
 import shlex
 import socket
 import sqlite3
+import time
 import uuid
 import warnings
 from collections.abc import Callable, Iterator
@@ -36,8 +37,8 @@ from optuna.trial import FrozenTrial, TrialState
 from harness.config import ParamSpace, StudyConfig, check_storage_url
 from harness.corpus import Corpus, check_fits, load
 from harness.errors import HarnessError
-from harness.record import (INFEASIBLE, Hardware, StudyInfo, TrialConfig, TrialRecord, TrialResult, from_dict,
-                            user_attrs)
+from harness.record import (INFEASIBLE, Hardware, LrChoice, StudyInfo, TrialConfig, TrialRecord, TrialResult,
+                            finite_or_none, from_dict, user_attrs)
 from harness.spec import ModelConfig, TrialSpec, resolve_budget_tokens
 from harness.urls import STORAGE_ENV, engine_url, hides_password, redact, same_storage, scrub
 
@@ -47,6 +48,7 @@ MAX_RETRIES = 2
 CANONICAL = {"bptt": 35, "batch_size": 20}
 # How long a remote worker may be silent before its RUNNING trial counts as dead (RDB storages).
 HEARTBEAT_S, GRACE_S = 10, 60
+RACE_POLL_S = 2.0
 
 
 class TrialFailed(Exception):
@@ -359,7 +361,7 @@ def _constraints(trial: FrozenTrial) -> tuple[float, ...]:
 
 # Keys a resumed study may change: how it is run, not what a trial measures. A grid may also be
 # extended; a sampled search space may not (Optuna cannot change a categorical's choices).
-MAY_CHANGE = ("trials", "workers", "device", "description", "storage")
+MAY_CHANGE = ("trials", "workers", "device", "description", "storage", "race")
 
 
 def _changed_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
@@ -442,6 +444,7 @@ def trial_spec(config: StudyConfig, params: dict[str, Any], repeat: int) -> Tria
     model: ModelConfig = replace(config.model, **{k: v for k, v in params.items() if k in model_keys})
     train = replace(config.train, seed=config.train.seed + repeat,
                     **{k: v for k, v in params.items() if k in ("lr", "variable_bptt")})
+    train = replace(train, lr=config.lr_rule.lr_for(train.lr, params["bptt"], params["batch_size"]))
     return TrialSpec(bptt=params["bptt"], batch_size=params["batch_size"], model=model, train=train)
 
 
@@ -467,19 +470,22 @@ def study_info(config: StudyConfig, corpus: Corpus, host_workers: int = 1) -> St
                      budget_tokens=resolve_budget_tokens(t, corpus.train.numel()),
                      budget_epochs=t.epochs if t.budget == "tokens" else None,
                      budget_seconds=t.seconds if t.budget == "seconds" else None,
-                     objectives=list(config.objectives), cost=config.cost, host_workers=host_workers)
+                     objectives=list(config.objectives), cost=config.cost, host_workers=host_workers,
+                     lr_rule_text=config.lr_rule.describe(t.lr),
+                     race_max_seeds=config.race.max_seeds if config.race else None,
+                     race_trials=config.race.trials if config.race else None)
 
 
 def make_record(info: StudyInfo, spec: TrialSpec, params: dict, repeat: int, result: TrialResult,
-                hardware: dict, started: str) -> TrialRecord:
+                hardware: dict, started: str, lr_choice: LrChoice | None = None) -> TrialRecord:
     """The stored measurement of one trial; ``harness.report`` reads exactly this."""
     config = TrialConfig(bptt=spec.bptt, batch_size=spec.batch_size, lr=spec.train.lr, nhid=spec.model.nhid,
                          emsize=spec.model.emsize, layers=spec.model.layers, dropout=spec.model.dropout,
                          model=spec.model.factory or spec.model.type, optimizer=spec.train.optimizer,
                          variable_bptt=spec.train.variable_bptt, seed=spec.train.seed, repeat=repeat)
     return TrialRecord(config_key=config_key(params), config=config, status=result.status, error=result.error,
-                       result=result, hardware=from_dict(Hardware, hardware), study=info, started_at=started,
-                       finished_at=_now(), worker=worker_id())
+                       result=result, lr_choice=lr_choice or LrChoice(), hardware=from_dict(Hardware, hardware),
+                       study=info, started_at=started, finished_at=_now(), worker=worker_id())
 
 
 def store_record(trial: optuna.Trial, record: TrialRecord) -> dict:
@@ -513,6 +519,20 @@ def _worker_is_dead(worker: str) -> bool:
     if int(pid) == os.getpid():
         return token != _process_token()  # we run no trial while reaping, so that trial is not ours
     return not _pid_alive(int(pid))
+
+
+def _observe_until(study: optuna.Study, spec: TrialSpec) -> TrialSpec:
+    """With a time grid, no points past the latest grid time of the shortest finished run: the equal-time
+    comparison never reads later than that (see ``TrainConfig.time_grid_until_s``)."""
+    if spec.train.time_grid_s is None:
+        return spec
+    ends = []
+    for t in study.get_trials(deepcopy=False):
+        rec = t.user_attrs.get("record") or {}
+        curve = (rec.get("result") or {}).get("time_curve") or []
+        if rec.get("status") == "ok" and curve:
+            ends.append(max(p["grid_s"] for p in curve))
+    return replace(spec, train=replace(spec.train, time_grid_until_s=min(ends))) if ends else spec
 
 
 @dataclass
@@ -561,21 +581,26 @@ class Objective:
 
         info = study_info(self.config, self.corpus, self.host_workers)
         started = _now()
+        choice = LrChoice(rule=self.config.lr_rule.rule, rule_lr=spec.train.lr)
         try:
             result = self._known_oom(spec)
             if result is None:
                 if not self.warmed:
                     warm_up(spec, self.corpus, self.device)
                     self.warmed = True
+                if self.config.lr_rule.rule == "tuned":
+                    spec = self._tuned(trial, spec, config_key(params), choice)
+                spec = _observe_until(trial.study, spec)
                 result = run_trial(spec, self.corpus, self.device, probe=make_probe(self.device),
                                    on_checkpoint=on_checkpoint)
         except KeyboardInterrupt:
             interrupted = TrialResult(status="failed", error="interrupted (SIGINT); retried on resume",
                                       bptt=spec.bptt, batch_size=spec.batch_size, seed=spec.train.seed)
             trial.set_user_attr("interrupted", True)
-            store_record(trial, make_record(info, spec, params, repeat, interrupted, self.hardware, started))
+            store_record(trial, make_record(info, spec, params, repeat, interrupted, self.hardware, started,
+                                                     choice))
             raise
-        typed = make_record(info, spec, params, repeat, result, self.hardware, started)
+        typed = make_record(info, spec, params, repeat, result, self.hardware, started, choice)
         record = store_record(trial, typed)
         if (repeat == 0 and self.config.repeats > 1 and self.config.sampler != "grid"
                 and not _has_repeats(trial.study, params)):
@@ -599,11 +624,33 @@ class Objective:
                            error=f"does not fit: {PROFILE_CSV} ran out of memory at this bptt and batch size or "
                                  "below both, under the same memory cap (not trained)")
 
+    def _tuned(self, trial: optuna.Trial, spec: TrialSpec, key: str, choice: LrChoice) -> TrialSpec:
+        """``[lr] rule = "tuned"``: the configuration's lr from its ladder, run by the first trial of the
+        configuration and stored with the study, so its repeats reuse it (and its cost is counted once)."""
+        from harness.lr import tune
+
+        attr = f"lr_tuned:{key}"
+        stored = trial.study.user_attrs.get(attr)
+        choice.tune_tokens, choice.tune_s = 0, 0.0
+        if stored is None:
+            tuned = tune(spec, self.corpus, self.device, self.config.lr_rule)
+            stored = finite_or_none({"lr": tuned.lr, "ladder": tuned.ladder})
+            trial.study.set_user_attr(attr, stored)
+            choice.tune_tokens, choice.tune_s = tuned.tokens, tuned.seconds
+        choice.ladder = stored["ladder"]
+        return replace(spec, train=replace(spec.train, lr=stored["lr"]))
+
     def _spurious(self, trial: optuna.Trial) -> str | None:
         """Why this trial must not run: another worker emptied the grid's queue between our check and
-        Optuna's ask, or a retry was queued twice by two reaping workers (the lower number runs)."""
+        Optuna's ask, or a retry or racing run was queued twice by two workers (the lower number runs)."""
+        from harness.race import RACE_KEY
+
         if self.config.sampler == "grid" and "repeat" not in trial.user_attrs:  # set on every queued point
             return "the grid's queue was empty when this worker asked for a trial"
+        race_key = trial.user_attrs.get(RACE_KEY)
+        if race_key is not None and any(t.user_attrs.get(RACE_KEY) == race_key and t.number < trial.number
+                                        for t in trial.study.get_trials(deepcopy=False)):
+            return f"racing run {race_key} was already queued"
         retry_of = trial.user_attrs.get("retry_of")
         if retry_of is not None and any(
                 t.user_attrs.get("retry_of") == retry_of and t.number < trial.number
@@ -777,14 +824,25 @@ def run_worker(study: optuna.Study, config: StudyConfig, corpus: Corpus, device:
     share the machine, so their timings are marked)."""
     from harness.hardware import fingerprint
     from harness.profile import load_profile
+    from harness.race import race_round, raced
 
     objective = Objective(config, corpus, device, fingerprint(device), on_result, on_start, host_workers,
                           profile=load_profile(config.results_dir), on_checkpoint=on_checkpoint)
     while True:
         reap(study)
         p = progress(study)
-        if p.done >= n_target or (p.waiting == 0 and (p.done + p.running >= n_target or config.sampler == "grid")):
-            return  # a grid only runs its queue: nothing waiting means nothing left for this worker
+        target = n_target + (raced(study) if config.race else 0)
+        if p.done >= target or (p.waiting == 0 and (p.done + p.running >= target or config.sampler == "grid")):
+            # A grid only runs its queue: nothing waiting means nothing left for this worker, unless the
+            # race queues another round once every trial so far has finished.
+            if config.race is None or p.waiting:
+                return
+            if p.running:
+                time.sleep(RACE_POLL_S)  # another worker's trial may change the standings
+                continue
+            if p.done < n_target or race_round(study, config.race) == 0:
+                return
+            continue
         study.optimize(objective, n_trials=1, catch=(TrialFailed,), gc_after_trial=True)
 
 

@@ -187,9 +187,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         n_target = config.n_trials()
         _sigterm_as_interrupt()
         already = progress(study).done
-        print(f"study {config.name}: {n_target} trials ({already} already done), {config.sampler} sampler, "
-              f"device {device}, storage {redact(storage_url)}", file=sys.stderr)
-        display = Display(n_target)
+        racing = config.race.trials if config.race else 0
+        print(f"study {config.name}: {n_target} trials" + (f" + up to {racing} racing runs" if racing else "")
+              + f" ({already} already done), {config.sampler} sampler, device {device}, storage {redact(storage_url)}",
+              file=sys.stderr)
+        display = Display(n_target + racing)
         display.set_done(already)
         try:
             if workers == 1:

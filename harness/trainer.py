@@ -95,18 +95,23 @@ class Budget:
 
     A token budget is exact: :meth:`cut` shortens the last window so that the trial trains on exactly
     ``tokens`` target tokens, whatever its shape. Checkpoint ``k`` of ``n`` is due when progress
-    reaches ``k / n``; the last is the end of the budget.
+    reaches ``k / n``; the last is the end of the budget. Apart from them, a time grid (``time_grid_s``)
+    asks for a validation point near every multiple of that many training seconds.
     """
 
     tokens: int | None          # exact target tokens, or None for a time budget
     seconds: float | None
     checkpoints: int
     next_checkpoint: int = 1
+    time_grid_s: float | None = None
+    time_grid_until_s: float | None = None
+    next_time_point: int = 1
 
     @classmethod
     def of(cls, t: TrainConfig, train_split_tokens: int) -> Budget:
         tokens = resolve_budget_tokens(t, train_split_tokens)
-        return cls(tokens=tokens, seconds=t.seconds if tokens is None else None, checkpoints=t.checkpoints)
+        return cls(tokens=tokens, seconds=t.seconds if tokens is None else None, checkpoints=t.checkpoints,
+                   time_grid_s=t.time_grid_s, time_grid_until_s=t.time_grid_until_s)
 
     def cut(self, seq_len: int, bs: int, tokens_done: int) -> tuple[int, int | None]:
         """-> (rows to run, targets to keep or None for all) for a window of ``seq_len`` rows."""
@@ -131,6 +136,22 @@ class Budget:
             self.next_checkpoint += 1
             due = True
         return due
+
+    def time_point_due(self, seconds: float, step_s: float) -> float | None:
+        """The grid time to take a point for at a step that ended at ``seconds`` after ``step_s`` seconds,
+        or None. A grid time is due at the step end nearest to it: the next step (assumed as long as this
+        one) would end further past it than this one ends short of it. A step longer than the grid
+        crosses several grid times; the point goes to the nearest, and the others get none."""
+        if not self.time_grid_s:
+            return None
+        last = math.floor((seconds + step_s / 2) / self.time_grid_s)
+        if last < self.next_time_point:
+            return None
+        nearest = min(max(round(seconds / self.time_grid_s), self.next_time_point), last)
+        self.next_time_point = last + 1
+        if self.time_grid_until_s is not None and nearest * self.time_grid_s > self.time_grid_until_s + 1e-9:
+            return None
+        return round(nearest * self.time_grid_s, 9)
 
     @property
     def done(self) -> bool:
@@ -485,6 +506,7 @@ def _train_and_eval(spec: TrialSpec, corpus: Corpus, device: torch.device, probe
     deadline = start + t.timeout_s if t.timeout_s else None
     lr, best_val = t.lr, math.inf
     tokens = steps = longest = 0
+    last_end = 0.0   # training seconds at the end of the previous step
 
     def read_and_check() -> None:
         mean, first_bad, n = meter.read_interval()
@@ -510,6 +532,17 @@ def _train_and_eval(spec: TrialSpec, corpus: Corpus, device: torch.device, probe
             prune = on_checkpoint is not None and on_checkpoint(len(result.val_curve) - 1, point)
         if prune:
             raise Pruned(f"pruned at checkpoint {len(result.val_curve)} (val ppl {point['ppl']:.4g})")
+
+    def observe(grid_s: float, at_checkpoint: bool) -> None:
+        """A point of the time grid: it reads validation loss and nothing else (no annealing, divergence
+        check or pruning), so observing never changes how the trial trains."""
+        if at_checkpoint:  # this step was just validated
+            val = result.val_curve[-1]["loss"]
+        else:
+            with clock.paused(), _phase(probe, "eval"):
+                val = evaluate(model, valid, t.eval_bptt, t.eval_batch_size, amp)
+        result.time_curve.append({"grid_s": grid_s, "seconds": round(clock.seconds(), 4), "step": steps,
+                                  "tokens": tokens, "loss": val, "ppl": _ppl(val)})
 
     clock = TrainClock(device, t.warmup_steps)
     init_hidden: Callable[[int], Any] = model.init_hidden  # type: ignore[assignment]  # the model interface
@@ -544,11 +577,16 @@ def _train_and_eval(spec: TrialSpec, corpus: Corpus, device: torch.device, probe
                     tokens += y.numel()
                     clock.after_step(steps, tokens)
 
-                    due = budget.checkpoint_due(budget.progress(tokens, clock.seconds()))
+                    now = clock.seconds()
+                    due = budget.checkpoint_due(budget.progress(tokens, now))
                     if steps % t.log_every == 0 or due:
                         read_and_check()
                     if due:
                         validate()
+                    grid_s = budget.time_point_due(now, now - last_end)
+                    if grid_s is not None:
+                        observe(grid_s, due)
+                    last_end = clock.seconds()
                     if budget.done:
                         break
                     if deadline is not None and time.perf_counter() > deadline:
@@ -599,7 +637,7 @@ def warm_up(spec: TrialSpec, corpus: Corpus, device: torch.device | str | None =
     device = resolve_device(device) if not isinstance(device, torch.device) else device
     t0 = time.perf_counter()
     short = replace(spec.train, budget="tokens", tokens=steps * spec.bptt * spec.batch_size, epochs=None,
-                    checkpoints=1, test=False, timeout_s=None, memory_cap_mib=None, warmup_steps=1)
+                    checkpoints=1, test=False, timeout_s=None, memory_cap_mib=None, warmup_steps=1, time_grid_s=None)
     # The validation checkpoint runs over one window of the valid split, not all of it.
     one_window = (spec.train.eval_bptt + 1) * spec.train.eval_batch_size
     head = replace(corpus, valid=corpus.valid[:one_window]) if corpus.valid.numel() > one_window else corpus

@@ -44,7 +44,8 @@ def findings(records: list[dict]) -> tuple[str, dict[str, str], list[str]]:
 
 def test_recommendation_is_the_cheapest_within_two_percent():
     headline, f, _ = findings(known_study())
-    assert headline.startswith("Use bptt 140 × bs 40: its perplexity 129.5 is within 1.2% of the best (128, bptt 280 × bs 20)")
+    assert headline.startswith("Use bptt 140 × bs 40: its perplexity 129.5 [single-seed] is within 1.2% of the best "
+                               "(128 [single-seed], bptt 280 × bs 20)")
     assert "1.3x lower cost" in headline
     assert f["cheapest"].startswith("bptt 140 × bs 40 (perplexity 129.5")
     assert "cheapest of the 5 configurations within 2%" in f["cheapest"]
@@ -76,7 +77,7 @@ def test_equal_time_finding_present():
 
 def test_best_is_also_cheapest():
     headline, f, _ = findings([rec(35, 20, 100.0, 50_000), rec(70, 20, 120.0, 40_000)])
-    assert headline.startswith("Use bptt 35 × bs 20: it reaches the lowest validation perplexity (100)")
+    assert headline.startswith("Use bptt 35 × bs 20: it reaches the lowest validation perplexity (100 [single-seed])")
     assert f["bptt"].startswith("No: at batch size 20 the shortest window that finished, bptt 35, is already the best")
 
 

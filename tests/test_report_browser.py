@@ -92,7 +92,7 @@ def test_report_renders_offline_in_chromium(chromium: str, report: Path):
     assert not console, "\n".join(console)
     source = report.read_text()
     ids = re.findall(r'<div id="(fig-[a-z-]+)" class="plot">', source)
-    assert len(ids) == 7
+    assert len(ids) == 8  # with the verdict at every budget
     starts = [(dom.index(f'id="{i}"'), i) for i in ids]
     bounds = sorted(starts) + [(len(dom), None)]
     for (start, fig_id), (end, _) in zip(bounds, bounds[1:]):

@@ -69,7 +69,7 @@ def test_generate_end_to_end_on_a_real_sqlite_study(results: Path):
     html = paths.html.read_text()
     assert 'id="ranking"' in html and "Recommendation" in html and "Use bptt" in html
     assert html.count("<script>") >= 7  # plotly.js once + one per figure
-    assert html.count("Plotly.newPlot") == 7
+    assert html.count("Plotly.newPlot") == 8  # with the verdict at every budget
     assert "1 trial(s) were still running" in paths.summary
     assert "Recommendation: Use bptt" in paths.summary
 

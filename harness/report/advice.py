@@ -13,9 +13,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from harness.report.budget import BudgetVerdict
 from harness.report.frame import label, varying_fields
 from harness.report.memory import MemoryFit, MemoryWall
+from harness.report.noise import PPL_TOL, interval_text
 from harness.report.rank import EqualTime, Ranking
+from harness.seeds import Z
 
 NEAR_BEST = 0.02  # "within 2% of the best perplexity"
 PLATEAU = 0.01  # a longer window that improves perplexity by less than 1% has stopped helping
@@ -62,6 +65,8 @@ def fmt_cost(v: float, cost: str) -> str:
 
 def _ppl(row: pd.Series) -> str:
     text = g(row["val_ppl"])
+    if "val_ppl_lo" in row.index:  # n and the interval over seeds (harness.report.noise)
+        return f"{text} [{interval_text(row)}]"
     std, n = row.get("val_ppl_std"), row.get("n", 1)
     if n and n > 1 and std is not None and math.isfinite(std):
         text += f" ± {g(std, 2)}"
@@ -81,7 +86,7 @@ def near_best(table: pd.DataFrame, cost: str, tol: float = NEAR_BEST) -> tuple[p
 
 
 def advise(trials: pd.DataFrame, configs: pd.DataFrame, ranking: Ranking, equal_time: EqualTime | None,
-           fits: list[MemoryFit], wall: MemoryWall, n_running: int = 0) -> Advice:
+           fits: list[MemoryFit], wall: MemoryWall, n_running: int = 0, budget: BudgetVerdict | None = None) -> Advice:
     table, cost = ranking.table, ranking.cost
     extra = varying_fields(configs)
     notes = list(ranking.notes) + _data_notes(trials, n_running)
@@ -92,26 +97,31 @@ def advise(trials: pd.DataFrame, configs: pd.DataFrame, ranking: Ranking, equal_
     assert pair is not None
     best, cheap = pair
     rec = cheap
+    name = label(rec, extra) + _lr_note(rec)
     if len(table) == 1:
-        headline = (f"Use {label(rec, extra)}: it is the only configuration that finished "
+        headline = (f"Use {name}: it is the only configuration that finished "
                     f"(perplexity {_ppl(rec)}); there is nothing to compare it with yet — add trials to the study.")
     elif cheap["config_key"] == best["config_key"]:
-        headline = (f"Use {label(best, extra)}: it reaches the lowest validation perplexity ({_ppl(best)}) "
+        headline = (f"Use {name}: it reaches the lowest validation perplexity ({_ppl(best)}) "
                     f"and no configuration within {NEAR_BEST:.0%} of it costs less "
                     f"({fmt_cost(best.get(cost), cost)}).")
     else:
         gap = rec["val_ppl"] / best["val_ppl"] - 1
         ratio = best.get(cost) / rec.get(cost) if rec.get(cost) else math.nan
-        headline = (f"Use {label(rec, extra)}: its perplexity {_ppl(rec)} is within {gap:.1%} of the best "
+        headline = (f"Use {name}: its perplexity {_ppl(rec)} is within {gap:.1%} of the best "
                     f"({_ppl(best)}, {label(best, extra)}) at "
                     + (f"{ratio:.2g}x lower cost ({fmt_cost(rec.get(cost), cost)} "
                        f"against {fmt_cost(best.get(cost), cost)})." if math.isfinite(ratio) else "lower cost."))
-    place = table[table["config_key"] == rec["config_key"]]
-    if len(place) and bool(place.iloc[0]["tie"]):
-        tied = table[(table["place"] == place.iloc[0]["place"]) & (table["config_key"] != rec["config_key"])]
-        if len(tied):
-            headline += (" Within the measured spread it ties with "
-                         + ", ".join(label(r, extra) for _, r in tied.head(3).iterrows()) + ".")
+    if PPL_TOL in table:
+        headline += _seed_noise_clause(table, rec, extra)
+    else:
+        place = table[table["config_key"] == rec["config_key"]]
+        if len(place) and bool(place.iloc[0]["tie"]):
+            tied = table[(table["place"] == place.iloc[0]["place"]) & (table["config_key"] != rec["config_key"])]
+            if len(tied):
+                headline += (" Within the measured spread it ties with "
+                             + ", ".join(label(r, extra) for _, r in tied.head(3).iterrows()) + ".")
+    headline += _failed_seeds(rec) + _test_clause(rec, best, extra)
     findings = [f for f in (
         _cheapest(table, cost, best, cheap, extra),
         _bptt_helps(table, rec, extra),
@@ -119,8 +129,75 @@ def advise(trials: pd.DataFrame, configs: pd.DataFrame, ranking: Ranking, equal_
         _instability(trials, configs, extra),
         _interaction(table, rec, extra),
         _equal_time(equal_time, table, extra),
+        _by_budget(budget),
+        _lr_rule(trials, table),
     ) if f is not None]
     return Advice(headline, str(rec["config_key"]), findings, notes)
+
+
+def _lr_note(row: pd.Series) -> str:
+    """`` (lr 5.35 by the sqrt rule)``: the lr this configuration used and why (empty for old records)."""
+    rule, lr = row.get("lr_rule"), row.get("lr")
+    if not isinstance(rule, str) or not rule or lr is None or pd.isna(lr):
+        return ""
+    if rule == "fixed":
+        return f" (lr {g(lr, 3)}, the same for every shape)"
+    return f" (lr {g(lr, 3)}, {'tuned' if rule == 'tuned' else f'by the {rule} rule'})"
+
+
+def _seed_noise_clause(table: pd.DataFrame, rec: pd.Series, extra: list[str]) -> str:
+    """Whether the recommendation's perplexity is distinguishable from the others' (harness.seeds)."""
+    if table[PPL_TOL].isna().all():
+        return (" Every configuration ran with one seed, so the seed noise is unknown and small gaps may not be "
+                "real (add repeats or a [race] table).")
+    ties = [r for _, r in table.iterrows() if r["config_key"] != rec["config_key"]
+            and abs(r["val_ppl"] - rec["val_ppl"]) <= math.hypot(r[PPL_TOL], rec[PPL_TOL])]
+    if not ties:
+        return (f" Its perplexity differs from every other configuration's by more than the seed noise "
+                f"({Z:g} standard errors).")
+    return (f" Within the seed noise ({Z:g} standard errors of the difference) its perplexity ties with "
+            + ", ".join(f"{label(r, extra)} ({g(r['val_ppl'])})" for r in ties[:4])
+            + (f" and {len(ties) - 4} more" if len(ties) > 4 else "") + ".")
+
+
+def _failed_seeds(rec: pd.Series) -> str:
+    bad = [(int(rec.get(c, 0) or 0), word) for c, word in (("n_diverged", "diverged"), ("n_oom", "ran out of memory"))]
+    said = [f"{word} on {n} of {int(rec['n_trials'])} seeds" for n, word in bad if n]
+    return (f" Caution: it {' and '.join(said)}; its perplexity is the mean of the seeds that finished."
+            if said else "")
+
+
+def _test_clause(rec: pd.Series, best: pd.Series, extra: list[str]) -> str:
+    t_rec, t_best = rec.get("test_ppl"), best.get("test_ppl")
+    if t_rec is None or pd.isna(t_rec):
+        return ""
+    if rec["config_key"] == best["config_key"] or t_best is None or pd.isna(t_best):
+        return f" Test perplexity: {g(t_rec)}."
+    return f" Test perplexity: {g(t_rec)}; the best by validation, {label(best, extra)}, {g(t_best)}."
+
+
+def _by_budget(budget: BudgetVerdict | None) -> Finding | None:
+    if budget is None or not budget.sentences:
+        return None
+    return Finding("budget", "Would the verdict hold with a longer run?", " ".join(budget.sentences))
+
+
+def _lr_rule(trials: pd.DataFrame, table: pd.DataFrame) -> Finding | None:
+    """Which lr rule the study used, the lr range it gave, and what tuning cost."""
+    text = trials["lr_rule_description"].dropna() if "lr_rule_description" in trials else pd.Series(dtype=object)
+    if text.empty or "lr" not in table:
+        return None
+    lrs = table["lr"].dropna()
+    out = f"{text.iloc[0][0].upper()}{text.iloc[0][1:]}."
+    if len(lrs) and lrs.nunique() > 1:
+        out += f" The configurations used lr {g(lrs.min(), 3)} to {g(lrs.max(), 3)} (configs.csv has each one)."
+    tune = pd.to_numeric(trials["lr_tune_tokens"], errors="coerce").fillna(0) if "lr_tune_tokens" in trials else None
+    trained = trials["train_tokens"].fillna(0).sum()
+    if tune is not None and tune.sum() > 0 and trained > 0:
+        seconds = pd.to_numeric(trials["lr_tune_s"], errors="coerce").fillna(0).sum()
+        out += (f" Tuning cost {int(tune.sum()):,} training tokens ({tune.sum() / trained:.0%} on top of the "
+                f"{int(trained):,} the trials trained on) and {g(seconds, 3)} s.")
+    return Finding("lr", "How was the learning rate set?", out)
 
 
 def _nothing_finished(trials: pd.DataFrame) -> str:
@@ -353,13 +430,19 @@ def _equal_time(et: EqualTime | None, table: pd.DataFrame, extra: list[str]) -> 
                        f"Cannot tell: by {et.seconds:.3g} s of training, the latest time every configuration reached, "
                        f"only {have} of {len(et.table)} configurations had a validation checkpoint, and the study's "
                        f"best ({label(table.set_index('config_key').loc[et.best_budget], extra)}) was not one of them. "
-                       "More checkpoints per trial ([train] checkpoints) make this comparison possible.")
+                       "A time grid ([train] time_grid_s) makes this comparison possible.")
     by_key = table.set_index("config_key")
     tb, bb = by_key.loc[et.best_time], by_key.loc[et.best_budget]
     at = et.table.set_index("config_key")["ppl_at_time"]
     rho = f" (rank correlation {et.spearman:.2f})" if et.spearman is not None else ""
     missing = int(et.table["ppl_at_time"].isna().sum())
-    tail = (f" {missing} configuration(s) had no validation checkpoint by then and rank last." if missing else "")
+    tail = (f" {missing} configuration(s) had no validation point at that time: shown as not measured, not ranked."
+            if missing else "")
+    if et.on_grid:
+        tail += (" Every value is a measured validation point of the study's time grid"
+                 + (f" (taken within {et.max_offset_s:.2g} s of it)" if et.max_offset_s is not None else "") + ".")
+    else:
+        tail += " Values are interpolated between validation checkpoints (set [train] time_grid_s to measure them)."
     if et.disagree:
         text = (f"No. At the study's budget the best is {label(bb, extra)} (perplexity {g(bb['val_ppl'])}); "
                 f"at equal training time — {et.seconds:.3g} s, the latest time every configuration reached — it is "

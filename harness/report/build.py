@@ -8,8 +8,10 @@ from dataclasses import dataclass, field
 import pandas as pd
 
 from harness.report.advice import Advice, advise
+from harness.report.budget import BudgetVerdict, verdict_by_budget
 from harness.report.frame import COST_COLUMNS, aggregate_configs
 from harness.report.memory import MemoryFit, MemoryWall, card_table, fit_memory, memory_wall
+from harness.report.noise import add_intervals
 from harness.report.rank import EqualTime, Ranking, equal_time_ranking, rank_configs
 
 
@@ -28,6 +30,7 @@ class Report:
     info: dict = field(default_factory=dict)
     n_running: int = 0
     generated_at: str = ""
+    budget: BudgetVerdict = field(default_factory=BudgetVerdict)
     profile: pd.DataFrame | None = None   # the study's profile.csv (harness profile), when it has one
 
 
@@ -42,15 +45,16 @@ def study_cost(trials: pd.DataFrame, info: dict | None = None) -> str:
 def build(trials: pd.DataFrame, *, study_name: str, storage_display: str | None = None, info: dict | None = None,
           n_running: int = 0, profile: pd.DataFrame | None = None) -> Report:
     info = dict(info or {})
-    configs = aggregate_configs(trials)
+    configs = add_intervals(aggregate_configs(trials), trials)
     ranking = rank_configs(configs, study_cost(trials, info))
     et = equal_time_ranking(trials, ranking.table)
+    by_budget = verdict_by_budget(trials, ranking.table, et.seconds)
     fits = fit_memory(trials, profile)
     wall = memory_wall(trials)
     cards = None
     if fits and fits[0].gpu and fits[0].slope_mib > 0:
         cards = card_table(fits[0], list(trials["batch_size"].dropna().unique()))
-    adv = advise(trials, configs, ranking, et, fits, wall, n_running)
+    adv = advise(trials, configs, ranking, et, fits, wall, n_running, by_budget)
     now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     return Report(study_name, trials, configs, ranking, et, fits, cards, wall, adv, storage_display, info,
-                  n_running, now, profile)
+                  n_running, now, by_budget, profile)

@@ -14,6 +14,7 @@ from plotly.subplots import make_subplots
 from harness.report.frame import COST_LABELS, CURVE, label, labels, varying_fields
 from harness.report.memory import MemoryFit
 from harness.report.rank import EqualTime, Ranking
+from harness.report.space import is_grid
 
 _LAYOUT = dict(template="plotly_white", height=430, margin=dict(l=70, r=30, t=50, b=60),
                font=dict(family="system-ui, -apple-system, Segoe UI, Roboto, sans-serif", size=13))
@@ -39,8 +40,8 @@ def heatmap(configs: pd.DataFrame, metric: str) -> go.Figure | None:
     """bptt (rows) x batch size (columns); OOM and diverged cells are marked, not coloured."""
     title, scale, fmt = HEATMAPS[metric]
     cells = _cell_choice(configs)
-    if cells.empty or metric not in cells or cells[metric].notna().sum() == 0:
-        return None
+    if cells.empty or metric not in cells or cells[metric].notna().sum() == 0 or not is_grid(cells):
+        return None  # a scattered search space gets harness.report.space.scatter instead
     bptts = sorted(cells["bptt"].unique())
     bss = sorted(cells["batch_size"].unique())
     yi = {b: i for i, b in enumerate(bptts)}

@@ -32,13 +32,22 @@ AGG_METRICS = ("val_ppl", "best_val_ppl", "test_ppl", "tokens_per_s", "seconds_p
                "eval_energy_j", "eval_peak_mem_mib", "train_s", "eval_s", "wall_s", "steps", "max_grad_norm",
                "clipped_frac")
 # Columns that are the same for every repeat of a configuration.
-CONFIG_FIELDS = ("config_key", "bptt", "batch_size", "tokens_per_step", "lr", "nhid", "emsize", "layers",
+CONFIG_FIELDS = ("config_key", "bptt", "batch_size", "tokens_per_step", "lr", "lr_rule", "nhid", "emsize", "layers",
                  "dropout", "model", "optimizer", "variable_bptt")
 
 CONFIG_COLUMNS: dict[str, str] = {
     **{k: TRIAL_COLUMNS[k] for k in ("study", "machine") if k in TRIAL_COLUMNS},
     **{k: TRIAL_COLUMNS[k] for k in CONFIG_FIELDS},
     "n": "trials of this configuration that finished ok (mean and std are over these)",
+    "single_seed": "true when only one seed finished ok: its interval borrows the study's pooled seed noise",
+    "val_ppl_se": "standard error of the mean val_ppl over seeds: noise x val_ppl / sqrt(n), the noise being the "
+                  "larger of this configuration's own and the study's pooled seed noise (empty when no "
+                  "configuration has two seeds)",
+    "val_ppl_lo": "val_ppl - 2 x val_ppl_se: the interval's low end",
+    "val_ppl_hi": "val_ppl + 2 x val_ppl_se: the interval's high end; configurations whose difference is within "
+                  "2 standard errors of the difference tie",
+    "seed_noise_cv": "the study's seed noise: standard deviation / mean of val_ppl over seeds, pooled over the "
+                     "configurations with two or more",
     "n_trials": "trials of this configuration, any status",
     "n_oom": "trials that ran out of memory",
     "n_diverged": "trials that diverged",
@@ -59,8 +68,9 @@ NUMERIC = {"trial_number", "bptt", "batch_size", "tokens_per_step", "lr", "nhid"
            "mean_util_pct", "mean_sm_clock_mhz", "max_temp_c", "cpu_util_pct", "gpu_memory_mib", "gpu_count",
            "cpu_cores", "budget_tokens", "budget_seconds"}
 
-# Hidden columns (not written to CSV) start with "_": the validation curve of each trial.
+# Hidden columns (not written to CSV) start with "_": the validation curves of each trial.
 CURVE = "_val_curve"
+TIME_CURVE = "_time_curve"
 
 # The study's cost objective -> the column that measures it (lower is better).
 COST_COLUMNS = {"seconds_per_token": "seconds_per_ktok", "peak_memory": "peak_mem_mib",
@@ -88,6 +98,7 @@ def record_row(rec: dict) -> dict:
     typed = TrialRecord.from_dict(rec)
     row = flatten(typed)
     row[CURVE] = typed.result.val_curve if isinstance(typed.result.val_curve, list) else []
+    row[TIME_CURVE] = typed.result.time_curve if isinstance(typed.result.time_curve, list) else []
     return row
 
 
@@ -97,8 +108,8 @@ def records_to_frame(records: Iterable[dict]) -> pd.DataFrame:
     Numbers are floats in the frame (missing values are NaN); :func:`csv_frame` writes the integer
     columns as integers."""
     rows = [record_row(r) for r in records]
-    df = pd.DataFrame.from_records(rows, columns=[*TRIAL_COLUMNS, CURVE]) if rows else \
-        pd.DataFrame({c: pd.Series(dtype=object) for c in [*TRIAL_COLUMNS, CURVE]})
+    df = pd.DataFrame.from_records(rows, columns=[*TRIAL_COLUMNS, CURVE, TIME_CURVE]) if rows else \
+        pd.DataFrame({c: pd.Series(dtype=object) for c in [*TRIAL_COLUMNS, CURVE, TIME_CURVE]})
     for c in NUMERIC:
         df[c] = pd.to_numeric(df[c].map(_num) if df[c].dtype == object else df[c], errors="coerce").astype(float)
     # Records without these (written before they existed) get them from the columns they derive from.
@@ -209,7 +220,11 @@ def _reasons(keyed: pd.DataFrame, counts: pd.DataFrame) -> pd.Series:
 def varying_fields(df: pd.DataFrame) -> list[str]:
     """Configuration fields beyond bptt and batch size that take more than one value in this study."""
     out = []
+    # Under an lr rule the lr follows the shape: it is not an axis of its own.
+    ruled = "lr_rule" in df.columns and (df["lr_rule"].dropna().astype(str) != "fixed").any()
     for c in ("lr", "nhid", "emsize", "layers", "dropout", "model", "optimizer", "variable_bptt"):
+        if c == "lr" and ruled:
+            continue
         if c in df.columns and df[c].dropna().astype(str).nunique() > 1:
             out.append(c)
     return out

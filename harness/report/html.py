@@ -15,7 +15,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import plotly.io as pio
 
-from harness.report import figures
+from harness.report import budget, figures, space
 from harness.report.build import Report
 from harness.report.frame import COST_LABELS, label, varying_fields
 
@@ -138,7 +138,8 @@ def _meta(rep: Report) -> str:
     items = [("trials", ", ".join(f"{int(n)} {s}" for s, n in counts.items())),
              ("corpus", first("corpus")), ("budget", budget_text), ("hardware", hw),
              ("device", first("device")), ("objectives", ", ".join(map(str, objectives)) if isinstance(objectives, list) else None),
-             ("ranked against", rep.ranking.cost_label), ("storage", rep.storage_display),
+             ("ranked against", rep.ranking.cost_label), ("lr", first("lr_rule_description")),
+             ("storage", rep.storage_display),
              ("generated", rep.generated_at)]
     return "\n".join(f"<span><b>{esc(k)}:</b> {esc(v)}</span>" for k, v in items if v)
 
@@ -162,7 +163,9 @@ def _ranking_section(rep: Report, limit: int = 40) -> str:
         ("l", "configuration", lambda x: label(x, extra)),
         ("", "Pareto rank", lambda x: str(int(x["pareto_rank"]))),
         ("", "val ppl", lambda x: _pm(x, "val_ppl")),
-        ("", "n", lambda x: str(int(x["n"]))),
+        ("", "n", lambda x: str(int(x["n"])) + (" (single-seed)" if str(x.get("single_seed")) == "True" else "")),
+        ("", "interval", lambda x: f"{x['val_ppl_lo']:.4g}–{x['val_ppl_hi']:.4g}"
+         if pd.notna(x.get("val_ppl_lo")) and pd.notna(x.get("val_ppl_hi")) else ""),
         ("", COST_LABELS.get(cost, cost), lambda x: _pm(x, cost, "{:.3g}" if cost != "peak_mem_mib" else "{:,.0f}")),
     ]
     for col, head, fmt in (("tokens_per_s", "tokens/s", "{:,.0f}"), ("peak_mem_mib", "peak MiB", "{:,.0f}"),
@@ -177,8 +180,10 @@ def _ranking_section(rep: Report, limit: int = 40) -> str:
             if len(t) > limit else "")
     intro = ("<p class=\"small\">Pareto rank 1 = no other configuration is better on both perplexity and "
              f"{esc(r.cost_label)}; within a rank, lower perplexity first. Places marked “=” are ties: the "
-             "configurations differ by less than their measured spread (the standard deviation over repeats) on both "
-             "objectives. The highlighted row is the recommendation.</p>")
+             "configurations differ by less than 2 standard errors of the difference over seeds in perplexity "
+             "(the interval is the mean ± 2 standard errors; a single-seed configuration borrows the study's pooled "
+             "seed noise) and by less than the spread of repeats in cost. The highlighted row is the "
+             "recommendation.</p>")
     marked = t[t["timing_note"].fillna("") != ""] if "timing_note" in t else t.iloc[:0]
     timing = [f"{label(x, extra)}: {x['timing_note']}" for _, x in marked.head(limit).iterrows()]
     notes = "".join(f"<li>{esc(n)}</li>" for n in [*r.notes, *(f"* timing: {n}" for n in timing)])
@@ -191,7 +196,7 @@ def _equal_time_section(rep: Report, limit: int = 12) -> str:
         return ""
     extra = varying_fields(rep.configs)
     cols: list[Column] = [
-        ("", "place", lambda x: str(int(x["place_time"]))),
+        ("", "place", lambda x: "not measured" if pd.isna(x["place_time"]) else str(int(x["place_time"]))),
         ("l", "configuration", lambda x: label(x, extra)),
         ("", f"ppl at {et.seconds:.3g} s", lambda x: _pm(x.rename({"ppl_at_time": "v", "ppl_at_time_std": "v_std"}), "v")),
         ("", "ppl at the budget", lambda x: _num(x["val_ppl"])),
@@ -200,9 +205,36 @@ def _equal_time_section(rep: Report, limit: int = 12) -> str:
     verdict = ("The two rankings disagree." if et.disagree else
                "The two rankings agree on the best configuration." if et.comparable else
                "The study's best had no validation checkpoint by then, so the two cannot be compared.")
+    how = ("measured on the study's common time grid" + (f" (each point within {et.max_offset_s:.2g} s of it)"
+                                                       if et.max_offset_s is not None else "")
+           if et.on_grid else "interpolated between validation checkpoints (the study has no time grid)")
     return (f"<h2>Ranking at equal training time</h2><p>Perplexity of each configuration after {et.seconds:.3g} s of "
-            f"training — the latest time every configuration reached — interpolated between validation checkpoints. "
-            f"{esc(verdict)}</p>" + table(et.table.head(limit), cols, table_id="equal-time"))
+            f"training — the latest time every configuration reached — {esc(how)}; a configuration without a point "
+            f"there is not measured and not ranked. {esc(verdict)}</p>" + table(et.table.head(limit), cols,
+                                                                              table_id="equal-time"))
+
+
+def _budget_section(rep: Report) -> str:
+    """The verdict at every budget: the sentences and one table per axis (the figure is with the others)."""
+    v = rep.budget
+    legs = [leg for leg in (v.tokens, v.time) if leg is not None and not leg.table.empty]
+    if not legs:
+        return ""
+    names = dict(zip(rep.ranking.table["config_key"], [label(r) for _, r in rep.ranking.table.iterrows()]))
+    parts = [f"<h2>The verdict at every budget</h2><p>{esc(' '.join(v.sentences))}</p>"]
+    for leg in legs:
+        cols: list[Column] = [
+            ("l", "at", lambda x, leg=leg: budget.at_text(leg, x["at"])),
+            ("l", "best there", lambda x: names.get(x["best"], x["best"])),
+            ("", "ppl", lambda x: _num(x["best_ppl"])),
+            ("l", "runner-up", lambda x: names.get(x["runner"], x["runner"] or "")),
+            ("", "ppl ", lambda x: _num(x["runner_ppl"])),
+            ("", "tie", lambda x: "yes" if x["tie"] else ""),
+            ("", "measured", lambda x: str(int(x["measured"]))),
+        ]
+        title = "at equal tokens" if leg.axis == "tokens" else "at equal training time (time grid)"
+        parts.append(f"<h3>{esc(title)}</h3>" + table(leg.table, cols, table_id=f"budget-{leg.axis}"))
+    return "".join(parts)
 
 
 def _not_ranked_section(rep: Report, limit: int = 60) -> str:
@@ -281,6 +313,11 @@ def render(rep: Report) -> str:
         if fig is not None:
             figs.append(figure_block(div_id, fig, caption))
 
+    if not space.is_grid(rep.configs):
+        add("fig-space", space.scatter(rep.configs),
+            "The sampled configurations over bptt × batch size (log axes), coloured by validation perplexity: the "
+            "search space is not a grid, so a heatmap would be mostly empty cells; red crosses ran out of memory or "
+            "diverged.")
     add("fig-ppl", figures.heatmap(rep.configs, "val_ppl"),
         "Validation perplexity per bptt × batch size: yellow cells are the best models at this budget (in every "
         "heatmap here yellow is the good end); grey "
@@ -298,6 +335,10 @@ def render(rep: Report) -> str:
     add("fig-curves", figures.curves(rep.trials, rep.ranking, rep.equal_time),
         "Validation perplexity during training for the best configurations (and bptt 35 × bs 20 as the reference): "
         "left at equal tokens, right at equal time; the dashed line is the equal-time ranking point.")
+    add("fig-budget", budget.figure(rep.budget, rep.ranking.table),
+        "The verdict at every budget: perplexity of the top configurations at each checkpoint fraction of the token "
+        "budget (left) and on the common time grid (right); the star marks the best at each point. A star that "
+        "still moves at the right end means a longer run may change the verdict.")
     if rep.profile is not None and len(rep.profile):
         cells = figures.profile_cells(rep.profile)
         add("fig-profile-tps", figures.heatmap(cells, "tokens_per_s"),
@@ -322,6 +363,7 @@ def render(rep: Report) -> str:
 <section id="ranking-section"><h2>Ranking: perplexity against {esc(rep.ranking.cost_label)}</h2>{_ranking_section(rep)}
 {_not_ranked_section(rep)}</section>
 {_equal_time_section(rep)}
+{_budget_section(rep)}
 <section id="figures"><h2>Figures</h2>{''.join(figs) if figs else '<p>No figures: no trial finished.</p>'}</section>
 <section id="memory-model"><h2>Memory model</h2>{_memory_section(rep) or '<p>Not enough memory measurements for a model.</p>'}</section>
 <footer>Generated by bptt-harness on {esc(rep.generated_at)}. Per-trial data: trials.csv; per-configuration means and

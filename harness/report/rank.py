@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from harness.report.frame import COST_LABELS, CURVE
+from harness.report.frame import COST_LABELS, CURVE, TIME_CURVE
+from harness.report.noise import PPL_TOL
+from harness.seeds import Z
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +166,7 @@ def rank_configs(configs: pd.DataFrame, cost: str = "seconds_per_ktok") -> Ranki
                      "they are ranked as the most expensive.")
     c = np.where(np.isnan(c), np.inf, c)
     vals = np.column_stack([ok["val_ppl"].to_numpy(dtype=float), c])
-    stds = np.column_stack([ok["val_ppl_std"].to_numpy(dtype=float),
+    stds = np.column_stack([ok[_ppl_spread(ok)].to_numpy(dtype=float),
                             ok[f"{cost}_std"].to_numpy(dtype=float) if f"{cost}_std" in ok else np.full(len(ok), np.nan)])
     big_c = np.where(np.isinf(vals[:, 1]), np.finfo(float).max, vals[:, 1])
     vals_f = np.column_stack([vals[:, 0], big_c])
@@ -177,6 +179,12 @@ def rank_configs(configs: pd.DataFrame, cost: str = "seconds_per_ktok") -> Ranki
     ok["place"], ok["tie"] = _places(ok, cost)
     return Ranking(ok, infeasible.reset_index(drop=True), unranked.reset_index(drop=True), cost,
                    COST_LABELS.get(cost, cost), notes)
+
+
+def _ppl_spread(table: pd.DataFrame) -> str:
+    """The perplexity tolerance column: Z standard errors over seeds (harness.report.noise), or for a
+    frame built without them the standard deviation of the repeats."""
+    return PPL_TOL if PPL_TOL in table else "val_ppl_std"
 
 
 def _within(a: float, b: float, sa: float, sb: float) -> bool:
@@ -192,7 +200,8 @@ def _places(table: pd.DataFrame, cost: str) -> tuple[list[int], list[bool]]:
     """Places 1, 2, 2, 4, ...: a row shares the place above it when it is in the same front and
     within the spread of that row on perplexity and on cost (a tie, not a win)."""
     places, ties = [], []
-    cols = {k: table[k].to_numpy(dtype=float) for k in ("val_ppl", "val_ppl_std")}
+    cols = {"val_ppl": table["val_ppl"].to_numpy(dtype=float),
+            "val_ppl_std": table[_ppl_spread(table)].to_numpy(dtype=float)}
     cost_v = table[cost].to_numpy(dtype=float) if cost in table else np.full(len(table), np.nan)
     cost_v = np.where(np.isnan(cost_v), np.inf, cost_v)
     cost_s = table[f"{cost}_std"].to_numpy(dtype=float) if f"{cost}_std" in table else np.full(len(table), np.nan)
@@ -217,14 +226,17 @@ class EqualTime:
     """Ranking by perplexity at the same training time for every configuration.
 
     Attributes:
-        seconds: the latest training time every ranked configuration reached (``None`` if no curves).
-        table: config rows with ``ppl_at_time`` (mean over repeats), ``ppl_at_time_std`` and ``place``;
-            configurations without a checkpoint by then are last with NaN.
+        seconds: the latest training time every ranked configuration reached (``None`` if no curves): on
+            the study's time grid, the latest grid time every run has a point for.
+        table: config rows with ``ppl_at_time`` (mean over repeats), ``ppl_at_time_std`` and ``place_time``;
+            a configuration with no point at that time is not measured (NaN, no place, listed last).
         best_budget / best_time: config keys of the best configuration at the study's budget and at
             equal time.
         disagree: the two bests differ by more than the measured spread.
         spearman: rank correlation of the two perplexity orders (None with fewer than 3 configurations).
         comparable: the budget's best has a checkpoint by ``seconds``; when False nothing can be said.
+        on_grid: the values are validation points of the time grid; else interpolated between checkpoints.
+        max_offset_s: on the grid, the largest distance between a point's training time and its grid time.
     """
 
     seconds: float | None
@@ -234,6 +246,8 @@ class EqualTime:
     disagree: bool = False
     spearman: float | None = None
     comparable: bool = True
+    on_grid: bool = False
+    max_offset_s: float | None = None
 
 
 def ppl_at(curve: list[dict], seconds: float) -> float:
@@ -253,29 +267,62 @@ def ppl_at(curve: list[dict], seconds: float) -> float:
     return math.nan
 
 
+def grid_point(curve: list[dict], grid_s: float) -> dict | None:
+    """The time-grid point of ``curve`` taken for ``grid_s`` (None: this run has none there)."""
+    for p in curve if isinstance(curve, list) else []:
+        if isinstance(p, dict) and p.get("grid_s") is not None and abs(p["grid_s"] - grid_s) <= 1e-9 * max(1, grid_s):
+            loss = p.get("loss")
+            return p if loss is not None and math.isfinite(loss) else None
+    return None
+
+
+def _grid_end(curve: list[dict]) -> float:
+    return max((p["grid_s"] for p in curve if isinstance(p, dict) and p.get("grid_s") is not None), default=math.nan)
+
+
 def equal_time_ranking(trials: pd.DataFrame, ranked: pd.DataFrame) -> EqualTime:
-    """Rank the configurations of ``ranked`` by their perplexity at the latest time all reached."""
+    """Rank the configurations of ``ranked`` by their perplexity at the latest time all reached.
+
+    With a time grid the comparison time is the latest grid time every run has a point for, and each
+    configuration is read from its points there; without one, its checkpoints are interpolated. A
+    configuration with nothing measured at that time gets no place."""
     keys = set(ranked["config_key"]) if len(ranked) else set()
     ok = trials[(trials["status"] == "ok") & trials["config_key"].isin(keys)]
-    ends = ok[CURVE].map(lambda c: max((p.get("seconds") or 0.0 for p in c if isinstance(p, dict)), default=math.nan))
+    grid_ends = ok[TIME_CURVE].map(_grid_end) if TIME_CURVE in ok else pd.Series(math.nan, index=ok.index)
+    on_grid = bool(grid_ends.notna().any())
+    ends = grid_ends if on_grid else ok[CURVE].map(
+        lambda c: max((p.get("seconds") or 0.0 for p in c if isinstance(p, dict)), default=math.nan))
     ok = ok.assign(_end=ends)[ends.notna() & (ends > 0)]
     empty = ranked.iloc[0:0].assign(ppl_at_time=pd.Series(dtype=float), ppl_at_time_std=pd.Series(dtype=float),
-                                    place_time=pd.Series(dtype=int))
+                                    place_time=pd.Series(dtype=float))
     if ok.empty or ok["config_key"].nunique() < 1:
         return EqualTime(None, empty)
     # Per configuration the latest time all its repeats reached; then the earliest over configurations.
     t_star = float(ok.groupby("config_key")["_end"].min().min())
-    at = ok.assign(_p=[ppl_at(c, t_star) for c in ok[CURVE]]).groupby("config_key")["_p"].agg(["mean", "std"])
+    offset = None
+    if on_grid:
+        points = [grid_point(c, t_star) for c in ok[TIME_CURVE]]
+        values = [math.exp(min(p["loss"], 700)) if p else math.nan for p in points]
+        offsets = [abs(p["seconds"] - t_star) for p in points if p and p.get("seconds") is not None]
+        offset = max(offsets) if offsets else None
+    else:
+        values = [ppl_at(c, t_star) for c in ok[CURVE]]
+    at = ok.assign(_p=values).groupby("config_key")["_p"].agg(["mean", "std", "count"])
     table = ranked[["config_key", "bptt", "batch_size", "tokens_per_step", "val_ppl", "val_ppl_std", "place"]].copy()
     table["ppl_at_time"] = table["config_key"].map(at["mean"])
     table["ppl_at_time_std"] = table["config_key"].map(at["std"])
+    table["_tol"] = _time_tolerance(table, ranked, table["config_key"].map(at["count"]))
     table = table.sort_values(["ppl_at_time", "val_ppl"], na_position="last", kind="mergesort").reset_index(drop=True)
-    places = []
+    places: list[float] = []
     for i in range(len(table)):
+        if pd.isna(table.at[i, "ppl_at_time"]):
+            places.append(math.nan)  # not measured at that time: never ranked
+            continue
         tie = i > 0 and _within(table.at[i, "ppl_at_time"], table.at[i - 1, "ppl_at_time"],
-                                table.at[i, "ppl_at_time_std"], table.at[i - 1, "ppl_at_time_std"])
+                                table.at[i, "_tol"], table.at[i - 1, "_tol"])
         places.append(places[-1] if tie else i + 1)
     table["place_time"] = places
+    table = table.drop(columns="_tol")
     if table["ppl_at_time"].notna().sum() == 0:
         return EqualTime(t_star, table)
     b_budget = ranked.loc[ranked["val_ppl"].idxmin()]
@@ -294,4 +341,13 @@ def equal_time_ranking(trials: pd.DataFrame, ranked: pd.DataFrame) -> EqualTime:
         rho = float(both["ppl_at_time"].rank().corr(both["val_ppl"].rank()))
         rho = None if math.isnan(rho) else rho
     return EqualTime(t_star, table, str(b_budget["config_key"]), str(b_time["config_key"]), bool(disagree), rho,
-                     comparable)
+                     comparable, on_grid, offset)
+
+
+def _time_tolerance(table: pd.DataFrame, ranked: pd.DataFrame, n: pd.Series) -> pd.Series:
+    """Tie tolerance at equal time: Z standard errors from the study's seed noise, as at the budget
+    (without a measured seed noise: the spread of the repeats, as before)."""
+    cv = ranked["seed_noise_cv"].dropna() if "seed_noise_cv" in ranked else pd.Series(dtype=float)
+    if cv.empty:
+        return table["ppl_at_time_std"]
+    return Z * float(cv.iloc[0]) * table["ppl_at_time"] / np.sqrt(n.clip(lower=1))
