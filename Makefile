@@ -70,7 +70,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_trainer.py
 	$(PY) benchmarks/bench_probe.py
 	$(PY) benchmarks/bench_sweep.py
-	$(PY) benchmarks/bench_report.py
+	PYTHONPATH=tests $(PY) benchmarks/bench_report.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -1,6 +1,7 @@
 """Benchmark: the full report (frame, ranking, advice, figures, HTML, CSV) for 10,000 synthetic trials.
 
-Goal: under 10 s. Run: ``.venv/bin/python benchmarks/bench_report.py [--trials N] [--storage]``.
+Goal: under 10 s. Run: ``PYTHONPATH=tests .venv/bin/python benchmarks/bench_report.py [--trials N] [--storage]``
+(the synthetic records are a test fixture, ``tests/synthetic.py``).
 ``--storage`` also times reading the same trials back from an Optuna journal file.
 """
 
@@ -13,7 +14,7 @@ import time
 from pathlib import Path
 
 from harness.report import generate_from_records
-from harness.report.synthetic import synthetic_records
+from synthetic import synthetic_records
 
 GOAL_S = 10.0
 
@@ -50,7 +51,7 @@ def main() -> None:
             from optuna.storages.journal import JournalFileBackend
 
             from harness.report.source import StudySource, load_trials
-            from harness.report.synthetic import write_optuna_study
+            from synthetic import write_optuna_study
 
             log = Path(tmp) / "journal.log"
             t1 = time.perf_counter()

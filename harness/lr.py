@@ -135,10 +135,10 @@ def pick(rungs: list[dict]) -> float:
 def short_train(t: TrainConfig, fraction: float, train_split_tokens: int) -> TrainConfig:
     """The ladder's fidelity: ``fraction`` of the trial's budget, one validation at its end."""
     tokens = resolve_budget_tokens(t, train_split_tokens)
-    common = dict(checkpoints=1, test=False, time_grid_s=None, epochs=None)
     if tokens is None:
-        return replace(t, seconds=t.seconds * fraction, **common)
-    return replace(t, tokens=max(1, round(tokens * fraction)), **common)
+        return replace(t, seconds=t.seconds * fraction, checkpoints=1, test=False, time_grid_s=None, epochs=None)
+    return replace(t, tokens=max(1, round(tokens * fraction)), checkpoints=1, test=False, time_grid_s=None,
+                   epochs=None)
 
 
 def tune(spec: TrialSpec, corpus: Any, device: Any, rule: LrRule) -> Tuned:

@@ -123,7 +123,8 @@ def check_model(cfg: ModelConfig, ntoken: int) -> None:
     x = torch.zeros((3, 2), dtype=torch.long)
     try:
         with torch.no_grad():
-            out = model(x, model.init_hidden(2))
+            init_hidden: Any = model.init_hidden
+            out = model(x, init_hidden(2))
     except Exception as e:  # noqa: BLE001
         raise HarnessError(f"model factory {cfg.factory!r}: forward(x, hidden) with x of shape (3, 2) raised "
                            f"{_one_line(e)}") from None

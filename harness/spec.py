@@ -13,7 +13,6 @@ from typing import Any, Literal
 
 from harness.errors import HarnessError
 
-
 FACTORY_RE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")
 
 

@@ -29,7 +29,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -37,8 +37,18 @@ from optuna.trial import FrozenTrial, TrialState
 from harness.config import ParamSpace, StudyConfig, check_storage_url
 from harness.corpus import Corpus, check_fits, load
 from harness.errors import HarnessError
-from harness.record import (INFEASIBLE, Hardware, LrChoice, StudyInfo, TrialConfig, TrialRecord, TrialResult,
-                            finite_or_none, from_dict, user_attrs)
+from harness.record import (
+    INFEASIBLE,
+    Hardware,
+    LrChoice,
+    StudyInfo,
+    TrialConfig,
+    TrialRecord,
+    TrialResult,
+    finite_or_none,
+    from_dict,
+    user_attrs,
+)
 from harness.spec import ModelConfig, TrialSpec, resolve_budget_tokens
 from harness.urls import STORAGE_ENV, engine_url, hides_password, redact, same_storage, scrub
 
@@ -389,7 +399,7 @@ def _name_metrics(study: optuna.Study, config: StudyConfig) -> None:
 
 
 def create_study(config: StudyConfig, storage: optuna.storages.BaseStorage) -> optuna.Study:
-    directions = ["minimize"] * len(config.objectives)
+    directions: list[Literal["minimize", "maximize"]] = ["minimize"] * len(config.objectives)
     study = optuna.create_study(study_name=config.name, storage=storage, directions=directions,
                                 sampler=make_sampler(config), pruner=make_pruner(config), load_if_exists=True)
     raw = json.loads(json.dumps(config.raw, default=str))
@@ -498,7 +508,7 @@ def store_record(trial: optuna.Trial, record: TrialRecord) -> dict:
 
 
 def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
 @functools.cache

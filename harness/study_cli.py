@@ -10,9 +10,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
-from collections.abc import Iterator
 from typing import Any
 
 from harness.errors import HarnessError
@@ -334,8 +334,8 @@ def _run_pool(config: Any, storage_url: str, workers: int, device: Any, n_target
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from harness.study import config_from_storage, load_corpus, progress, run_worker
     from harness.hardware import resolve_device
+    from harness.study import config_from_storage, load_corpus, progress, run_worker
 
     storage_url = _given_storage(args)
     if storage_url is None:

@@ -33,8 +33,13 @@ from harness.batching import VariableBptt, batchify, epoch_windows, get_batch, w
 from harness.corpus import Corpus, check_fits
 from harness.errors import HarnessError
 from harness.hardware import resolve_device
-from harness.model import (RNNModel, build_model, count_params, estimated_flops_per_token, flops_per_token,
-                           repackage_hidden)
+from harness.model import (
+    build_model,
+    count_params,
+    estimated_flops_per_token,
+    flops_per_token,
+    repackage_hidden,
+)
 from harness.record import ProbeReport, TrialResult, derive
 from harness.spec import ModelConfig, TrainConfig, TrialSpec, resolve_budget_tokens
 

@@ -16,7 +16,7 @@ from harness.cli import main
 from harness.errors import HarnessError
 from harness.report.compare import generate_compare
 from harness.report.setup import study_setup, torch_release
-from harness.report.synthetic import SyntheticLaw, synthetic_records, write_optuna_study
+from synthetic import SyntheticLaw, synthetic_records, write_optuna_study
 
 STUDY = {"name": "gpu-study", "sampler": "grid", "objectives": ["val_ppl", "seconds_per_token"],
          "corpus": {"source": "default"}, "model": {"nhid": 650, "emsize": 650},

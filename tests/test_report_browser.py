@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from harness.report import generate_from_records
-from harness.report.synthetic import synthetic_records
+from synthetic import synthetic_records
 
 EVIL = "<script>alert(1)</script>"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -122,7 +122,7 @@ def test_compare_renders_offline_in_chromium(chromium: str, tmp_path: Path):
 
     from harness.report.compare import write_compare
     from harness.report.frame import records_to_frame
-    from harness.report.synthetic import SyntheticLaw
+    from synthetic import SyntheticLaw
 
     a = synthetic_records(bptts=(35, 140, 560), batch_sizes=(20, 320), machine_id="a1", gpu_name="GPU <A>",
                           law=SyntheticLaw(card_mib=16_384.0))

@@ -12,7 +12,7 @@ from harness.cli import main
 from harness.errors import HarnessError
 from harness.report.compare import compare_frames, generate_compare
 from harness.report.frame import records_to_frame
-from harness.report.synthetic import SyntheticLaw, synthetic_records, write_optuna_study
+from synthetic import SyntheticLaw, synthetic_records, write_optuna_study
 
 
 def results_folder(root: Path, name: str, records: list[dict]) -> Path:

@@ -11,7 +11,7 @@ from harness.report.frame import records_to_frame
 from harness.report.memory import (CARDS_MIB, card_table, fit_linear, fit_memory, leave_one_out_pct, make_fit,
                                    memory_wall)
 from harness.trainer import cuda_pool_fraction
-from harness.report.synthetic import SyntheticLaw, synthetic_records
+from synthetic import SyntheticLaw, synthetic_records
 
 
 def test_fit_linear_recovers_a_noisy_law():

@@ -19,7 +19,7 @@ from harness.errors import HarnessError
 from harness.report import generate, generate_from_records
 from harness.report.frame import CONFIG_COLUMNS, TRIAL_COLUMNS
 from harness.urls import redact as redact_url, scrub
-from harness.report.synthetic import synthetic_records, write_optuna_study
+from synthetic import synthetic_records, write_optuna_study
 
 README = Path(__file__).resolve().parents[1] / "harness" / "report" / "README.md"
 PASSWORD = "s3cr3t-Pa55"

@@ -14,7 +14,7 @@ from harness.report.build import build
 from harness.report.frame import aggregate_configs, records_to_frame
 from harness.report.html import render
 from harness.report.space import is_grid
-from harness.report.synthetic import synthetic_records
+from synthetic import synthetic_records
 
 STUDIES = sorted((Path(__file__).resolve().parent.parent / "studies").glob("*.toml"))
 

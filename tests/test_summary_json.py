@@ -15,7 +15,7 @@ from harness.report.build import build
 from harness.report.frame import records_to_frame
 from harness.report.html import esc
 from harness.report.summary import summary
-from harness.report.synthetic import synthetic_records
+from synthetic import synthetic_records
 
 
 def strict(text: str) -> dict:

@@ -208,7 +208,7 @@ def test_warm_up_steps_are_excluded_and_a_too_short_trial_is_flagged(syn):
 
 def test_the_report_marks_throughput_that_includes_the_warm_up(tmp_path):
     from harness.report import generate
-    from harness.report.synthetic import synthetic_records, write_optuna_study
+    from synthetic import synthetic_records, write_optuna_study
 
     recs = synthetic_records(bptts=(35, 70), batch_sizes=(20,))
     recs[0]["result"]["timing_includes_warmup"] = True
@@ -402,7 +402,7 @@ def test_cpu_workers_get_their_own_cores_and_say_they_shared_the_host():
     assert cpu_share(0, 2, [0, 1]) == [0] and cpu_share(1, 2, [0, 1]) == [1]
     assert cpu_share(1, 2, [0, 1, 2, 3]) == [2, 3] and cpu_share(2, 3, [0, 1]) == [0]
     from harness.report.frame import aggregate_configs, records_to_frame
-    from harness.report.synthetic import synthetic_records
+    from synthetic import synthetic_records
 
     recs = synthetic_records(bptts=(35,), batch_sizes=(20, 40), gpu_name=None)
     recs[0]["study"]["host_workers"] = 2

@@ -55,6 +55,6 @@ def build(trials: pd.DataFrame, *, study_name: str, storage_display: str | None 
     if fits and fits[0].gpu and fits[0].slope_mib > 0:
         cards = card_table(fits[0], list(trials["batch_size"].dropna().unique()))
     adv = advise(trials, configs, ranking, et, fits, wall, n_running, by_budget)
-    now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    now = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     return Report(study_name, trials, configs, ranking, et, fits, cards, wall, adv, storage_display, info,
                   n_running, now, by_budget, profile)

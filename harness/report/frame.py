@@ -149,12 +149,12 @@ def aggregate_configs(df: pd.DataFrame, by: tuple[str, ...] = ("config_key",)) -
 
     ``by`` adds grouping keys (``("machine", "config_key")`` for a GPU comparison).
     """
-    by = list(by)
+    keys = list(by)
     if df.empty:
-        return pd.DataFrame(columns=[*by, *CONFIG_COLUMNS])
-    keyed = df.assign(_k=df[by].astype(str).agg("\x1f".join, axis=1) if len(by) > 1 else df[by[0]].astype(str))
+        return pd.DataFrame(columns=[*keys, *CONFIG_COLUMNS])
+    keyed = df.assign(_k=df[keys].astype(str).agg("\x1f".join, axis=1) if len(keys) > 1 else df[keys[0]].astype(str))
     first = keyed.groupby("_k", sort=False).first()
-    fields = [c for c in dict.fromkeys([*by, "study", *CONFIG_FIELDS]) if c in df.columns]
+    fields = [c for c in dict.fromkeys([*keys, "study", *CONFIG_FIELDS]) if c in df.columns]
     out = first[fields].copy()
     counts = pd.crosstab(keyed["_k"], keyed["status"]).reindex(columns=list(STATUSES), fill_value=0)
     out["n_trials"] = counts.sum(axis=1)

@@ -10,6 +10,7 @@ import html
 import math
 from collections.abc import Callable, Sequence
 from functools import lru_cache
+from typing import Any
 
 import pandas as pd
 import plotly.graph_objects as go
@@ -109,6 +110,20 @@ def _pm(r: pd.Series, col: str, fmt: str = "{:.4g}") -> str:
     return text
 
 
+def _at_cell(leg: Any) -> Callable[[pd.Series], str]:
+    return lambda x: budget.at_text(leg, x["at"])
+
+
+def _card_cell(card: str) -> Callable[[pd.Series], str]:
+    return lambda x: _int(x[card])
+
+
+def _cost_cell(col: str, fmt: str) -> Callable[[pd.Series], str]:
+    def cell(x: pd.Series) -> str:
+        return _num(x.get(col), fmt) + _timing_mark(x, col)
+    return cell
+
+
 def _timing_mark(x: pd.Series, col: str) -> str:
     """A star on a time-based figure whose timing is not clean (see configs.csv ``timing_note``)."""
     timed = col in ("tokens_per_s", "seconds_per_ktok", "joules_per_ktok")
@@ -171,7 +186,7 @@ def _ranking_section(rep: Report, limit: int = 40) -> str:
     for col, head, fmt in (("tokens_per_s", "tokens/s", "{:,.0f}"), ("peak_mem_mib", "peak MiB", "{:,.0f}"),
                            ("joules_per_ktok", "J / 1k tok", "{:.3g}")):
         if col != cost and t[col].notna().any():
-            cols.append(("", head, lambda x, c=col, f=fmt: _num(x.get(c), f) + _timing_mark(x, c)))
+            cols.append(("", head, _cost_cell(col, fmt)))
     cols.append(("wrap", "notes", lambda x: x.get("reason") or ""))
     rows = table(t.head(limit), cols, table_id="ranking",
                  row_class=lambda x: " ".join(c for c, on in (("front", x["pareto_rank"] == 1),
@@ -224,7 +239,7 @@ def _budget_section(rep: Report) -> str:
     parts = [f"<h2>The verdict at every budget</h2><p>{esc(' '.join(v.sentences))}</p>"]
     for leg in legs:
         cols: list[Column] = [
-            ("l", "at", lambda x, leg=leg: budget.at_text(leg, x["at"])),
+            ("l", "at", _at_cell(leg)),
             ("l", "best there", lambda x: names.get(x["best"], x["best"])),
             ("", "ppl", lambda x: _num(x["best_ppl"])),
             ("l", "runner-up", lambda x: names.get(x["runner"], x["runner"] or "")),
@@ -272,7 +287,7 @@ def _memory_section(rep: Report) -> str:
     if rep.cards is not None and not rep.cards.empty:
         cards = [c for c in rep.cards.columns if c != "batch_size"]
         cols: list[Column] = [("", "batch size", lambda x: str(int(x["batch_size"])))]
-        cols += [("", c, lambda x, c=c: "" if pd.isna(x[c]) else f"{int(x[c]):,}") for c in cards]
+        cols += [("", c, _card_cell(c)) for c in cards]
         over = f" and {f.overhead_mib:,.0f} MiB outside torch's pool (CUDA context)" if f.overhead_mib else ""
         text += (f"<h3>Predicted largest bptt per batch size, by card (predictions, not measurements)</h3>"
                  f"<p class=\"small\">Each card's memory as the driver reports it (less than its nominal size), the "
@@ -299,7 +314,7 @@ def _walls_section(rep: Report) -> str:
     return "<h3>The memory wall, measured (harness profile)</h3>" + table(w, cols, table_id="memory-wall")
 
 
-def _int(v: object) -> str:
+def _int(v: Any) -> str:
     return "" if v is None or pd.isna(v) else f"{int(v):,}"
 
 

@@ -160,7 +160,7 @@ def make_fit(x: np.ndarray, y: np.ndarray, shape: str, gpu: bool, overhead: floa
 def shape_label(row: pd.Series | dict) -> str:
     m, layers, nhid = row.get("model"), row.get("layers"), row.get("nhid")
     try:
-        return f"{m or 'rnn'} {int(layers)}x{int(nhid)}"  # type: ignore[arg-type]  # None is caught below
+        return f"{m or 'rnn'} {int(layers)}x{int(nhid)}"  # None is caught below
     except (TypeError, ValueError):
         return str(m or "model")
 

@@ -199,7 +199,8 @@ def _within(a: float, b: float, sa: float, sb: float) -> bool:
 def _places(table: pd.DataFrame, cost: str) -> tuple[list[int], list[bool]]:
     """Places 1, 2, 2, 4, ...: a row shares the place above it when it is in the same front and
     within the spread of that row on perplexity and on cost (a tie, not a win)."""
-    places, ties = [], []
+    places: list[int] = []
+    ties: list[bool] = []
     cols = {"val_ppl": table["val_ppl"].to_numpy(dtype=float),
             "val_ppl_std": table[_ppl_spread(table)].to_numpy(dtype=float)}
     cost_v = table[cost].to_numpy(dtype=float) if cost in table else np.full(len(table), np.nan)
@@ -254,7 +255,7 @@ def ppl_at(curve: list[dict], seconds: float) -> float:
     """Validation perplexity at ``seconds`` of training: the loss is interpolated linearly between
     the two checkpoints around it; NaN before the first checkpoint (nothing was measured yet)."""
     pts = [(p.get("seconds"), p.get("loss")) for p in curve if isinstance(p, dict)]
-    pts = sorted((float(s), float(l)) for s, l in pts if s is not None and l is not None and math.isfinite(l))
+    pts = sorted((float(s), float(loss)) for s, loss in pts if s is not None and loss is not None and math.isfinite(loss))
     if not pts or seconds < pts[0][0] - 1e-9:
         return math.nan
     for (s0, l0), (s1, l1) in zip(pts, pts[1:]):

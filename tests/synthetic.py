@@ -1,4 +1,4 @@
-"""Synthetic trial records with known laws, for tests, the benchmark and trying the report out.
+"""A test fixture: synthetic trial records with known laws, for the tests and benchmarks/bench_report.py.
 
 The laws are simple on purpose, so a test knows the answer: peak memory is
 ``mem_base_mib + mem_slope_mib * bptt * batch_size`` (anything above the card is ``oom``),
