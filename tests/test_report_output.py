@@ -208,9 +208,9 @@ def test_storage_display_in_html_is_redacted(tmp_path: Path):
     ("missing", r"results folder '.*nope' does not exist; pass results/<study>"),
     ("no_json", r"has no study.json; pass a folder written by 'harness sweep'"),
     ("file", r"is a file, not a results folder"),
-    ("corrupt", r"is not an SQLite database \(corrupted or truncated\?\)"),
+    ("corrupt", r"is not an SQLite database \(corrupted or another file\)"),
     ("unknown_name", r"study 'nope' is not in storage sqlite:///.*; it holds: small"),
-    ("no_storage_file", r"storage sqlite:///.*gone.db does not exist"),
+    ("no_storage_file", r"storage sqlite:///.*gone.db.* does not exist; there is no study to read"),
     ("bad_json", r"study.json' is not readable JSON"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path: Path, results: Path, case: str, pattern: str):

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.errors import HarnessError
-from harness.urls import STORAGE_ENV, engine_url, hides_password, redact, same_storage, scrub
+from harness.urls import STORAGE_ENV, hides_password, redact, same_storage, scrub
 
 log = logging.getLogger(__name__)
 
@@ -144,28 +144,10 @@ def _relocate(url: str, folder: Path) -> str:
 
 
 def _open_storage(url: str):
-    if url.startswith("sqlite:///"):
-        path = Path(url[len("sqlite:///"):])
-        # Optuna would silently create an empty database for a missing path: refuse instead.
-        if not path.is_file():
-            raise HarnessError(f"storage {url} does not exist; expected an Optuna SQLite file (results/<study>/study.db)")
-        try:
-            with open(path, "rb") as f:
-                head = f.read(16)
-        except OSError as e:
-            raise HarnessError(f"storage {url} is not readable: {e.strerror}") from None
-        if head != _SQLITE_MAGIC:
-            raise HarnessError(f"storage {url} is not an SQLite database (corrupted or truncated?); "
-                               "expected the study.db that 'harness sweep' writes")
-    if url.startswith("journal:"):
-        path = Path(url[len("journal:"):])
-        if not path.is_file():
-            raise HarnessError(f"storage {url} does not exist; expected an Optuna journal file")
-        from optuna.storages import JournalStorage
-        from optuna.storages.journal import JournalFileBackend
+    """The study's own opener, reading only (harness.study.storage.open_storage)."""
+    from harness.study.storage import open_storage
 
-        return JournalStorage(JournalFileBackend(str(path)))
-    return engine_url(url)
+    return open_storage(url, read_only=True)
 
 
 def load_trials(src: StudySource) -> LoadedTrials:
