@@ -502,7 +502,7 @@ def _train_and_eval(spec: TrialSpec, corpus: Corpus, device: torch.device, probe
     opt = _make_optimizer(model, t, device)
     variable = VariableBptt.around(spec.bptt) if t.variable_bptt else None
     cap = _cpu_cap(model, t, device)   # on CPU: the count behind peak_mem_mib, and the cap if one is set
-    saved_hooks = torch.autograd.graph.saved_tensors_hooks(cap.pack, cap.unpack) if cap else contextlib.nullcontext()
+    counted = 0   # the longest window counted so far: a window no longer than it holds no more memory
 
     budget = Budget.of(t, corpus.train.numel())
     result.budget_tokens = budget.tokens
@@ -552,7 +552,7 @@ def _train_and_eval(spec: TrialSpec, corpus: Corpus, device: torch.device, probe
     clock = TrainClock(device, t.warmup_steps)
     init_hidden: Callable[[int], Any] = model.init_hidden  # type: ignore[assignment]  # the model interface
     try:
-        with probe if probe is not None else contextlib.nullcontext(), saved_hooks:
+        with probe if probe is not None else contextlib.nullcontext():
             hidden = init_hidden(bs)
             while not budget.done:
                 for n_window, (i, seq_len) in enumerate(epoch_windows(train.size(0), spec.bptt, variable, rng)):
@@ -565,9 +565,16 @@ def _train_and_eval(spec: TrialSpec, corpus: Corpus, device: torch.device, probe
                     step_lr = lr * (variable.lr_factor(seq_len) if variable else 1.0)
                     for group in opt.param_groups:
                         group["lr"] = step_lr
-                    if cap:
+                    # Saved activations are counted on a window longer than any counted before (and every
+                    # window under a cap): the same shape holds the same bytes, and a Python hook per
+                    # saved tensor costs about 1% of a CPU step.
+                    count = cap is not None and (cap.cap is not None or seq_len > counted)
+                    if count:
                         cap.step_start()
-                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                        counted = max(counted, seq_len)
+                    hooks = torch.autograd.graph.saved_tensors_hooks(cap.pack, cap.unpack) if count else \
+                        contextlib.nullcontext()
+                    with hooks, torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                         logits, hidden = forward(x, hidden)
                         if keep is not None:  # the budget's last window: only its first `keep` targets
                             # (slicing every step would cost a full-size gradient copy in backward)
