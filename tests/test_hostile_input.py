@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import studyfiles
 
 from harness.cli import main
 
@@ -23,39 +24,11 @@ REPO = Path(__file__).resolve().parent.parent
 # fails fast (MemoryError) instead of swapping the machine.
 ADDRESS_SPACE = 6 * 1024**3
 
-TINY = """
-name = "{name}"
-sampler = "grid"
-{top}
-
-[corpus]
-source = "{corpus}"
-
-[model]
-emsize = 8
-nhid = 16
-layers = 1
-dropout = 0.0
-
-[train]
-optimizer = "adamw"
-lr = 0.01
-clip = 1.0
-tokens = 1000
-checkpoints = 2
-eval_bptt = 64
-{train}
-
-[search]
-{search}
-"""
 
 
-def write_study(tmp_path: Path, name: str, *, top: str = "", corpus: str = "synthetic:k=4,vocab=6,noise=2,tokens=8000",
-                search: str = "bptt = [4]\nbatch_size = [2]", train: str = "") -> Path:
-    path = tmp_path / f"{name}.toml"
-    path.write_text(TINY.format(name=name, top=top, corpus=corpus, search=search, train=train))
-    return path
+def write_study(tmp_path: Path, name: str, **kw: object) -> Path:
+    return studyfiles.write_study(tmp_path, name, **{"search": "bptt = [4]\nbatch_size = [2]", "tokens": 1000,  # type: ignore[arg-type]
+                                                     **kw})
 
 
 def _limit_memory() -> None:

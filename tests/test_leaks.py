@@ -19,6 +19,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import studyfiles
 from optuna.trial import TrialState
 
 from harness.cli import main
@@ -26,31 +27,6 @@ from harness.cli import main
 REPO = Path(__file__).resolve().parent.parent
 PG = "127.0.0.1:5432/test"
 
-TINY = """
-name = "{name}"
-sampler = "grid"
-{top}
-
-[corpus]
-source = "synthetic:k=4,vocab=6,noise=2,tokens={corpus_tokens}"
-
-[model]
-emsize = 8
-nhid = 16
-layers = 1
-dropout = 0.0
-
-[train]
-optimizer = "adamw"
-lr = 0.01
-clip = 1.0
-tokens = {tokens}
-checkpoints = 2
-eval_bptt = 64
-
-[search]
-{search}
-"""
 
 # Every password carries marker tokens Kq9Za, Kq9Zb, Kq9Zc around its special characters, so a
 # redactor that leaks any piece of it (the part before an '@', after a ':' ...) is caught.
@@ -73,11 +49,8 @@ def url_forms(password: str, port: str = "5432", db: str = "test") -> dict[str, 
     }
 
 
-def write_study(tmp_path: Path, name: str, *, top: str = "", tokens: int = 2000, corpus_tokens: int = 8000,
-                search: str = "bptt = [4]\nbatch_size = [2]") -> Path:
-    path = tmp_path / f"{name}.toml"
-    path.write_text(TINY.format(name=name, top=top, tokens=tokens, corpus_tokens=corpus_tokens, search=search))
-    return path
+def write_study(tmp_path: Path, name: str, **kw: object) -> Path:
+    return studyfiles.write_study(tmp_path, name, **{"search": "bptt = [4]\nbatch_size = [2]", **kw})  # type: ignore[arg-type]
 
 
 def run_cli(*args: str, timeout: float = 240, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -16,41 +16,15 @@ import time
 from pathlib import Path
 
 import pytest
+import studyfiles
 
 REPO = Path(__file__).resolve().parent.parent
 
-TINY = """
-name = "{name}"
-sampler = "grid"
-
-[corpus]
-source = "synthetic:k=4,vocab=6,noise=2,tokens=8000"
-
-[model]
-emsize = 8
-nhid = 16
-layers = 1
-dropout = 0.0
-
-[train]
-optimizer = "adamw"
-lr = 0.01
-clip = 1.0
-tokens = 2000
-checkpoints = 2
-eval_bptt = 64
-
-[search]
-bptt = [4, 6, 8]
-batch_size = [2]
-"""
 REPORT_FILES = ("trials.csv", "configs.csv", "report.html", "study.json")
 
 
 def write_study(tmp_path: Path, name: str) -> Path:
-    path = tmp_path / f"{name}.toml"
-    path.write_text(TINY.format(name=name))
-    return path
+    return studyfiles.write_study(tmp_path, name, search="bptt = [4, 6, 8]\nbatch_size = [2]")
 
 
 def run_cli(*args: str, timeout: float = 240, preexec_fn=None) -> subprocess.CompletedProcess:

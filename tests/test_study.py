@@ -14,6 +14,7 @@ from pathlib import Path
 import optuna
 import pytest
 from optuna.trial import TrialState
+from studyfiles import write_study
 
 from harness.cli import main
 from harness.study import open_storage, progress
@@ -22,42 +23,6 @@ REPO = Path(__file__).resolve().parent.parent
 STUDIES = REPO / "studies"
 PG_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
 
-TINY = """
-name = "{name}"
-sampler = "{sampler}"
-objectives = {objectives}
-{top}
-
-[corpus]
-source = "synthetic:k=4,vocab=6,noise=2,tokens={corpus_tokens}"
-
-[model]
-emsize = 8
-nhid = 16
-layers = 1
-dropout = 0.0
-
-[train]
-optimizer = "adamw"
-lr = 0.01
-clip = 1.0
-tokens = {tokens}
-checkpoints = 2
-eval_bptt = 64
-{train}
-
-[search]
-{search}
-"""
-
-
-def write_study(tmp_path: Path, name: str = "tiny", *, sampler: str = "grid", objectives: str = '["val_ppl"]',
-                top: str = "", train: str = "", tokens: int = 2000, corpus_tokens: int = 8000,
-                search: str = "bptt = [4, 8]\nbatch_size = [4]") -> Path:
-    path = tmp_path / f"{name}.toml"
-    path.write_text(TINY.format(name=name, sampler=sampler, objectives=objectives, top=top, train=train,
-                                tokens=tokens, corpus_tokens=corpus_tokens, search=search))
-    return path
 
 
 def load(storage_url: str, name: str) -> optuna.Study:
