@@ -155,22 +155,32 @@ def short_corpus(corpus: Any, bptt: int, bs: int, steps: int, eval_bs: int, eval
     return replace(corpus, train=tiled(corpus.train, (bptt * steps + 2) * bs), valid=held, test=held)
 
 
+# A cell's timed steps must add up to at least this: a few steps of a tiny window take milliseconds,
+# and timing them measured 0.3x to 6x the rate of a whole trial of the same cell on CPU.
+MIN_TIMED_S = 0.3
+MAX_STEPS = 2_000
+
+
 def profile_cell(config: StudyConfig, corpus: Any, device: Any, bptt: int, bs: int, phase: str,
                  steps: int = 5, warmup: int = 2, probe_factory: Callable[[Any], Any] | None = None) -> ProfileRow:
-    """``warmup`` untimed and ``steps`` timed training steps of one cell -> its row."""
+    """``warmup`` untimed and at least ``steps`` timed training steps of one cell -> its row. A cell whose
+    timed steps took under :data:`MIN_TIMED_S` is measured again with more steps."""
     from harness.probe import make_probe
     from harness.trainer import run_trial
 
     t = config.train
-    total = warmup + steps
-    train = replace(t, budget="tokens", tokens=total * bptt * bs, epochs=None, checkpoints=1, test=False,
-                    warmup_steps=warmup, variable_bptt=False, log_every=total,
-                    timeout_s=t.timeout_s)
-    spec = replace(_spec(config, bptt, bs), train=train)
-    small = short_corpus(corpus, bptt, bs, total, t.eval_batch_size, t.eval_bptt)
-    spec = replace(spec, train=replace(spec.train, eval_bptt=min(t.eval_bptt, bptt)))
-    probe = (probe_factory or make_probe)(device)
-    r = run_trial(spec, small, device, probe=probe)
+    while True:
+        total = warmup + steps
+        train = replace(t, budget="tokens", tokens=total * bptt * bs, epochs=None, checkpoints=1, test=False,
+                        warmup_steps=warmup, variable_bptt=False, log_every=total, timeout_s=t.timeout_s,
+                        time_grid_s=None, eval_bptt=min(t.eval_bptt, bptt))
+        spec = replace(_spec(config, bptt, bs), train=train)
+        small = short_corpus(corpus, bptt, bs, total, t.eval_batch_size, t.eval_bptt)
+        r = run_trial(spec, small, device, probe=(probe_factory or make_probe)(device))
+        timed_s = steps * bptt * bs / r.tokens_per_s if r.tokens_per_s else math.inf
+        if r.status != "ok" or timed_s >= MIN_TIMED_S or steps >= MAX_STEPS:
+            break
+        steps = min(MAX_STEPS, math.ceil(steps * 1.5 * MIN_TIMED_S / max(timed_s, 1e-6)))
     return ProfileRow(bptt=bptt, batch_size=bs, phase=phase, status=r.status,
                       error=r.error.splitlines()[0][:300] if r.error else None, steps=r.steps, tokens_per_step=bptt * bs,
                       tokens_per_s=r.tokens_per_s, achieved_flops_per_s=r.achieved_flops,
