@@ -157,7 +157,7 @@ def short_corpus(corpus: Any, bptt: int, bs: int, steps: int, eval_bs: int, eval
 
 # A cell's timed steps must add up to at least this: a few steps of a tiny window take milliseconds,
 # and timing them measured 0.3x to 6x the rate of a whole trial of the same cell on CPU.
-MIN_TIMED_S = 0.3
+MIN_TIMED_S = 1.0
 MAX_STEPS = 2_000
 
 
@@ -350,7 +350,7 @@ def rate(df: Any, bptt: int, bs: int) -> float | None:
     return float(g.median()) if len(g) else None
 
 
-SAFETY = 1.15   # planned seconds are multiplied by this: the profile's few steps are not the whole run
+SAFETY = 1.25   # planned seconds are multiplied by this: the profile's steps are not the whole run
 
 
 def plan_tokens(df: Any, cells: Iterable[tuple[int, int]], max_seconds: float, checkpoints: int,

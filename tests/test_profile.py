@@ -72,7 +72,7 @@ def test_plan_tokens_from_rates_setup_and_validation():
             ProfileRow(70, 10, "eval", "ok", seconds=2.0)]
     df = pd.DataFrame([vars(r) for r in rows])
     # set-up 1 s per trial, 2 checkpoints x 2 s: fixed 2 x 5 s; 1/1000 + 1/2000 s per token.
-    tokens = plan_tokens(df, [(10, 10), (20, 10)], max_seconds=1.15 * (10 + 15), checkpoints=2)
+    tokens = plan_tokens(df, [(10, 10), (20, 10)], max_seconds=1.25 * (10 + 15), checkpoints=2)
     assert tokens == pytest.approx(10_000, abs=2)
     with pytest.raises(Exception, match="leaves"):
         plan_tokens(df, [(10, 10), (20, 10)], max_seconds=5, checkpoints=2)
@@ -121,7 +121,8 @@ def test_sweep_skips_a_cell_the_profile_says_cannot_fit(tmp_path, monkeypatch):
 
 
 def test_max_seconds_plans_the_budget_and_keeps_the_sweep_under_it(tmp_path, capsys):
-    path, results = study(tmp_path, cap_gib=None, bs="[4, 16]"), tmp_path / "results"
+    # Windows of 20 x 8 tokens and more: a step does real work, so its profiled rate is steady.
+    path, results = study(tmp_path, cap_gib=None, bptt="[20, 40]", bs="[8, 16]"), tmp_path / "results"
     assert main(["profile", str(path), "--results-dir", str(results)]) == 0
     limit = 20.0
     assert main(["sweep", str(path), "--results-dir", str(results), "--max-seconds", str(limit), "--no-report"]) == 0
