@@ -178,7 +178,8 @@ def profile_cell(config: StudyConfig, corpus: Any, device: Any, bptt: int, bs: i
         small = short_corpus(corpus, bptt, bs, total, t.eval_batch_size, t.eval_bptt)
         r = run_trial(spec, small, device, probe=(probe_factory or make_probe)(device))
         timed_s = steps * bptt * bs / r.tokens_per_s if r.tokens_per_s else math.inf
-        if r.status != "ok" or timed_s >= MIN_TIMED_S or steps >= MAX_STEPS:
+        # Only the map's rates are planned with; a wall attempt needs the memory of a few steps.
+        if phase != "grid" or r.status != "ok" or timed_s >= MIN_TIMED_S or steps >= MAX_STEPS:
             break
         steps = min(MAX_STEPS, math.ceil(steps * 1.5 * MIN_TIMED_S / max(timed_s, 1e-6)))
     return ProfileRow(bptt=bptt, batch_size=bs, phase=phase, status=r.status,

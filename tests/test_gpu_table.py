@@ -27,7 +27,7 @@ def run(*args: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def rehearsal(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
     out = tmp_path_factory.mktemp("gpu-table") / "out"
-    return out, run("--allow-cpu", "--tiny", "--out", str(out), "--max-seconds", "60")
+    return out, run("--allow-cpu", "--tiny", "--out", str(out), "--max-seconds", "120")
 
 
 def test_the_rehearsal_publishes_profile_trials_report_and_fingerprint(rehearsal) -> None:
