@@ -23,7 +23,8 @@ def _temp_prefix(path: Path) -> str:
     return f".{path.name}.{socket.gethostname()}-{os.getpid()}."
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists on this host (one we may not signal counts as alive)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -48,7 +49,7 @@ def remove_stale_temps(path: Path) -> list[Path]:
         if m is None:
             continue
         try:
-            dead = m["host"] == host and not _pid_alive(int(m["pid"]))
+            dead = m["host"] == host and not pid_alive(int(m["pid"]))
             if dead or now - p.lstat().st_mtime > STALE_TEMP_S:
                 p.unlink()
                 removed.append(p)

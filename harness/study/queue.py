@@ -20,6 +20,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from harness.config import StudyConfig
 from harness.errors import HarnessError
+from harness.fileio import pid_alive as _pid_alive
 from harness.study.common import CANONICAL, MAX_RETRIES
 from harness.urls import redact
 
@@ -216,16 +217,6 @@ def progress(study: optuna.Study) -> Progress:
             if status == "ok" and ppl is not None and ppl < best_ppl:
                 best, best_ppl = t, ppl
     return Progress(done, running, waiting, counts, best)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def reap(study: optuna.Study) -> int:
