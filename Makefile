@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 STUDY  ?= studies/default.toml
 # PyTorch: one version for both builds. On Linux a plain PyPI install pulls the CUDA-bundled wheel
 # (several GB), so the build comes from the PyTorch wheel index: the CPU build where no NVIDIA GPU is
-# visible, else the CUDA build named by TORCH_CUDA (cu126 for drivers older than CUDA 12.8; `harness
+# visible, else the CUDA build named by TORCH_CUDA (cu126 for drivers older than CUDA 12.8; `bptt-harness
 # doctor` says whether the driver runs it). macOS wheels on PyPI are CPU builds already.
 # Overrides: make venv TORCH_GPU=1 (the CUDA build on a login node without a GPU), TORCH_GPU= (CPU),
 # TORCH_INDEX_URL=<a mirror of the PyTorch index>, TORCH_INDEX_URL= (plain torch==VERSION from pip's own
@@ -23,7 +23,7 @@ TORCH_REQ        = torch==$(TORCH_VERSION)$(if $(and $(TORCH_BUILD),$(TORCH_INDE
 .PHONY: help venv lint test sweep report gpu-check gpu-table bench doctor clean
 
 help:
-	@echo "make lint       ruff and mypy over harness/"
+	@echo "make lint       ruff and mypy over bptt_harness/"
 	@echo "make test       run the test suite"
 	@echo "make sweep      run $(STUDY) and write results/<study>/report.html"
 	@echo "make report     rebuild the report of $(STUDY) from its stored trials"
@@ -45,20 +45,20 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check harness
+	$(VENV)/bin/ruff check bptt_harness
 	$(VENV)/bin/mypy
 
 test: $(STAMP)
 	$(PY) -m pytest -q
 
 sweep: $(STAMP)
-	$(VENV)/bin/harness sweep $(STUDY)
+	$(VENV)/bin/bptt-harness sweep $(STUDY)
 
 report: $(STAMP)
-	$(VENV)/bin/harness report $(STUDY)
+	$(VENV)/bin/bptt-harness report $(STUDY)
 
 doctor: $(STAMP)
-	$(VENV)/bin/harness doctor
+	$(VENV)/bin/bptt-harness doctor
 
 gpu-check: $(STAMP)
 	$(PY) benchmarks/gpu_check.py

@@ -1,4 +1,4 @@
-"""How long `make sweep` takes here: `harness sweep studies/default.toml` end to end, as on a fresh
+"""How long `make sweep` takes here: `bptt-harness sweep studies/default.toml` end to end, as on a fresh
 clone (empty corpus cache, new results folder; the venv already installed), with its racing runs.
 
 Prints the wall-clock time, the trials (first pass and racing), their summed training and validation
@@ -38,7 +38,7 @@ def main() -> None:
         if args.threads:
             env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
         t0 = time.perf_counter()
-        out = subprocess.run([sys.executable, "-m", "harness", "sweep", args.study, "--results-dir", str(results)],
+        out = subprocess.run([sys.executable, "-m", "bptt_harness", "sweep", args.study, "--results-dir", str(results)],
                              cwd=REPO, env=env, capture_output=True, text=True)
         wall = time.perf_counter() - t0
         usage = resource.getrusage(resource.RUSAGE_CHILDREN)

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-from harness.corpus import load
-from harness.model import ModelConfig
-from harness.probe import make_probe
-from harness.trainer import TrainConfig, TrialSpec, run_trial
+from bptt_harness.corpus import load
+from bptt_harness.model import ModelConfig
+from bptt_harness.probe import make_probe
+from bptt_harness.trainer import TrainConfig, TrialSpec, run_trial
 
 
 def sample_cost_us(interval_ms: int, n: int = 2000) -> float:

@@ -1,4 +1,4 @@
-"""How fast `harness profile` maps a study: cells per second, with the memory wall under a CPU cap.
+"""How fast `bptt-harness profile` maps a study: cells per second, with the memory wall under a CPU cap.
 
     .venv/bin/python benchmarks/bench_profile.py [--study studies/default.toml] [--cap-gib 0.25] [--steps 5]
 
@@ -25,11 +25,11 @@ def main() -> int:
 
     import pandas as pd
 
-    from harness.config import load_study
-    from harness.hardware import resolve_device
-    from harness.profile import run_profile, walls_table
-    from harness.report.memory import make_fit
-    from harness.study import load_corpus
+    from bptt_harness.config import load_study
+    from bptt_harness.hardware import resolve_device
+    from bptt_harness.profile import run_profile, walls_table
+    from bptt_harness.report.memory import make_fit
+    from bptt_harness.study import load_corpus
 
     with tempfile.TemporaryDirectory() as tmp:
         config = load_study(args.study, results_root=Path(tmp))

@@ -13,7 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from harness.report import generate_from_records
+from bptt_harness.report import generate_from_records
 from synthetic import synthetic_records
 
 GOAL_S = 10.0
@@ -50,7 +50,7 @@ def main() -> None:
             from optuna.storages import JournalStorage
             from optuna.storages.journal import JournalFileBackend
 
-            from harness.report.source import StudySource, load_trials
+            from bptt_harness.report.source import StudySource, load_trials
             from synthetic import write_optuna_study
 
             log = Path(tmp) / "journal.log"

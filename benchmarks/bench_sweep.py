@@ -20,8 +20,8 @@ from pathlib import Path
 import optuna
 import torch
 
-from harness.config import parse_study
-from harness.study import prepare, run_worker
+from bptt_harness.config import parse_study
+from bptt_harness.study import prepare, run_worker
 
 REPO = Path(__file__).resolve().parent.parent
 

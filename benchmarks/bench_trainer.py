@@ -1,4 +1,4 @@
-"""`harness trial` (probe on) against a user's own textbook loop, each in its own process, alternated.
+"""`bptt-harness trial` (probe on) against a user's own textbook loop, each in its own process, alternated.
 
     .venv/bin/python benchmarks/bench_trainer.py [--device cpu|cuda] [--rounds 5] [--tokens 150000]
         [--emsize 200] [--nhid 200] [--layers 2] [--max-vocab 10000] [--bptt 35] [--batch-size 20]
@@ -7,7 +7,7 @@ The textbook arm is ``benchmarks/textbook_lm.py``: the pytorch/examples ``word_l
 (per-step ``loss.item()``, ``repackage_hidden``, ``clip_grad_norm_``, manual SGD update), importing
 nothing from harness and run as a user runs a script: its own process, the environment as it is,
 torch's default threads. The harness arm is the command a user would run instead,
-``harness trial --json`` with the NVML or CPU probe on, also in its own process. Both train the same
+``bptt-harness trial --json`` with the NVML or CPU probe on, also in its own process. Both train the same
 model shape on the same token ids (the default corpus, exported once for the textbook script) and
 report tokens/s after the same number of untimed warm-up steps. Rounds alternate the order (ABBA);
 the medians give the ratio. Goal: >= 1.0x on CPU, >= 1.5x on a GPU.
@@ -54,7 +54,7 @@ def main() -> int:
 
     import torch
 
-    from harness.corpus import CorpusSpec, load
+    from bptt_harness.corpus import CorpusSpec, load
 
     corpus = load(CorpusSpec("default", lower=True, split_punct=True, max_vocab=args.max_vocab))
     with tempfile.TemporaryDirectory() as tmp:
@@ -66,7 +66,7 @@ def main() -> int:
         arms = {
             "textbook": [sys.executable, str(HERE / "textbook_lm.py"), "--data", str(ids),
                          "--vocab", str(corpus.vocab_size), "--steps", str(steps), "--warmup", str(WARMUP), *shape],
-            "harness": [sys.executable, "-m", "harness", "trial", "--corpus", "default", "--lower", "--split-punct",
+            "harness": [sys.executable, "-m", "bptt_harness", "trial", "--corpus", "default", "--lower", "--split-punct",
                         "--max-vocab", str(args.max_vocab), "--tokens", str(steps * args.bptt * args.batch_size),
                         "--checkpoints", "1", "--json", *shape],
         }
@@ -83,7 +83,7 @@ def main() -> int:
                 out = run_json(arms[name])
                 if name == "harness":
                     if out["status"] != "ok":
-                        raise RuntimeError(f"harness trial ended {out['status']}: {out['error']}")
+                        raise RuntimeError(f"bptt-harness trial ended {out['status']}: {out['error']}")
                     losses[name] = out["train_curve"][-1]["loss"]
                 else:
                     losses[name] = out["loss"]
@@ -93,7 +93,7 @@ def main() -> int:
                   f"{this['harness'] / this['textbook']:>5.3f}x", flush=True)
     med = {name: statistics.median(v) for name, v in speeds.items()}
     print(f"{'median':>5}  {med['textbook']:>14,.0f}  {med['harness']:>13,.0f}  {med['harness'] / med['textbook']:>5.3f}x")
-    print(f"harness trial (probe on) / textbook script, tokens/s (median of {args.rounds} rounds): "
+    print(f"bptt-harness trial (probe on) / textbook script, tokens/s (median of {args.rounds} rounds): "
           f"{med['harness'] / med['textbook']:.3f}x")
     print(f"train loss near the end: textbook {losses['textbook']:.4f}, harness {losses['harness']:.4f}")
     return 0

@@ -1,4 +1,4 @@
-"""Does a harness trial land where the canonical PyTorch example lands on the same files?
+"""Does a bptt-harness trial land where the canonical PyTorch example lands on the same files?
 
     .venv/bin/python benchmarks/canonical_compare.py [--fraction 1.0] [--seed 1111] [--device cpu]
 
@@ -16,7 +16,7 @@ then trained three ways on those files:
    dictionary numbers words in order of appearance and the harness by frequency, so (1) and (3)
    start from differently permuted random initialisations; (2) removes that difference, so it must
    match (3) to rounding if the harness does the same arithmetic;
-3. ``harness``: :func:`harness.trainer.run_trial` with the same settings (a token budget of exactly
+3. ``harness``: :func:`bptt_harness.trainer.run_trial` with the same settings (a token budget of exactly
    the example's passes, ``checkpoints`` = passes, the same seed).
 
 Prints the three validation perplexities and their ratios. ``--fraction F`` keeps only the first
@@ -39,9 +39,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.corpus import EOS, SPLITS, UNK, CorpusSpec, load
-from harness.model import ModelConfig
-from harness.trainer import TrainConfig, TrialSpec, run_trial
+from bptt_harness.corpus import EOS, SPLITS, UNK, CorpusSpec, load
+from bptt_harness.model import ModelConfig
+from bptt_harness.trainer import TrainConfig, TrialSpec, run_trial
 
 EVAL_BATCH_SIZE = 10  # main.py: eval_batch_size = 10
 
@@ -249,7 +249,7 @@ def canonical_on_files(directory: Path, r: Recipe, device: str = "cpu") -> dict:
 # --------------------------------------------------------------------------- the harness
 
 def harness_spec(r: Recipe, train_tokens: int) -> TrialSpec:
-    """The recipe as a harness trial. The example's epoch is one pass over its batchified matrix,
+    """The recipe as a bptt-harness trial. The example's epoch is one pass over its batchified matrix,
     ``(N // bs - 1) * bs`` targets; the harness's ``epochs`` budget is ``epochs x (N - 1)`` for every
     shape alike, so the example's passes are given as an exact token budget instead."""
     model = ModelConfig(type="lstm", emsize=r.emsize, nhid=r.nhid, layers=r.nlayers, dropout=r.dropout)
@@ -264,7 +264,7 @@ def harness_on_files(directory: Path, r: Recipe, device: str = "cpu") -> dict:
     t0 = time.perf_counter()
     res = run_trial(harness_spec(r, corpus.train.numel()), corpus, device)
     if res.status != "ok":
-        raise RuntimeError(f"harness trial ended {res.status}: {res.error}")
+        raise RuntimeError(f"bptt-harness trial ended {res.status}: {res.error}")
     return {"val_loss": res.val_loss, "val_ppl": res.val_ppl, "steps": res.steps,
             "seconds": time.perf_counter() - t0, "vocab_size": corpus.vocab_size, "corpus": corpus}
 

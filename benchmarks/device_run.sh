@@ -10,7 +10,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1
 OUT="${OUT:-/tmp/device-out}"
 mkdir -p "$OUT"
-python3 -m harness doctor 2>&1 | tee "$OUT/doctor.txt"
+python3 -m bptt_harness doctor 2>&1 | tee "$OUT/doctor.txt"
 timeout 150 python3 benchmarks/gpu_check.py 2>&1 | tee "$OUT/gpu-check.log"
 timeout 90 python3 benchmarks/bench_trainer.py --device cuda --rounds 3 2>&1 | tee "$OUT/bench-trainer.log"
 bash benchmarks/gpu_table.sh --max-seconds "${GPU_TABLE_SECONDS:-300}" 2>&1 | tee "$OUT/gpu-table.log"

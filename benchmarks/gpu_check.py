@@ -29,11 +29,11 @@ from typing import Any
 
 import torch
 
-from harness.corpus import CorpusSpec, load
-from harness.hardware import device_label, fingerprint
-from harness.model import ModelConfig
-from harness.probe import make_probe, telemetry_problems
-from harness.trainer import TrainConfig, TrialSpec, release_memory, run_trial
+from bptt_harness.corpus import CorpusSpec, load
+from bptt_harness.hardware import device_label, fingerprint
+from bptt_harness.model import ModelConfig
+from bptt_harness.probe import make_probe, telemetry_problems
+from bptt_harness.trainer import TrainConfig, TrialSpec, release_memory, run_trial
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -3,9 +3,9 @@
     .venv/bin/python benchmarks/gpu_table.py [--max-seconds 450] [--study studies/gpu-table.toml] [--out DIR]
     .venv/bin/python benchmarks/gpu_table.py --allow-cpu --tiny --out /tmp/rehearsal   # CPU rehearsal
 
-1. ``harness profile``: every cell's training memory and speed from a few timed steps, and the memory
+1. ``bptt-harness profile``: every cell's training memory and speed from a few timed steps, and the memory
    wall (the largest batch size that fits) per bptt.
-2. ``harness sweep --max-seconds``: the grid trained on the largest equal token budget that fits what
+2. ``bptt-harness sweep --max-seconds``: the grid trained on the largest equal token budget that fits what
    is left of the time, planned from the profile; cells the profile saw run out of memory are
    recorded as ``oom`` without training.
 3. The study's files (profile.csv, trials.csv, configs.csv, report.html, study.db) and the machine's
@@ -46,9 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import torch
 
-    from harness.cli import main as harness
-    from harness.config import load_study
-    from harness.hardware import device_label, fingerprint
+    from bptt_harness.cli import main as harness
+    from bptt_harness.config import load_study
+    from bptt_harness.hardware import device_label, fingerprint
 
     if not torch.cuda.is_available() and not args.allow_cpu:
         print("error: no CUDA GPU is visible; run this on a GPU machine (or --allow-cpu --tiny to rehearse)",

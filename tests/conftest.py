@@ -18,7 +18,7 @@ os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 @pytest.fixture(autouse=True)
 def corpus_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Point the corpus cache (``harness.corpus.cache_dir``) at a fresh temporary directory.
+    """Point the corpus cache (``bptt_harness.corpus.cache_dir``) at a fresh temporary directory.
 
     Tests never write into the home directory, and each test starts with an empty cache. The
     directory is not created here, so a test can check that nothing was written to it.
@@ -42,7 +42,7 @@ def one_thread() -> Iterator[None]:
 @pytest.fixture(scope="module")
 def syn() -> Any:
     """A small synthetic corpus with a small validation split: cheap trials."""
-    from harness.corpus import load
+    from bptt_harness.corpus import load
 
     return load("synthetic:k=4,vocab=8,noise=4,tokens=20000")
 
@@ -57,7 +57,7 @@ def no_storage_from_the_shell(monkeypatch: pytest.MonkeyPatch) -> None:
 def smoke_results(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """``studies/smoke.toml`` swept once, report included: ``results/smoke`` of a finished study, for the
     tests that read one (they must not write into it)."""
-    from harness.cli import main
+    from bptt_harness.cli import main
 
     root = tmp_path_factory.mktemp("smoke")
     with pytest.MonkeyPatch.context() as mp:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from harness.record import Hardware, ProbeReport, StudyInfo, TrialConfig, TrialRecord, TrialResult
+from bptt_harness.record import Hardware, ProbeReport, StudyInfo, TrialConfig, TrialRecord, TrialResult
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""harness.batching: the truncated-BPTT picture, exactly (issue 2)."""
+"""bptt_harness.batching: the truncated-BPTT picture, exactly (issue 2)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from harness.batching import VariableBptt, batchify, epoch_windows, get_batch, windows
+from bptt_harness.batching import VariableBptt, batchify, epoch_windows, get_batch, windows
 
 
 def stream(n: int) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""``harness trial``: one JSON object with --json, a readable summary without, one-line errors (issue 3)."""
+"""``bptt-harness trial``: one JSON object with --json, a readable summary without, one-line errors (issue 3)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness.cli import main
+from bptt_harness.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = "synthetic:k=4,vocab=8,noise=4,tokens=5000"
@@ -91,7 +91,7 @@ def test_unparseable_argument_is_one_line_and_exit_2(capsys: pytest.CaptureFixtu
 
 def test_installed_entry_point_prints_only_json_on_stdout(corpus_cache: Path) -> None:
     env = {**os.environ, "BPTT_HARNESS_CACHE": str(corpus_cache)}
-    proc = subprocess.run([sys.executable, "-m", "harness", *TRIAL, "--json"], cwd=REPO, env=env,
+    proc = subprocess.run([sys.executable, "-m", "bptt_harness", *TRIAL, "--json"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["status"] == "ok"

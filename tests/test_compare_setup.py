@@ -1,4 +1,4 @@
-"""``harness compare`` compares like with like (issue 14, item 5): trials are keyed by a hash of what they
+"""``bptt-harness compare`` compares like with like (issue 14, item 5): trials are keyed by a hash of what they
 measure (corpus, model, train settings with precision, torch release); a mismatch is refused with one
 line, or left out with a visible warning."""
 
@@ -12,10 +12,10 @@ import optuna
 import pandas as pd
 import pytest
 
-from harness.cli import main
-from harness.errors import HarnessError
-from harness.report.compare import generate_compare
-from harness.report.setup import study_setup, torch_release
+from bptt_harness.cli import main
+from bptt_harness.errors import HarnessError
+from bptt_harness.report.compare import generate_compare
+from bptt_harness.report.setup import study_setup, torch_release
 from synthetic import SyntheticLaw, synthetic_records, write_optuna_study
 
 STUDY = {"name": "gpu-study", "sampler": "grid", "objectives": ["val_ppl", "seconds_per_token"],

@@ -11,9 +11,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from harness.cli import main
-from harness.config import load_study, parse_study, redact
-from harness.errors import HarnessError
+from bptt_harness.cli import main
+from bptt_harness.config import load_study, parse_study, redact
+from bptt_harness.errors import HarnessError
 
 STUDIES = Path(__file__).resolve().parent.parent / "studies"
 
@@ -269,4 +269,4 @@ def test_a_study_without_a_name_stores_its_resolved_name(tmp_path: Path) -> None
     path.write_text(dump_toml({k: v for k, v in VALID.items() if k != "name"}))
     config = load_study(path)
     assert config.name == "unnamed" and config.raw["name"] == "unnamed"
-    assert parse_study(config.raw).name == "unnamed"  # what `harness worker` does with the stored copy
+    assert parse_study(config.raw).name == "unnamed"  # what `bptt-harness worker` does with the stored copy

@@ -1,4 +1,4 @@
-"""harness.corpus: every source, both tokenizers, the cache, and every error case (issue 2)."""
+"""bptt_harness.corpus: every source, both tokenizers, the cache, and every error case (issue 2)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-import harness.corpus as corpus_mod
-from harness.corpus import (
+import bptt_harness.corpus as corpus_mod
+from bptt_harness.corpus import (
     EOS,
     SPLITS,
     UNK,
@@ -26,7 +26,7 @@ from harness.corpus import (
     load,
     tokenize_line,
 )
-from harness.errors import HarnessError
+from bptt_harness.errors import HarnessError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -403,7 +403,7 @@ def test_split_too_short_for_one_window(small_dir: Path, corpus_cache: Path) -> 
 
 def test_cli_corpus_info_bad_corpus_is_one_line_exit_2(tmp_path: Path, corpus_cache: Path) -> None:
     env = {**os.environ, "BPTT_HARNESS_CACHE": str(corpus_cache)}
-    proc = subprocess.run([sys.executable, "-m", "harness", "corpus", "info", "--corpus", str(tmp_path / "BAD")],
+    proc = subprocess.run([sys.executable, "-m", "bptt_harness", "corpus", "info", "--corpus", str(tmp_path / "BAD")],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stdout == ""
@@ -414,7 +414,7 @@ def test_cli_corpus_info_bad_corpus_is_one_line_exit_2(tmp_path: Path, corpus_ca
 
 
 def test_cli_corpus_info_prints_the_summary(small_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from harness.cli import main
+    from bptt_harness.cli import main
 
     assert main(["corpus", "info", "--corpus", str(small_dir), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)

@@ -19,9 +19,9 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from harness.cli import main
-from harness.record import trial_columns
-from harness.study import open_storage
+from bptt_harness.cli import main
+from bptt_harness.record import trial_columns
+from bptt_harness.study import open_storage
 
 WALLS = """
 name = "walls"
@@ -109,8 +109,8 @@ def test_checkpoints_are_intermediate_values_in_the_objective_unit(walls: optuna
 
 
 def test_a_study_from_before_named_objectives_keeps_its_units(tmp_path: Path) -> None:
-    from harness.config import parse_study
-    from harness.study import create_study, metric_names
+    from bptt_harness.config import parse_study
+    from bptt_harness.study import create_study, metric_names
 
     raw = {"name": "old", "sampler": "tpe", "objectives": ["val_ppl", "seconds_per_token"],
            "search": {"bptt": [4], "batch_size": [4]}}
@@ -124,8 +124,8 @@ def test_a_study_from_before_named_objectives_keeps_its_units(tmp_path: Path) ->
 
 
 def test_cost_values_are_in_the_csv_units_and_per_token_for_old_studies() -> None:
-    from harness.record import ProbeReport, TrialResult
-    from harness.study import cost_value
+    from bptt_harness.record import ProbeReport, TrialResult
+    from bptt_harness.study import cost_value
 
     r = TrialResult(tokens_per_s=2000.0, train_tokens=1000, probe=ProbeReport(energy_j=4.0, peak_mem_mib=100.0))
     assert cost_value(r, "seconds_per_token") == pytest.approx(0.5)   # seconds per 1k tokens

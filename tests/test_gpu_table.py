@@ -1,6 +1,6 @@
 """benchmarks/gpu_table.py (make gpu-table) over package features: a tiny CPU rehearsal end to end.
 
-The script is run as a user runs it (its own process); what it is made of (harness profile, the sweep's
+The script is run as a user runs it (its own process); what it is made of (bptt-harness profile, the sweep's
 --max-seconds plan, the report) is tested in the package's own tests.
 """
 

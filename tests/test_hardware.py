@@ -1,4 +1,4 @@
-"""Hardware fingerprint, device labels and ``harness doctor``."""
+"""Hardware fingerprint, device labels and ``bptt-harness doctor``."""
 
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ import socket
 import pytest
 import torch
 
-from harness.hardware import FINGERPRINT_KEYS, device_label, doctor_report, fingerprint, machine_id, slug
+from bptt_harness.hardware import FINGERPRINT_KEYS, device_label, doctor_report, fingerprint, machine_id, slug
 
 
 def test_fingerprint_is_the_records_hardware_and_says_what_this_machine_is():
-    from harness.record import Hardware, from_dict
+    from bptt_harness.record import Hardware, from_dict
 
     fp = fingerprint("cpu")
     assert tuple(fp) == FINGERPRINT_KEYS == tuple(f.name for f in dataclasses.fields(Hardware))
@@ -73,7 +73,7 @@ def test_doctor_says_the_cpu_probe_will_be_used():
 
 
 def test_doctor_cli_exits_zero(capsys):
-    from harness.cli import main
+    from bptt_harness.cli import main
 
     assert main(["doctor", "--device", "cpu"]) == 0
     assert "probe" in capsys.readouterr().out

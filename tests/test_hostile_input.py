@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 import studyfiles
 
-from harness.cli import main
+from bptt_harness.cli import main
 
 REPO = Path(__file__).resolve().parent.parent
 # Enough for Python and torch; far less than the sizes below would allocate, so code that tries
@@ -36,7 +36,7 @@ def _limit_memory() -> None:
 
 
 def corpus_info(source: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "harness", "corpus", "info", "--corpus", source], cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "bptt_harness", "corpus", "info", "--corpus", source], cwd=REPO,
                           capture_output=True, text=True, timeout=timeout, preexec_fn=_limit_memory)
 
 
@@ -67,7 +67,7 @@ def test_bad_synthetic_parameters_are_one_line(source: str, says: str, corpus_ca
 
 
 def test_scientific_notation_that_is_a_whole_number_is_accepted() -> None:
-    from harness.corpus import SyntheticSpec
+    from bptt_harness.corpus import SyntheticSpec
 
     assert SyntheticSpec.parse("synthetic:k=6,tokens=2e4").tokens == 20000
 
@@ -103,8 +103,8 @@ def test_a_split_that_is_a_fifo_or_socket_is_refused(tmp_path: Path, corpus_cach
 
 
 def test_what_is_read_from_a_corpus_file_is_capped(tmp_path: Path, corpus_cache: Path, monkeypatch) -> None:
-    import harness.corpus as corpus
-    from harness.errors import HarnessError
+    import bptt_harness.corpus as corpus
+    from bptt_harness.errors import HarnessError
 
     monkeypatch.setattr(corpus, "MAX_TEXT_BYTES", 4096)
     big = tmp_path / "big.txt"
@@ -134,10 +134,10 @@ def test_a_corpus_too_short_for_one_window_is_refused_before_it_is_cached(tmp_pa
 
 
 def test_the_corpus_fit_check_uses_the_largest_grid_point_not_the_range_high(tmp_path: Path) -> None:
-    from harness.config import load_study
-    from harness.corpus import load
-    from harness.errors import HarnessError
-    from harness.study import check_corpus_fits
+    from bptt_harness.config import load_study
+    from bptt_harness.corpus import load
+    from bptt_harness.errors import HarnessError
+    from bptt_harness.study import check_corpus_fits
 
     # Doublings 4, 8, 16, 32, 64 (high = 100 is never run); the train split holds 81 rows of 16: 65 fit, 101 not.
     corpus = "synthetic:k=4,vocab=6,noise=2,tokens=1300"
@@ -187,7 +187,7 @@ def test_the_study_description_is_in_the_report_header(tmp_path: Path) -> None:
 
 
 def test_most_common_error_is_the_most_common_kind_of_failure() -> None:
-    from harness.report.advice import _nothing_finished
+    from bptt_harness.report.advice import _nothing_finished
 
     trials = pd.DataFrame({
         "status": ["diverged", "diverged", "diverged", "timeout", "timeout"],

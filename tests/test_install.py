@@ -1,5 +1,5 @@
 """An install that does what the README says (issue 14, item 4): the Makefile's torch build per machine
-(read with ``make -n``, nothing installed), and ``harness doctor``'s check of the torch build against the
+(read with ``make -n``, nothing installed), and ``bptt-harness doctor``'s check of the torch build against the
 driver."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from harness.cli import main
-from harness.cuda_check import check_cuda_build, check_installed
+from bptt_harness.cli import main
+from bptt_harness.cuda_check import check_cuda_build, check_installed
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -22,7 +22,7 @@ import pytest
 import studyfiles
 from optuna.trial import TrialState
 
-from harness.cli import main
+from bptt_harness.cli import main
 
 REPO = Path(__file__).resolve().parent.parent
 PG = "127.0.0.1:5432/test"
@@ -54,7 +54,7 @@ def write_study(tmp_path: Path, name: str, **kw: object) -> Path:
 
 
 def run_cli(*args: str, timeout: float = 240, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "harness", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "bptt_harness", *args], capture_output=True, text=True,
                           timeout=timeout, cwd=REPO, env={**os.environ, **(env or {})})
 
 
@@ -103,7 +103,7 @@ def assert_results_clean(folder: Path) -> None:
 @pytest.mark.parametrize("password", list(PASSWORDS.values()), ids=list(PASSWORDS))
 @pytest.mark.parametrize("form", ["userinfo", "userinfo-readme-form", "query", "query-passwd"])
 def test_the_redactor_hides_every_password_form(password: str, form: str) -> None:
-    from harness.config import redact
+    from bptt_harness.config import redact
 
     url = url_forms(password)[form]
     shown = redact(url)
@@ -112,7 +112,7 @@ def test_the_redactor_hides_every_password_form(password: str, form: str) -> Non
 
 
 def test_the_redactor_leaves_urls_without_passwords_alone() -> None:
-    from harness.config import redact
+    from bptt_harness.config import redact
 
     for url in ("sqlite:////tmp/a@b:c/study.db", "journal:/tmp/x:y@z/journal.log",
                 "postgresql://postgres@127.0.0.1:5432/test", "postgresql://h/db?sslmode=require"):
@@ -120,7 +120,7 @@ def test_the_redactor_leaves_urls_without_passwords_alone() -> None:
 
 
 def test_error_text_is_scrubbed_of_every_encoding_of_the_password() -> None:
-    from harness.urls import scrub
+    from bptt_harness.urls import scrub
 
     url = url_forms("Kq9Za@Kq9Zb:Kq9Zc")["userinfo"]
     text = ("could not connect: password Kq9Za@Kq9Zb:Kq9Zc rejected, tried Kq9Za%40Kq9Zb%3AKq9Zc and "
@@ -129,9 +129,9 @@ def test_error_text_is_scrubbed_of_every_encoding_of_the_password() -> None:
 
 
 def test_there_is_one_redactor() -> None:
-    """No module but harness/urls.py defines a password redactor or its own URL password pattern."""
+    """No module but bptt_harness/urls.py defines a password redactor or its own URL password pattern."""
     offenders = []
-    for path in (REPO / "harness").rglob("*.py"):
+    for path in (REPO / "bptt_harness").rglob("*.py"):
         if path.name == "urls.py":
             continue
         text = path.read_text(encoding="utf-8")
@@ -198,7 +198,7 @@ def test_worker_command_lines_hold_no_password(tmp_path: Path) -> None:
     study_file = write_study(tmp_path, name, search="bptt = [4, 8, 12, 16]\nbatch_size = [2]", tokens=6000,
                              corpus_tokens=40000)
     results = tmp_path / "results"
-    proc = subprocess.Popen([sys.executable, "-m", "harness", "sweep", str(study_file), "--results-dir", str(results),
+    proc = subprocess.Popen([sys.executable, "-m", "bptt_harness", "sweep", str(study_file), "--results-dir", str(results),
                              "--workers", "2", "--storage", url], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     seen: list[str] = []
@@ -241,14 +241,14 @@ def test_a_password_in_the_study_file_is_not_copied_into_the_storage(tmp_path: P
 
 
 def test_a_traceback_never_shows_the_password(tmp_path: Path, capsys, monkeypatch) -> None:
-    import harness.study
+    import bptt_harness.study
 
     url = url_forms(PASSWORDS["space"])["userinfo"]
 
     def bug(*args, **kwargs):
         raise RuntimeError(f"unexpected failure while opening {url}")
 
-    monkeypatch.setattr(harness.study, "prepare", bug)
+    monkeypatch.setattr(bptt_harness.study, "prepare", bug)
     study_file = write_study(tmp_path, "bug")
     assert main(["sweep", str(study_file), "--results-dir", str(tmp_path / "r"), "--storage", url]) == 1
     err = capsys.readouterr().err
@@ -283,7 +283,7 @@ def test_the_readme_postgresql_url_form_opens_the_same_study_as_the_psycopg2_for
 # --------------------------------------------------------------------------- the resume hint
 
 def _states(storage: str, name: str) -> list[TrialState]:
-    from harness.study import open_storage
+    from bptt_harness.study import open_storage
 
     try:
         return [t.state for t in optuna.load_study(study_name=name, storage=open_storage(storage)).get_trials()]
@@ -292,8 +292,8 @@ def _states(storage: str, name: str) -> list[TrialState]:
 
 
 def _interrupt_mid_trial(args: list[str], storage: str, name: str) -> str:
-    """Start ``harness sweep ARGS``, Ctrl-C it during its second trial, return its stderr."""
-    proc = subprocess.Popen([sys.executable, "-m", "harness", *args], cwd=REPO, stdout=subprocess.PIPE,
+    """Start ``bptt-harness sweep ARGS``, Ctrl-C it during its second trial, return its stderr."""
+    proc = subprocess.Popen([sys.executable, "-m", "bptt_harness", *args], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 180
@@ -315,7 +315,7 @@ def _interrupt_mid_trial(args: list[str], storage: str, name: str) -> str:
 
 
 def _hint(err: str) -> list[str]:
-    m = re.search(r"Resume with: (.*?harness sweep .*?)(?: \(|$)", err, re.M)
+    m = re.search(r"Resume with: (.*?bptt-harness sweep .*?)(?: \(|$)", err, re.M)
     assert m, err
     return shlex.split(m.group(1))
 
@@ -329,8 +329,8 @@ def test_the_resume_hint_names_the_storage_and_results_folder_and_resumes(tmp_pa
     err = _interrupt_mid_trial(["sweep", str(study_file), "--results-dir", str(results), "--storage", journal,
                                 "--no-report"], journal, name)
     hint = _hint(err)
-    assert hint[:2] == ["harness", "sweep"] and "--results-dir" in hint and "--storage" in hint, hint
-    done = run_cli(*hint[1:], timeout=300)  # exactly what it says, after 'harness'
+    assert hint[:2] == ["bptt-harness", "sweep"] and "--results-dir" in hint and "--storage" in hint, hint
+    done = run_cli(*hint[1:], timeout=300)  # exactly what it says, after the command
     assert done.returncode == 0, done.stderr
     assert "already done" in done.stderr and not (results / name / "study.db").exists()
     assert _states(journal, name).count(TrialState.COMPLETE) == 3

@@ -11,14 +11,14 @@ from pathlib import Path
 import optuna
 import pytest
 
-from harness.cli import main
-from harness.config import parse_study
-from harness.errors import HarnessError
-from harness.lr import LrRule, pick, short_train
-from harness.report.build import build
-from harness.report.frame import records_to_frame
-from harness.spec import TrainConfig
-from harness.study import open_storage, trial_spec
+from bptt_harness.cli import main
+from bptt_harness.config import parse_study
+from bptt_harness.errors import HarnessError
+from bptt_harness.lr import LrRule, pick, short_train
+from bptt_harness.report.build import build
+from bptt_harness.report.frame import records_to_frame
+from bptt_harness.spec import TrainConfig
+from bptt_harness.study import open_storage, trial_spec
 
 BASE = {"name": "lr", "corpus": {"source": "synthetic:k=4,vocab=6,noise=2,tokens=8000"},
         "train": {"lr": 20.0}, "search": {"bptt": [10, 35, 140], "batch_size": [5, 20, 80]}}

@@ -12,9 +12,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from harness.errors import HarnessError
-from harness.record import ProbeReport
-from harness.probe import (
+from bptt_harness.errors import HarnessError
+from bptt_harness.record import ProbeReport
+from bptt_harness.probe import (
     CpuSource, NvmlSource, NvmlUnavailable, Probe, Rapl, Sample, energy_estimate, make_probe,
     nvml_handle, nvml_target, rapl_delta,
 )
@@ -177,7 +177,7 @@ def test_a_failing_reading_is_logged_once_and_sampling_goes_on(caplog):
             return Sample(mem_used_mib=float(self.n))
 
     src = Flaky()
-    with caplog.at_level(logging.WARNING, logger="harness.probe"):
+    with caplog.at_level(logging.WARNING, logger="bptt_harness.probe"):
         with Probe(src, "cpu", interval_ms=1) as probe:
             deadline = time.monotonic() + 5
             while src.n < 10 and time.monotonic() < deadline:
@@ -207,7 +207,7 @@ def test_cpu_probe_sees_a_real_allocation():
 
 def test_nvml_import_failure_falls_back_with_logged_reason(monkeypatch, caplog):
     monkeypatch.setitem(sys.modules, "pynvml", None)  # makes `import pynvml` raise ImportError
-    with caplog.at_level(logging.WARNING, logger="harness.probe"):
+    with caplog.at_level(logging.WARNING, logger="bptt_harness.probe"):
         probe = make_probe("cuda:0")
     assert probe.kind == "cpu" and "cannot be imported" in probe.fallback_reason
     assert any("using the CPU probe" in m and "cannot be imported" in m for m in caplog.messages)
@@ -221,7 +221,7 @@ def test_nvml_init_failure_falls_back_with_logged_reason(monkeypatch, caplog):
         raise pynvml.NVMLError(pynvml.NVML_ERROR_DRIVER_NOT_LOADED)
 
     monkeypatch.setattr(pynvml, "nvmlInit", fail)
-    with caplog.at_level(logging.WARNING, logger="harness.probe"):
+    with caplog.at_level(logging.WARNING, logger="bptt_harness.probe"):
         probe = make_probe("cuda")
     assert probe.kind == "cpu" and probe.fallback_reason.startswith("nvmlInit failed")
     assert any("nvmlInit failed" in m for m in caplog.messages)
@@ -387,9 +387,9 @@ def test_rapl_absent_or_unreadable_is_none(tmp_path):
 # --------------------------------------------------------------------------- with the trainer
 
 def test_run_trial_fills_probe_with_documented_keys(one_thread):
-    from harness.corpus import load
-    from harness.model import ModelConfig
-    from harness.trainer import TrainConfig, TrialSpec, run_trial
+    from bptt_harness.corpus import load
+    from bptt_harness.model import ModelConfig
+    from bptt_harness.trainer import TrainConfig, TrialSpec, run_trial
 
     corpus = load("synthetic:k=8,tokens=20000")
     spec = TrialSpec(bptt=16, batch_size=8, model=ModelConfig(emsize=16, nhid=16, layers=1, dropout=0.0),
@@ -450,7 +450,7 @@ def good_rows():
 
 
 def test_gpu_check_rules():
-    from harness.probe import telemetry_problems
+    from bptt_harness.probe import telemetry_problems
 
     assert telemetry_problems(good_rows(), idle_mib=500.0, gpu=True) == []
 

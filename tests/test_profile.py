@@ -1,4 +1,4 @@
-"""harness profile: the memory and speed map, the wall per bptt, and what the sweep does with it."""
+"""bptt-harness profile: the memory and speed map, the wall per bptt, and what the sweep does with it."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from harness.cli import main
-from harness.profile import ProfileRow, doesnt_fit, find_max_fitting, plan_tokens, walls_table
+from bptt_harness.cli import main
+from bptt_harness.profile import ProfileRow, doesnt_fit, find_max_fitting, plan_tokens, walls_table
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -76,7 +76,7 @@ def test_plan_tokens_from_rates_setup_and_validation():
     assert tokens == pytest.approx(10_000, abs=2)
     with pytest.raises(Exception, match="leaves"):
         plan_tokens(df, [(10, 10), (20, 10)], max_seconds=5, checkpoints=2)
-    with pytest.raises(Exception, match="harness profile"):
+    with pytest.raises(Exception, match="bptt-harness profile"):
         plan_tokens(df, [(10, 10), (40, 10)], max_seconds=100, checkpoints=2)
 
 
@@ -102,18 +102,18 @@ def test_profile_maps_every_cell_and_finds_the_wall_under_a_cpu_cap(tmp_path, ca
 
 
 def test_sweep_skips_a_cell_the_profile_says_cannot_fit(tmp_path, monkeypatch):
-    import harness.trainer
+    import bptt_harness.trainer
 
     path, results = study(tmp_path, bs="[4, 512]"), tmp_path / "results"
     assert main(["profile", str(path), "--results-dir", str(results), "--wall", "no"]) == 0
     trained: list[tuple[int, int]] = []
-    original = harness.trainer.run_trial
+    original = bptt_harness.trainer.run_trial
 
     def spy(spec, *a, **k):
         trained.append((spec.bptt, spec.batch_size))
         return original(spec, *a, **k)
 
-    monkeypatch.setattr(harness.trainer, "run_trial", spy)
+    monkeypatch.setattr(bptt_harness.trainer, "run_trial", spy)
     assert main(["sweep", str(path), "--results-dir", str(results)]) == 0
     rows = {(int(r["bptt"]), int(r["batch_size"])): r for r in csv.DictReader(open(results / "prof" / "trials.csv"))}
     assert rows[(20, 512)]["status"] == "oom" and "not trained" in rows[(20, 512)]["error"]
@@ -127,7 +127,7 @@ def test_max_seconds_plans_the_budget_and_keeps_the_sweep_under_it(tmp_path, cap
     limit = 20.0
     assert main(["sweep", str(path), "--results-dir", str(results), "--max-seconds", str(limit), "--no-report"]) == 0
     assert "planned from profile.csv" in capsys.readouterr().err
-    from harness.report import generate
+    from bptt_harness.report import generate
 
     paths = generate(results / "prof")
     rows = list(csv.DictReader(open(paths.csv)))

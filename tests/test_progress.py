@@ -8,8 +8,8 @@ from types import SimpleNamespace
 import pytest
 from rich.progress import Progress, TimeRemainingColumn
 
-from harness.progress import Eta, EtaColumn
-from harness.study_cli import Display
+from bptt_harness.progress import Eta, EtaColumn
+from bptt_harness.study_cli import Display
 
 
 class Clock:

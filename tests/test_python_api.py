@@ -1,4 +1,4 @@
-"""The Python API (issue 14, item 2): load_results, run_study, run_trial from ``import harness``, and a
+"""The Python API (issue 14, item 2): load_results, run_study, run_trial from ``import bptt_harness``, and a
 user's own model from ``[model] factory`` (the models are defined right here)."""
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ import pytest
 import torch
 from torch import nn
 
-import harness
-from harness.cli import main
-from harness.config import parse_study
-from harness.errors import HarnessError
-from harness.model import check_model
-from harness.spec import ModelConfig
+import bptt_harness
+from bptt_harness.cli import main
+from bptt_harness.config import parse_study
+from bptt_harness.errors import HarnessError
+from bptt_harness.model import check_model
+from bptt_harness.spec import ModelConfig
 
 REPO = Path(__file__).resolve().parents[1]
 FACTORY = f"{__name__}:tiny_gru"
@@ -98,31 +98,31 @@ NOT_CALLABLE = 3
 
 
 def test_load_results_gives_the_rows_of_trials_csv(smoke_results: Path) -> None:
-    df = harness.load_results(smoke_results)
+    df = bptt_harness.load_results(smoke_results)
     text = (smoke_results / "trials.csv").read_text()
     assert len(df) == 4 and list(df.columns) == list(pd.read_csv(smoke_results / "trials.csv").columns)
     assert df.to_csv(index=False, lineterminator="\n") == text  # the same rows, cell for cell
-    by_url = harness.load_results(f"sqlite:///{smoke_results / 'study.db'}")
+    by_url = bptt_harness.load_results(f"sqlite:///{smoke_results / 'study.db'}")
     assert by_url.to_csv(index=False, lineterminator="\n") == text
 
 
 def test_load_results_of_a_missing_folder_is_one_line(tmp_path: Path) -> None:
     with pytest.raises(HarnessError, match="does not exist") as e:
-        harness.load_results(tmp_path / "nothing")
+        bptt_harness.load_results(tmp_path / "nothing")
     assert "\n" not in str(e.value)
 
 
 def test_importing_harness_loads_no_torch_and_changes_no_setting() -> None:
-    code = ("import os, sys; before = dict(os.environ); import harness; f = harness.load_results; "
+    code = ("import os, sys; before = dict(os.environ); import bptt_harness; f = bptt_harness.load_results; "
             "assert dict(os.environ) == before; print('torch' in sys.modules, callable(f))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
     assert out.stdout.split() == ["False", "True"]
 
 
 def test_run_trial_from_the_package(one_thread: None, syn) -> None:
-    spec = harness.TrialSpec(bptt=8, batch_size=4, model=harness.ModelConfig(emsize=8, nhid=8, layers=1, dropout=0.0),
-                             train=harness.TrainConfig(optimizer="adamw", lr=0.01, tokens=1000, checkpoints=1))
-    result = harness.run_trial(spec, syn, "cpu")
+    spec = bptt_harness.TrialSpec(bptt=8, batch_size=4, model=bptt_harness.ModelConfig(emsize=8, nhid=8, layers=1, dropout=0.0),
+                             train=bptt_harness.TrainConfig(optimizer="adamw", lr=0.01, tokens=1000, checkpoints=1))
+    result = bptt_harness.run_trial(spec, syn, "cpu")
     assert result.status == "ok" and result.train_tokens == 1000 and math.isfinite(result.val_ppl)
 
 
@@ -130,16 +130,16 @@ def test_run_study_trains_a_users_own_model(tmp_path: Path, one_thread: None) ->
     study_file = tmp_path / "own-model.toml"
     study_file.write_text(STUDY.format(factory=FACTORY))
     config = parse_study(tomllib.loads(study_file.read_text()), study_file)
-    paths = harness.run_study(config, results_dir=tmp_path / "results", quiet=True)
+    paths = bptt_harness.run_study(config, results_dir=tmp_path / "results", quiet=True)
     assert paths.html == tmp_path / "results" / "own-model" / "report.html" and paths.html.is_file()
-    df = harness.load_results(paths.html.parent)
+    df = bptt_harness.load_results(paths.html.parent)
     assert len(df) == 2 and set(df["status"]) == {"ok"}
     assert set(df["model"]) == {FACTORY}  # the report names the user's model
     ntoken = int(df["vocab_size"].iloc[0])
     assert set(df["n_params"]) == {sum(p.numel() for p in TinyGRU(ModelConfig(emsize=8, nhid=12), ntoken).parameters())}
     # The study file's path works too; a finished study trains nothing more.
-    again = harness.run_study(study_file, results_dir=tmp_path / "results", quiet=True)
-    assert again.csv == paths.csv and len(harness.load_results(paths.html.parent)) == 2
+    again = bptt_harness.run_study(study_file, results_dir=tmp_path / "results", quiet=True)
+    assert again.csv == paths.csv and len(bptt_harness.load_results(paths.html.parent)) == 2
 
 
 def test_harness_trial_runs_a_users_own_model(capsys: pytest.CaptureFixture[str]) -> None:
@@ -150,7 +150,7 @@ def test_harness_trial_runs_a_users_own_model(capsys: pytest.CaptureFixture[str]
             "--tokens", "1000", "--checkpoints", "1", "--device", "cpu", "--no-probe", "--json"]
     assert main(args) == 0
     result = json.loads(capsys.readouterr().out)
-    vocab = harness.load_corpus("synthetic:k=4,vocab=6,tokens=5000").vocab_size
+    vocab = bptt_harness.load_corpus("synthetic:k=4,vocab=6,tokens=5000").vocab_size
     assert result["status"] == "ok"
     assert result["n_params"] == sum(p.numel() for p in TinyGRU(ModelConfig(emsize=8, nhid=8), vocab).parameters())
 

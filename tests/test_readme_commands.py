@@ -24,9 +24,9 @@ def commands(markdown: str) -> list[str]:
 
 
 def test_readme_commands_use_the_venv() -> None:
-    bare = re.compile(rf"(?<![\w/.-])harness ({SUBCOMMANDS}) \S")
+    bare = re.compile(rf"(?<![\w/.-])bptt-harness ({SUBCOMMANDS}) \S")
     lines = commands((REPO / "README.md").read_text())
-    assert any(".venv/bin/harness sweep" in c for c in lines)
+    assert any(".venv/bin/bptt-harness sweep" in c for c in lines)
     assert [c for c in lines if bare.search(c)] == []
 
 
@@ -44,13 +44,13 @@ def test_results_readme_points_at_the_column_docs() -> None:
     assert "top-level README" not in text
     for target in re.findall(r"\]\((\.\./[^)#]+)", text):
         assert (REPO / "results" / target).resolve().is_file(), target
-    assert "harness/report/README.md" in text
+    assert "bptt_harness/report/README.md" in text
 
 
 def test_compare_examples_match_the_published_layout() -> None:
     studies = {p.stem for p in (REPO / "studies").glob("*.toml")}
-    for doc in ("README.md", "harness/report/README.md"):
-        lines = [c for c in commands((REPO / doc).read_text()) if re.search(r"harness compare results/", c)]
+    for doc in ("README.md", "bptt_harness/report/README.md"):
+        lines = [c for c in commands((REPO / doc).read_text()) if re.search(r"bptt-harness compare results/", c)]
         assert lines, doc
         for line in lines:
             paths = re.findall(r"results/published/\S+", line)

@@ -8,7 +8,7 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from harness.cli import main
+from bptt_harness.cli import main
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -95,7 +95,7 @@ def _run(argv: list[str]) -> int:
 def test_nothing_is_loaded_with_unrestricted_pickle() -> None:
     """No pickle, and torch.load only with weights_only=True, anywhere in the package or benchmarks."""
     offenders = []
-    for path in list((REPO / "harness").rglob("*.py")) + list((REPO / "benchmarks").rglob("*.py")):
+    for path in list((REPO / "bptt_harness").rglob("*.py")) + list((REPO / "benchmarks").rglob("*.py")):
         text = path.read_text(encoding="utf-8")
         if re.search(r"^\s*(import pickle|from pickle|import dill|import cloudpickle)", text, re.M):
             offenders.append(f"{path}: imports pickle")

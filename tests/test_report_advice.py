@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 
-from harness.report.build import build
-from harness.report.frame import records_to_frame
+from bptt_harness.report.build import build
+from bptt_harness.report.frame import records_to_frame
 
 
 def rec(bptt: int, bs: int, ppl: float | None = None, tps: float | None = None, *, status: str = "ok",

@@ -1,4 +1,4 @@
-"""``harness compare``: two result sets from machines with different hardware fingerprints."""
+"""``bptt-harness compare``: two result sets from machines with different hardware fingerprints."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from harness.cli import main
-from harness.errors import HarnessError
-from harness.report.compare import compare_frames, generate_compare
-from harness.report.frame import records_to_frame
+from bptt_harness.cli import main
+from bptt_harness.errors import HarnessError
+from bptt_harness.report.compare import compare_frames, generate_compare
+from bptt_harness.report.frame import records_to_frame
 from synthetic import SyntheticLaw, synthetic_records, write_optuna_study
 
 

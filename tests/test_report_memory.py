@@ -7,10 +7,10 @@ import math
 import numpy as np
 import pytest
 
-from harness.report.frame import records_to_frame
-from harness.report.memory import (CARDS_MIB, card_table, fit_linear, fit_memory, leave_one_out_pct, make_fit,
+from bptt_harness.report.frame import records_to_frame
+from bptt_harness.report.memory import (CARDS_MIB, card_table, fit_linear, fit_memory, leave_one_out_pct, make_fit,
                                    memory_wall)
-from harness.trainer import cuda_pool_fraction
+from bptt_harness.trainer import cuda_pool_fraction
 from synthetic import SyntheticLaw, synthetic_records
 
 

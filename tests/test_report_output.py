@@ -13,21 +13,21 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-import harness.fileio as report_io
-from harness.cli import main
-from harness.errors import HarnessError
-from harness.report import generate, generate_from_records
-from harness.report.frame import CONFIG_COLUMNS, TRIAL_COLUMNS
-from harness.urls import redact as redact_url, scrub
+import bptt_harness.fileio as report_io
+from bptt_harness.cli import main
+from bptt_harness.errors import HarnessError
+from bptt_harness.report import generate, generate_from_records
+from bptt_harness.report.frame import CONFIG_COLUMNS, TRIAL_COLUMNS
+from bptt_harness.urls import redact as redact_url, scrub
 from synthetic import synthetic_records, write_optuna_study
 
-README = Path(__file__).resolve().parents[1] / "harness" / "report" / "README.md"
+README = Path(__file__).resolve().parents[1] / "bptt_harness" / "report" / "README.md"
 PASSWORD = "s3cr3t-Pa55"
 
 
 def make_results(tmp_path: Path, name: str = "small", *, storage: str = "sqlite", records: list[dict] | None = None,
                  extra: tuple[str, ...] = ("FAIL", "RUNNING")) -> Path:
-    """A results folder as 'harness sweep' leaves it: study.json plus the storage file."""
+    """A results folder as 'bptt-harness sweep' leaves it: study.json plus the storage file."""
     folder = tmp_path / "results" / name
     folder.mkdir(parents=True)
     if storage == "sqlite":
@@ -206,7 +206,7 @@ def test_storage_display_in_html_is_redacted(tmp_path: Path):
 
 @pytest.mark.parametrize("case, pattern", [
     ("missing", r"results folder '.*nope' does not exist; pass results/<study>"),
-    ("no_json", r"has no study.json; pass a folder written by 'harness sweep'"),
+    ("no_json", r"has no study.json; pass a folder written by 'bptt-harness sweep'"),
     ("file", r"is a file, not a results folder"),
     ("corrupt", r"is not an SQLite database \(corrupted or another file\)"),
     ("unknown_name", r"study 'nope' is not in storage sqlite:///.*; it holds: small"),
@@ -248,13 +248,13 @@ def test_empty_study_is_an_error(tmp_path: Path):
 
 
 def test_study_file_source_uses_the_config_module(tmp_path: Path, results: Path, monkeypatch):
-    """A .toml source: ``harness.config.load_study(path)`` gives ``.name``, ``.results_dir``, ``.storage_url``."""
+    """A .toml source: ``bptt_harness.config.load_study(path)`` gives ``.name``, ``.results_dir``, ``.storage_url``."""
     study_file = tmp_path / "small.toml"
     study_file.write_text('name = "small"\n')
     url = json.loads((results / "study.json").read_text())["storage"]
-    fake = types.ModuleType("harness.config")
+    fake = types.ModuleType("bptt_harness.config")
     fake.load_study = lambda path: types.SimpleNamespace(name="small", results_dir=results, storage_url=url)
-    monkeypatch.setitem(sys.modules, "harness.config", fake)
+    monkeypatch.setitem(sys.modules, "bptt_harness.config", fake)
     paths = generate(study_file)
     assert paths.html == results / "report.html" and paths.html.exists()
 
@@ -263,14 +263,14 @@ def test_report_of_records_from_several_machines_notes_it(tmp_path: Path):
     recs = synthetic_records(bptts=(35,), batch_sizes=(20, 40), machine_id="a") + \
         synthetic_records(bptts=(70,), batch_sizes=(20, 40), machine_id="b")
     paths = generate_from_records(recs, study_name="mixed", out_dir=tmp_path)
-    assert "harness compare" in paths.summary
+    assert "bptt-harness compare" in paths.summary
 
 
 def test_readme_column_tables_are_generated_from_the_schema():
     """The README's trials.csv and configs.csv tables are exactly what the schema generates."""
-    from harness.record import columns_markdown
-    from harness.report.frame import configs_markdown
+    from bptt_harness.record import columns_markdown
+    from bptt_harness.report.frame import configs_markdown
 
     doc = README.read_text()
-    assert columns_markdown() in doc, "run `python -m harness.record` and paste the tables into the README"
-    assert configs_markdown() in doc, "run `python -m harness.record` and paste the tables into the README"
+    assert columns_markdown() in doc, "run `python -m bptt_harness.record` and paste the tables into the README"
+    assert configs_markdown() in doc, "run `python -m bptt_harness.record` and paste the tables into the README"

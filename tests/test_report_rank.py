@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from harness.report.frame import aggregate_configs, records_to_frame
-from harness.report.rank import (dominance_matrix, equal_time_ranking, pareto_ranks, pareto_ranks_2d, ppl_at,
+from bptt_harness.report.frame import aggregate_configs, records_to_frame
+from bptt_harness.report.rank import (dominance_matrix, equal_time_ranking, pareto_ranks, pareto_ranks_2d, ppl_at,
                                  rank_configs)
 
 

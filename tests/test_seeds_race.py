@@ -11,13 +11,13 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from harness.cli import main
-from harness.config import load_study
-from harness.race import RACE_KEY, Standing, plan_round
-from harness.report.build import build
-from harness.report.frame import records_to_frame
-from harness.seeds import Z, pooled_cv, standard_error, tied
-from harness.study import Objective, open_storage, prepare
+from bptt_harness.cli import main
+from bptt_harness.config import load_study
+from bptt_harness.race import RACE_KEY, Standing, plan_round
+from bptt_harness.report.build import build
+from bptt_harness.report.frame import records_to_frame
+from bptt_harness.seeds import Z, pooled_cv, standard_error, tied
+from bptt_harness.study import Objective, open_storage, prepare
 
 
 def test_pooled_noise_standard_error_and_ties_by_hand() -> None:
@@ -110,9 +110,9 @@ def test_a_race_reruns_the_leaders_with_new_seeds_within_its_budget(tmp_path: Pa
 
 
 def test_a_resumed_study_may_change_its_race_but_not_its_lr_rule(tmp_path: Path) -> None:
-    from harness.config import parse_study
-    from harness.errors import HarnessError
-    from harness.study import create_study
+    from bptt_harness.config import parse_study
+    from bptt_harness.errors import HarnessError
+    from bptt_harness.study import create_study
 
     base = {"name": "r", "sampler": "grid", "corpus": {"source": "synthetic:k=4,vocab=6,noise=2,tokens=8000"},
             "search": {"bptt": [4], "batch_size": [4]}, "race": {"trials": 2}, "lr": {"rule": "sqrt"}}
@@ -165,7 +165,7 @@ def test_single_seed_configurations_are_labelled_and_borrow_the_pooled_noise() -
     assert c.at["bptt=35,batch_size=5", "val_ppl_se"] == pytest.approx(2.0 / math.sqrt(3))
     html = rep.ranking.table
     assert list(html["single_seed"]) == [False, True]
-    from harness.report.html import render
+    from bptt_harness.report.html import render
 
     assert "1 (single-seed)" in render(rep)
 

@@ -28,7 +28,7 @@ def write_study(tmp_path: Path, name: str) -> Path:
 
 
 def run_cli(*args: str, timeout: float = 240, preexec_fn=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "harness", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "bptt_harness", *args], capture_output=True, text=True,
                           timeout=timeout, cwd=REPO, preexec_fn=preexec_fn)
 
 
@@ -202,8 +202,8 @@ RACE = textwrap.dedent("""
     import sys, time
     from pathlib import Path
     from sqlalchemy.dialects.sqlite.base import SQLiteDialect
-    from harness.errors import HarnessError
-    from harness.study import open_storage
+    from bptt_harness.errors import HarnessError
+    from bptt_harness.study import open_storage
 
     # Widen the window between "is there a table?" and "CREATE TABLE", where two processes collide.
     real = SQLiteDialect.has_table

@@ -16,8 +16,8 @@ import pytest
 from optuna.trial import TrialState
 from studyfiles import write_study
 
-from harness.cli import main
-from harness.study import open_storage, progress
+from bptt_harness.cli import main
+from bptt_harness.study import open_storage, progress
 
 REPO = Path(__file__).resolve().parent.parent
 STUDIES = REPO / "studies"
@@ -34,7 +34,7 @@ def sqlite_url(results: Path, name: str) -> str:
 
 
 def run_cli(*args: str, timeout: float = 240, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "harness", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "bptt_harness", *args], capture_output=True, text=True,
                           timeout=timeout, cwd=REPO, env={**os.environ, **(env or {})})
 
 
@@ -110,7 +110,7 @@ def test_canonical_configuration_runs_first(tmp_path: Path) -> None:
 
 
 def test_unexpected_exception_and_timeout_do_not_stop_the_sweep(tmp_path: Path, monkeypatch) -> None:
-    import harness.trainer as trainer
+    import bptt_harness.trainer as trainer
 
     real = trainer._train_and_eval
 
@@ -162,7 +162,7 @@ def test_sigkill_mid_trial_then_resume(tmp_path: Path) -> None:
     results = tmp_path / "results"
     url = sqlite_url(results, "killed")
     args = ["sweep", str(study_file), "--results-dir", str(results), "--no-report"]
-    proc = subprocess.Popen([sys.executable, "-m", "harness", *args], cwd=REPO, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen([sys.executable, "-m", "bptt_harness", *args], cwd=REPO, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     try:
         _wait_for(lambda: _states(url, "killed").count(TrialState.COMPLETE) >= 1
@@ -192,7 +192,7 @@ def test_sigint_marks_the_trial_and_exits_130(tmp_path: Path) -> None:
     results = tmp_path / "results"
     url = sqlite_url(results, "interrupted")
     args = ["sweep", str(study_file), "--results-dir", str(results)]
-    proc = subprocess.Popen([sys.executable, "-m", "harness", *args], cwd=REPO, stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", "bptt_harness", *args], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
         # Interrupt the second trial, so there is a finished one to report.
@@ -205,7 +205,7 @@ def test_sigint_marks_the_trial_and_exits_130(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 130
-    assert "Resume with: harness sweep" in err and "Traceback" not in err
+    assert "Resume with: bptt-harness sweep" in err and "Traceback" not in err
     # The report covers what finished before the interrupt.
     assert (results / "interrupted" / "report.html").is_file()
     assert "bptt" in (results / "interrupted" / "trials.csv").read_text()
@@ -370,9 +370,9 @@ def test_an_extended_grid_is_picked_up_on_resume(tmp_path: Path) -> None:
 def test_a_worker_that_finds_the_grid_queue_empty_trains_nothing(tmp_path: Path) -> None:
     """Another worker took the last queued point between our check and Optuna's ask: the extra trial is
     marked spurious, trains nothing, and neither progress nor the report counts it."""
-    from harness.config import load_study
-    from harness.report import generate
-    from harness.study import Objective, prepare
+    from bptt_harness.config import load_study
+    from bptt_harness.report import generate
+    from bptt_harness.study import Objective, prepare
 
     study_file = write_study(tmp_path, "race", search="bptt = [4]\nbatch_size = [2]")
     results = tmp_path / "results"
@@ -387,7 +387,7 @@ def test_a_worker_that_finds_the_grid_queue_empty_trains_nothing(tmp_path: Path)
 
 
 def test_a_retry_queued_twice_runs_once(tmp_path: Path) -> None:
-    from harness.study import retry_trial
+    from bptt_harness.study import retry_trial
 
     study_file = write_study(tmp_path, "twice", search="bptt = [4, 8]\nbatch_size = [2]")
     results = tmp_path / "results"
@@ -407,8 +407,8 @@ def test_a_retry_queued_twice_runs_once(tmp_path: Path) -> None:
     (dup,) = [t for t in runs if "record" not in t.user_attrs]
     assert dup.state == TrialState.WAITING or dup.user_attrs.get("spurious")
     assert progress(study).done == 2
-    from harness.config import load_study
-    from harness.study import Objective, prepare
+    from bptt_harness.config import load_study
+    from bptt_harness.study import Objective, prepare
 
     worker = load(url, "twice")
     config = load_study(study_file, results_root=results)

@@ -9,12 +9,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from harness.report import generate_from_records
-from harness.report.advice import Advice
-from harness.report.build import build
-from harness.report.frame import records_to_frame
-from harness.report.html import esc
-from harness.report.summary import summary
+from bptt_harness.report import generate_from_records
+from bptt_harness.report.advice import Advice
+from bptt_harness.report.build import build
+from bptt_harness.report.frame import records_to_frame
+from bptt_harness.report.html import esc
+from bptt_harness.report.summary import summary
 from synthetic import synthetic_records
 
 

@@ -1,4 +1,4 @@
-"""harness.trainer.run_trial: learning, the known answer, every way a trial ends, budgets, speed rules (issue 3)."""
+"""bptt_harness.trainer.run_trial: learning, the known answer, every way a trial ends, budgets, speed rules (issue 3)."""
 
 from __future__ import annotations
 
@@ -19,10 +19,10 @@ from typing import Any
 import pytest
 import torch
 
-from harness.corpus import Corpus, CorpusSpec, load
-from harness.errors import HarnessError
-from harness.model import ModelConfig, RNNModel, count_params
-from harness.trainer import TrainConfig, TrialResult, TrialSpec, run_trial
+from bptt_harness.corpus import Corpus, CorpusSpec, load
+from bptt_harness.errors import HarnessError
+from bptt_harness.model import ModelConfig, RNNModel, count_params
+from bptt_harness.trainer import TrainConfig, TrialResult, TrialSpec, run_trial
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ModelConfig(emsize=16, nhid=16, layers=1, dropout=0.0)
@@ -328,16 +328,16 @@ def test_metrics_are_filled(syn: Corpus) -> None:
 
 
 def test_variable_bptt_runs_and_keeps_the_budget(syn: Corpus, monkeypatch: pytest.MonkeyPatch) -> None:
-    import harness.trainer
+    import bptt_harness.trainer
 
     lengths: list[int] = []
-    original = harness.trainer.get_batch
+    original = bptt_harness.trainer.get_batch
 
     def recording(matrix: torch.Tensor, i: int, seq_len: int) -> Any:
         lengths.append(seq_len)
         return original(matrix, i, seq_len)
 
-    monkeypatch.setattr(harness.trainer, "get_batch", recording)
+    monkeypatch.setattr(bptt_harness.trainer, "get_batch", recording)
     r = trial(syn, bptt=35, variable_bptt=True, tokens=12_000, log_every=5)
     assert r.status == "ok" and r.train_tokens == 12_000
     assert len(set(lengths[:-1])) > 3  # the windows varied (the last one is cut to the budget)
@@ -479,7 +479,7 @@ def test_checkpoint_callback_time_is_not_training_time(syn: Corpus) -> None:
 
 
 def test_cpu_memory_cap_does_not_count_the_weights_twice(syn: Corpus) -> None:
-    from harness.trainer import _CpuMemoryCap
+    from bptt_harness.trainer import _CpuMemoryCap
 
     model = RNNModel(TINY, syn.vocab_size)
     ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}

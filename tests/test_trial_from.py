@@ -1,5 +1,5 @@
-"""Re-run one row (issue 14, item 3): ``harness trial --from results/<study> --config ...`` trains that
-configuration with the study's settings, and ``harness trial`` takes every study key under its own name."""
+"""Re-run one row (issue 14, item 3): ``bptt-harness trial --from results/<study> --config ...`` trains that
+configuration with the study's settings, and ``bptt-harness trial`` takes every study key under its own name."""
 
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from harness import trial_cli
-from harness.cli import build_parser, main
-from harness.corpus import CorpusSpec
-from harness.errors import HarnessError
-from harness.spec import ModelConfig, TrainConfig
+from bptt_harness import trial_cli
+from bptt_harness.cli import build_parser, main
+from bptt_harness.corpus import CorpusSpec
+from bptt_harness.errors import HarnessError
+from bptt_harness.spec import ModelConfig, TrainConfig
 
 
 def trial_parser() -> argparse.ArgumentParser:
@@ -137,10 +137,10 @@ def test_setup_refuses_a_bad_memory_budget() -> None:
 
 
 def test_building_the_command_line_loads_no_torch() -> None:
-    """The trial options come from the [corpus] keys too: ``harness report`` must not wait for torch."""
+    """The trial options come from the [corpus] keys too: ``bptt-harness report`` must not wait for torch."""
     import subprocess
     import sys
 
-    code = "import sys, harness.cli; harness.cli.build_parser(); print('torch' in sys.modules)"
+    code = "import sys, bptt_harness.cli; bptt_harness.cli.build_parser(); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

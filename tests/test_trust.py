@@ -21,14 +21,14 @@ import numpy as np
 import pytest
 import torch
 
-from harness.batching import VariableBptt
-from harness.corpus import Corpus, document_order, load
-from harness.model import RNNModel
-from harness.probe import Probe, Sample
-from harness.record import (STATUSES, ProbeReport, StudyInfo, TrialRecord, TrialResult, columns_markdown, flatten,
+from bptt_harness.batching import VariableBptt
+from bptt_harness.corpus import Corpus, document_order, load
+from bptt_harness.model import RNNModel
+from bptt_harness.probe import Probe, Sample
+from bptt_harness.record import (STATUSES, ProbeReport, StudyInfo, TrialRecord, TrialResult, columns_markdown, flatten,
                             trial_columns)
-from harness.spec import ModelConfig, TrainConfig, TrialSpec
-from harness.trainer import Budget, DivergenceGuard, Diverged, is_oom, run_trial
+from bptt_harness.spec import ModelConfig, TrainConfig, TrialSpec
+from bptt_harness.trainer import Budget, DivergenceGuard, Diverged, is_oom, run_trial
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ModelConfig(emsize=16, nhid=16, layers=1, dropout=0.0)
@@ -87,7 +87,7 @@ def test_a_sweep_trains_every_configuration_on_exactly_the_budget(tmp_path):
         checkpoints = 2""", """
         bptt = [7, 35]
         batch_size = [3, 64]""")
-    from harness.cli import main
+    from bptt_harness.cli import main
 
     assert main(["sweep", str(study), "--results-dir", str(tmp_path / "results")]) == 0
     rows = list(csv.DictReader(open(tmp_path / "results" / "exact" / "trials.csv")))
@@ -104,10 +104,10 @@ def test_a_sweep_trains_every_configuration_on_exactly_the_budget(tmp_path):
 MEMORY_SCRIPT = textwrap.dedent("""
     import json, sys
     import torch
-    from harness.corpus import CorpusSpec, load
-    from harness.probe import make_probe
-    from harness.spec import ModelConfig, TrainConfig, TrialSpec
-    from harness.trainer import run_trial, warm_up
+    from bptt_harness.corpus import CorpusSpec, load
+    from bptt_harness.probe import make_probe
+    from bptt_harness.spec import ModelConfig, TrainConfig, TrialSpec
+    from bptt_harness.trainer import run_trial, warm_up
 
     torch.set_num_threads(1)
     corpus = load(CorpusSpec("default", lower=True, split_punct=True, max_vocab=5000))
@@ -173,9 +173,9 @@ def test_validation_energy_time_and_memory_are_not_charged_to_training(syn):
 
 def test_memory_peaks_are_split_between_training_and_validation(syn):
     """A validation that allocates 150 MiB shows in the validation's peak, not in training's."""
-    import harness.trainer
+    import bptt_harness.trainer
 
-    original = harness.trainer.evaluate
+    original = bptt_harness.trainer.evaluate
 
     def hungry(*args: Any, **kwargs: Any) -> float:
         block = np.ones(150 * 2**20 // 8)
@@ -184,10 +184,10 @@ def test_memory_peaks_are_split_between_training_and_validation(syn):
         finally:
             del block
 
-    from harness.probe import make_probe
+    from bptt_harness.probe import make_probe
 
     mp = pytest.MonkeyPatch()
-    mp.setattr(harness.trainer, "evaluate", hungry)
+    mp.setattr(bptt_harness.trainer, "evaluate", hungry)
     try:
         r = trial(syn, tokens=2_000, checkpoints=2, probe=make_probe("cpu"))
     finally:
@@ -207,7 +207,7 @@ def test_warm_up_steps_are_excluded_and_a_too_short_trial_is_flagged(syn):
 
 
 def test_the_report_marks_throughput_that_includes_the_warm_up(tmp_path):
-    from harness.report import generate
+    from bptt_harness.report import generate
     from synthetic import synthetic_records, write_optuna_study
 
     recs = synthetic_records(bptts=(35, 70), batch_sizes=(20,))
@@ -222,17 +222,17 @@ def test_the_report_marks_throughput_that_includes_the_warm_up(tmp_path):
 
 
 def test_each_worker_process_warms_up_once_before_its_first_trial(tmp_path, monkeypatch):
-    import harness.trainer
+    import bptt_harness.trainer
 
     calls: list[int] = []
-    original = harness.trainer.warm_up
-    monkeypatch.setattr(harness.trainer, "warm_up", lambda *a, **k: calls.append(1) or original(*a, **k))
+    original = bptt_harness.trainer.warm_up
+    monkeypatch.setattr(bptt_harness.trainer, "warm_up", lambda *a, **k: calls.append(1) or original(*a, **k))
     study = tiny_study(tmp_path, "w", 5_000, """
         tokens = 500
         checkpoints = 1""", """
         bptt = [5, 10, 20]
         batch_size = [4]""")
-    from harness.cli import main
+    from bptt_harness.cli import main
 
     assert main(["sweep", str(study), "--results-dir", str(tmp_path / "results"), "--no-report"]) == 0
     assert calls == [1]
@@ -296,7 +296,7 @@ def test_default_corpus_documents_are_shuffled_deterministically_and_kept_whole(
     assert sorted(order) == sorted(titles) and order != sorted(titles)
     assert order == document_order(list(reversed(titles)))  # whatever order the file lists them in
 
-    from harness.corpus import _default_lines, default_split_of
+    from bptt_harness.corpus import _default_lines, default_split_of
 
     articles = {t: {"extract": f"{t} first line\n{t} second line"} for t in titles}
     path = tmp_path / "summaries.json"
@@ -312,7 +312,7 @@ def test_default_corpus_documents_are_shuffled_deterministically_and_kept_whole(
 # --------------------------------------------------------------------------- 8. one typed record
 
 def test_record_round_trips_and_flattens_to_exactly_the_documented_columns():
-    from harness.report.frame import TRIAL_COLUMNS
+    from bptt_harness.report.frame import TRIAL_COLUMNS
 
     result = TrialResult(bptt=35, batch_size=20, tokens_per_s=1000.0, train_tokens=5000,
                          probe=ProbeReport(energy_j=10.0, peak_mem_mib=12.5))
@@ -329,7 +329,7 @@ def test_record_round_trips_and_flattens_to_exactly_the_documented_columns():
 
 def test_every_csv_column_has_a_meaning_and_the_readme_table_is_generated():
     assert all(c.doc for c in trial_columns())
-    readme = (REPO / "harness" / "report" / "README.md").read_text()
+    readme = (REPO / "bptt_harness" / "report" / "README.md").read_text()
     assert columns_markdown() in readme
 
 
@@ -353,24 +353,24 @@ def test_records_of_the_first_schema_still_read():
 # --------------------------------------------------------------------------- 9. no process settings, no sampler
 
 def test_importing_harness_changes_no_process_setting():
-    code = "import os, harness, harness.trainer, harness.study; print(os.environ.get('OMP_WAIT_POLICY'))"
+    code = "import os, bptt_harness, bptt_harness.trainer, bptt_harness.study; print(os.environ.get('OMP_WAIT_POLICY'))"
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert out.stdout.strip() == "None"
 
 
 def test_the_cpu_probe_runs_no_sampler_thread_while_training(syn):
-    from harness.probe import make_probe
+    from bptt_harness.probe import make_probe
 
     probe = make_probe("cpu")
     if not probe.source.memory.reset_peak() or probe.source.energy_kind:
         pytest.skip("this kernel cannot reset VmHWM, or RAPL needs its wraparound sampler")
     seen: list[int] = []
-    import harness.trainer
+    import bptt_harness.trainer
 
-    original = harness.trainer.evaluate
+    original = bptt_harness.trainer.evaluate
     mp = pytest.MonkeyPatch()
-    mp.setattr(harness.trainer, "evaluate",
+    mp.setattr(bptt_harness.trainer, "evaluate",
                lambda *a, **k: seen.append(sum(t.name == "harness-probe" for t in threading.enumerate()))
                or original(*a, **k))
     try:
@@ -397,11 +397,11 @@ def test_variable_windows_scale_their_spread_with_bptt(bptt):
 
 
 def test_cpu_workers_get_their_own_cores_and_say_they_shared_the_host():
-    from harness.study_cli import cpu_share
+    from bptt_harness.study_cli import cpu_share
 
     assert cpu_share(0, 2, [0, 1]) == [0] and cpu_share(1, 2, [0, 1]) == [1]
     assert cpu_share(1, 2, [0, 1, 2, 3]) == [2, 3] and cpu_share(2, 3, [0, 1]) == [0]
-    from harness.report.frame import aggregate_configs, records_to_frame
+    from bptt_harness.report.frame import aggregate_configs, records_to_frame
     from synthetic import synthetic_records
 
     recs = synthetic_records(bptts=(35,), batch_sizes=(20, 40), gpu_name=None)
@@ -412,7 +412,7 @@ def test_cpu_workers_get_their_own_cores_and_say_they_shared_the_host():
 
 
 def test_train_clock_leaves_paused_time_out_and_marks_the_warm_up():
-    from harness.trainer import TrainClock
+    from bptt_harness.trainer import TrainClock
 
     clock = TrainClock(torch.device("cpu"), warmup_steps=2)
     time.sleep(0.05)
@@ -430,6 +430,6 @@ def test_train_clock_leaves_paused_time_out_and_marks_the_warm_up():
 
 
 def test_parsing_a_study_file_does_not_import_torch():
-    code = "import sys, harness.config; harness.config.load_study('studies/default.toml'); print('torch' in sys.modules)"
+    code = "import sys, bptt_harness.config; bptt_harness.config.load_study('studies/default.toml'); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
     assert out.stdout.strip() == "False"

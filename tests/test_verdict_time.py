@@ -8,13 +8,13 @@ from types import SimpleNamespace
 
 import pytest
 
-from harness.report.build import build
-from harness.report.frame import aggregate_configs, records_to_frame
-from harness.report.html import render
-from harness.report.rank import equal_time_ranking, rank_configs
-from harness.spec import ModelConfig, TrainConfig, TrialSpec
-from harness.study import _observe_until
-from harness.trainer import Budget, run_trial
+from bptt_harness.report.build import build
+from bptt_harness.report.frame import aggregate_configs, records_to_frame
+from bptt_harness.report.html import render
+from bptt_harness.report.rank import equal_time_ranking, rank_configs
+from bptt_harness.spec import ModelConfig, TrainConfig, TrialSpec
+from bptt_harness.study import _observe_until
+from bptt_harness.trainer import Budget, run_trial
 
 
 def test_a_time_point_goes_to_the_step_end_nearest_its_grid_time() -> None:

@@ -1,0 +1,3 @@
+from bptt_harness.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,207 @@
+"""The verdict at every budget: the best configuration at each checkpoint of the budget (equal tokens)
+and at each point of the time grid (equal time), and whether it was still changing at the end.
+
+Every trial validates at ``checkpoints`` fractions of its budget, and with ``time_grid_s`` on a
+common time grid, so "would the answer hold with a shorter run?" is read off measurements; "with a
+longer one?" can only be answered by whether it was still moving. A change of leader counts only when
+the new leader is ahead of the old one beyond the seed noise (:mod:`bptt_harness.seeds`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import pandas as pd
+
+from bptt_harness.report.frame import CURVE, TIME_CURVE, label, labels
+from bptt_harness.report.rank import grid_point
+from bptt_harness.seeds import tied
+
+MAX_TIME_ROWS = 8
+
+
+@dataclass
+class Leg:
+    """The leaders along one axis. ``table``: one row per point ``at`` (a budget fraction, or training
+    seconds) with ``best``/``best_ppl``, ``runner``/``runner_ppl``, ``tie`` (the two within the seed
+    noise) and ``measured`` (configurations with a value there). ``values``: config_key x at -> ppl."""
+
+    axis: str                       # "tokens" or "time"
+    table: pd.DataFrame
+    values: pd.DataFrame
+    moving: bool = False            # the leader changed between the last two points
+    since: float | None = None      # from here on the final leader led (or tied for the lead) throughout
+
+
+@dataclass
+class BudgetVerdict:
+    tokens: Leg | None = None
+    time: Leg | None = None
+    sentences: list[str] = field(default_factory=list)
+
+
+def _fractions(trial: pd.Series) -> list[tuple[float, float]]:
+    """(fraction of the budget, loss) for each checkpoint of one trial, snapped to k / checkpoints."""
+    curve = [p for p in trial[CURVE] if isinstance(p, dict) and p.get("loss") is not None]
+    n = len(curve)
+    budget = trial.get("resolved_budget_tokens")
+    if budget is None or pd.isna(budget):
+        budget = trial.get("budget_tokens")
+    out = []
+    for i, p in enumerate(curve):
+        if budget is not None and pd.notna(budget) and budget > 0 and p.get("tokens") is not None:
+            f = p["tokens"] / budget
+            f = round(f * n) / n if n else f
+        else:
+            f = (i + 1) / n
+        out.append((f, float(p["loss"])))
+    return out
+
+
+def _leaders(values: pd.DataFrame, counts: pd.DataFrame, cv: float | None) -> pd.DataFrame:
+    rows = []
+    for at in values.columns:
+        col = values[at].dropna().sort_values()
+        if col.empty:
+            continue
+        best = col.index[0]
+        runner = col.index[1] if len(col) > 1 else None
+        rows.append({"at": at, "best": best, "best_ppl": col.iloc[0], "runner": runner,
+                     "runner_ppl": col.iloc[1] if runner is not None else math.nan,
+                     "tie": runner is not None and _tied(col.iloc[0], counts.at[best, at], col.iloc[1],
+                                                         counts.at[runner, at], cv),
+                     "measured": len(col)})
+    return pd.DataFrame(rows)
+
+
+def _tied(a: float, na: float, b: float, nb: float, cv: float | None) -> bool:
+    se = (lambda m, n: None if cv is None else cv * m / math.sqrt(max(n, 1)))  # noqa: E731
+    return tied(a, se(a, na), b, se(b, nb))
+
+
+def _settle(leg: Leg, counts: pd.DataFrame, cv: float | None) -> Leg:
+    """``moving`` and ``since`` from the table of leaders."""
+    t = leg.table
+    if len(t) < 2:
+        return leg
+    final = t.iloc[-1]["best"]
+
+    def leads(i: int) -> bool:  # the final leader leads at point i, or is tied with the leader there
+        at, best = t.iloc[i]["at"], t.iloc[i]["best"]
+        v = leg.values.at[final, at] if final in leg.values.index else math.nan
+        return best == final or (pd.notna(v) and _tied(t.iloc[i]["best_ppl"], counts.at[best, at], v,
+                                                       counts.at[final, at], cv))
+
+    leg.moving = not leads(len(t) - 2)
+    i = len(t) - 1
+    while i > 0 and leads(i - 1):
+        i -= 1
+    leg.since = float(t.iloc[i]["at"])
+    return leg
+
+
+def _leg(axis: str, rows: list[tuple[str, float, float]], cv: float | None) -> Leg | None:
+    """(config_key, at, ppl) of every run -> the leaders along one axis (None without rows)."""
+    if not rows:
+        return None
+    long = pd.DataFrame(rows, columns=["config_key", "at", "ppl"])
+    values = long.pivot_table(index="config_key", columns="at", values="ppl", aggfunc="mean")
+    counts = long.pivot_table(index="config_key", columns="at", values="ppl", aggfunc="count")
+    return _settle(Leg(axis, _leaders(values, counts, cv), values), counts, cv)
+
+
+def verdict_by_budget(trials: pd.DataFrame, ranked: pd.DataFrame, equal_time_s: float | None) -> BudgetVerdict:
+    """The leaders at every checkpoint fraction and every common time-grid point up to ``equal_time_s``."""
+    out = BudgetVerdict()
+    if ranked.empty:
+        return out
+    keys = set(ranked["config_key"])
+    ok = trials[(trials["status"] == "ok") & trials["config_key"].isin(keys)]
+    cv_col = ranked["seed_noise_cv"].dropna() if "seed_noise_cv" in ranked else pd.Series(dtype=float)
+    cv = float(cv_col.iloc[0]) if len(cv_col) else None
+    names = dict(zip(ranked["config_key"], labels(ranked)))
+
+    rows = [(r["config_key"], f, math.exp(min(loss, 700))) for _, r in ok.iterrows() for f, loss in _fractions(r)]
+    out.tokens = _leg("tokens", rows, cv)
+    if equal_time_s is not None and TIME_CURVE in ok:
+        grid = sorted({p["grid_s"] for c in ok[TIME_CURVE] for p in c
+                       if isinstance(p, dict) and p.get("grid_s") is not None and p["grid_s"] <= equal_time_s + 1e-9})
+        rows = [(k, g, math.exp(min(p["loss"], 700))) for k, c in zip(ok["config_key"], ok[TIME_CURVE]) for g in grid
+                if (p := grid_point(c, g)) is not None]
+        out.time = _leg("time", rows, cv)
+        if out.time is not None and len(out.time.table) > MAX_TIME_ROWS:  # evenly spaced rows, the last one kept
+            step = math.ceil(len(out.time.table) / MAX_TIME_ROWS)
+            keep = sorted({*range(len(out.time.table) - 1, -1, -step)})
+            out.time.table = out.time.table.iloc[keep].reset_index(drop=True)
+    out.sentences = [s for s in (_sentence(out.tokens, names, cv), _sentence(out.time, names, cv)) if s]
+    return out
+
+
+def at_text(leg: Leg, at: float) -> str:
+    return f"{at:.0%} of the budget" if leg.axis == "tokens" else f"{at:.3g} s"
+
+
+def _sentence(leg: Leg | None, names: dict[str, str], cv: float | None) -> str | None:
+    if leg is None or leg.table.empty:
+        return None
+    where = "At equal tokens" if leg.axis == "tokens" else "At equal training time"
+    t = leg.table
+    if len(t) < 2:
+        return f"{where} there is one point only, so it cannot say whether the verdict was still moving."
+    last, prev = t.iloc[-1], t.iloc[-2]
+    final = names.get(last["best"], last["best"])
+    noise = "" if cv is not None else " (single-seed: no seed noise measured, so every difference counts)"
+    if leg.moving:
+        span = (f"{prev['at']:.0%} and {last['at']:.0%} of the budget" if leg.axis == "tokens" else
+                f"{prev['at']:.3g} s and {last['at']:.3g} s of training")
+        return (f"{where} the best changed between {span} "
+                f"(from {names.get(prev['best'], prev['best'])} to {final}): a longer run may change it again{noise}.")
+    if leg.since == float(t.iloc[0]["at"]):
+        return f"{where} {final} led (or tied for the lead) at every point, from {at_text(leg, leg.since)} on{noise}."
+    return (f"{where} {final} has led (or tied for the lead) since {at_text(leg, leg.since)}: the verdict was not "
+            f"moving at the end{noise}.")
+
+
+def figure(verdict: BudgetVerdict, ranked: pd.DataFrame, top: int = 6):
+    """Perplexity of the top configurations at every budget fraction and grid time; the leader at
+    each point is starred."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    legs = [leg for leg in (verdict.tokens, verdict.time) if leg is not None and not leg.table.empty]
+    if not legs:
+        return None
+    fig = make_subplots(rows=1, cols=len(legs), subplot_titles=[
+        "at equal tokens (fraction of the budget)" if leg.axis == "tokens" else "at equal time (training seconds)"
+        for leg in legs], horizontal_spacing=0.08)
+    keys = list(ranked["config_key"].head(top))
+    for leg in legs:
+        keys += [k for k in leg.table["best"] if k not in keys]
+    palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#7f7f7f", "#bcbd22", "#17becf"]
+    rows = ranked.set_index("config_key")
+    for col, leg in enumerate(legs, start=1):
+        for i, key in enumerate(keys):
+            if key not in leg.values.index:
+                continue
+            s = leg.values.loc[key].dropna()
+            name = label(rows.loc[key]) if key in rows.index else key
+            fig.add_trace(go.Scatter(x=list(s.index), y=list(s.values), mode="lines+markers", name=name,
+                                     legendgroup=key, showlegend=col == 1, marker=dict(size=5),
+                                     line=dict(color=palette[i % len(palette)], width=2),
+                                     hovertemplate=name + "<br>%{x:.3g}: ppl %{y:.4g}<extra></extra>"), row=1, col=col)
+        t = leg.table
+        fig.add_trace(go.Scatter(x=list(t["at"]), y=list(t["best_ppl"]), mode="markers", name="best there",
+                                 legendgroup="best", showlegend=col == 1,
+                                 marker=dict(symbol="star", size=14, color="#ffd700", line=dict(color="black", width=1)),
+                                 text=[label(rows.loc[k]) if k in rows.index else k for k in t["best"]],
+                                 hovertemplate="best: %{text}<br>ppl %{y:.4g}<extra></extra>"), row=1, col=col)
+        if leg.axis == "tokens":
+            fig.update_xaxes(tickformat=".0%", title="fraction of the token budget", row=1, col=col)
+        else:
+            fig.update_xaxes(title="training seconds", row=1, col=col)
+        fig.update_yaxes(type="log", row=1, col=col)
+    fig.update_yaxes(title="validation perplexity", row=1, col=1)
+    fig.update_layout(template="plotly_white", height=460, margin=dict(l=70, r=30, t=60, b=60),
+                      title=dict(text="The verdict at every budget", x=0.01), legend=dict(orientation="h", y=-0.22))
+    return fig

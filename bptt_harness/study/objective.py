@@ -1,0 +1,275 @@
+"""One Optuna trial: sample a configuration, train it under the probe, store its record, return its values."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+import optuna
+
+from bptt_harness.config import ParamSpace, StudyConfig
+from bptt_harness.corpus import Corpus
+from bptt_harness.record import (
+    INFEASIBLE,
+    Hardware,
+    LrChoice,
+    StudyInfo,
+    TrialConfig,
+    TrialRecord,
+    TrialResult,
+    finite_or_none,
+    from_dict,
+    user_attrs,
+)
+from bptt_harness.spec import ModelConfig, TrialSpec, resolve_budget_tokens
+from bptt_harness.study.common import CANONICAL, TrialFailed
+from bptt_harness.study.queue import _has_repeats, _now, worker_id
+
+log = logging.getLogger(__name__)
+
+
+def suggest(trial: optuna.Trial, search: dict[str, ParamSpace], grid: bool) -> dict[str, Any]:
+    params: dict[str, Any] = {}
+    for name, p in search.items():
+        if grid and p.kind != "bool":
+            # Grid trials arrive with fixed parameters; a range distribution (unlike a categorical one)
+            # may widen when the grid is extended in the study file and the study resumed.
+            values = p.grid()
+            suggest_range = trial.suggest_int if p.kind == "int" else trial.suggest_float
+            params[name] = suggest_range(name, min(values), max(values))
+        elif grid or p.choices is not None:
+            params[name] = trial.suggest_categorical(name, [False, True] if grid else list(p.choices))
+        elif p.kind == "int":
+            params[name] = trial.suggest_int(name, int(p.low), int(p.high), log=p.log, step=int(p.step or 1))
+        else:
+            params[name] = trial.suggest_float(name, p.low, p.high, log=p.log, step=p.step)
+    return params
+
+
+def trial_spec(config: StudyConfig, params: dict[str, Any], repeat: int) -> TrialSpec:
+    model_keys = {"nhid", "emsize", "layers", "dropout"}
+    model: ModelConfig = replace(config.model, **{k: v for k, v in params.items() if k in model_keys})
+    train = replace(config.train, seed=config.train.seed + repeat,
+                    **{k: v for k, v in params.items() if k in ("lr", "variable_bptt")})
+    train = replace(train, lr=config.lr_rule.lr_for(train.lr, params["bptt"], params["batch_size"]))
+    return TrialSpec(bptt=params["bptt"], batch_size=params["batch_size"], model=model, train=train)
+
+
+def config_key(params: dict[str, Any]) -> str:
+    order = ["bptt", "batch_size"] + sorted(k for k in params if k not in CANONICAL)
+    return ",".join(f"{k}={params[k]}" for k in order if k in params)
+
+
+def cost_value(result: TrialResult, cost: str, per_ktok: bool = True) -> float | None:
+    """The study's cost from a trial's result, in the unit of its ``trials.csv`` column: seconds per 1k
+    tokens, training peak memory (MiB) or joules per 1k training tokens. ``per_ktok=False``: per token, the
+    unit of studies created before their objectives were named."""
+    if cost == "peak_memory":
+        return result.probe.peak_mem_mib
+    value = result.seconds_per_ktok if cost == "seconds_per_token" else result.joules_per_ktok
+    return value if value is None or per_ktok else value / 1000.0
+
+
+def study_info(config: StudyConfig, corpus: Corpus, host_workers: int = 1) -> StudyInfo:
+    t = config.train
+    return StudyInfo(name=config.name, corpus=corpus.name, corpus_source=corpus.source,
+                     corpus_licence=corpus.licence, vocab_size=corpus.vocab_size, budget=t.budget,
+                     budget_tokens=resolve_budget_tokens(t, corpus.train.numel()),
+                     budget_epochs=t.epochs if t.budget == "tokens" else None,
+                     budget_seconds=t.seconds if t.budget == "seconds" else None,
+                     objectives=list(config.objectives), cost=config.cost, host_workers=host_workers,
+                     lr_rule_text=config.lr_rule.describe(t.lr),
+                     race_max_seeds=config.race.max_seeds if config.race else None,
+                     race_trials=config.race.trials if config.race else None)
+
+
+def make_record(info: StudyInfo, spec: TrialSpec, params: dict, repeat: int, result: TrialResult,
+                hardware: dict, started: str, lr_choice: LrChoice | None = None) -> TrialRecord:
+    """The stored measurement of one trial; ``bptt_harness.report`` reads exactly this."""
+    config = TrialConfig(bptt=spec.bptt, batch_size=spec.batch_size, lr=spec.train.lr, nhid=spec.model.nhid,
+                         emsize=spec.model.emsize, layers=spec.model.layers, dropout=spec.model.dropout,
+                         model=spec.model.factory or spec.model.type, optimizer=spec.train.optimizer,
+                         variable_bptt=spec.train.variable_bptt, seed=spec.train.seed, repeat=repeat)
+    return TrialRecord(config_key=config_key(params), config=config, status=result.status, error=result.error,
+                       result=result, lr_choice=lr_choice or LrChoice(), hardware=from_dict(Hardware, hardware),
+                       study=info, started_at=started, finished_at=_now(), worker=worker_id())
+
+
+def store_record(trial: optuna.Trial, record: TrialRecord) -> dict:
+    """Store the record, and its main metrics flat beside it for optuna-dashboard; returns the stored dict."""
+    stored = record.to_dict()
+    trial.set_user_attr("record", stored)
+    for name, value in user_attrs(record).items():
+        trial.set_user_attr(name, value)
+    return stored
+
+
+
+
+
+
+
+
+
+
+def _observe_until(study: optuna.Study, spec: TrialSpec) -> TrialSpec:
+    """With a time grid, no points past the latest grid time of the shortest finished run: the equal-time
+    comparison never reads later than that (see ``TrainConfig.time_grid_until_s``)."""
+    if spec.train.time_grid_s is None:
+        return spec
+    ends = []
+    for t in study.get_trials(deepcopy=False):
+        rec = t.user_attrs.get("record") or {}
+        curve = (rec.get("result") or {}).get("time_curve") or []
+        if rec.get("status") == "ok" and curve:
+            ends.append(max(p["grid_s"] for p in curve))
+    return replace(spec, train=replace(spec.train, time_grid_until_s=min(ends))) if ends else spec
+
+
+@dataclass
+class Objective:
+    """The Optuna objective: sample, train under the probe, store the record, return the values."""
+
+    config: StudyConfig
+    corpus: Corpus
+    device: Any
+    hardware: dict
+    on_result: Callable[[optuna.Trial, dict], None] | None = None
+    on_start: Callable[[optuna.Trial, dict], None] | None = None
+    host_workers: int = 1
+    warmed: bool = False   # this process has run its untimed warm-up (see bptt_harness.trainer.warm_up)
+    profile: Any = None    # the study's profile.csv (bptt_harness.profile): cells it saw run out of memory are skipped
+    # Called at each validation checkpoint with the trial and the point (index, of, tokens, seconds, ppl).
+    on_checkpoint: Callable[[optuna.Trial, dict], None] | None = None
+    _named: bool | None = None  # whether the study's objectives are named (and so in trials.csv's units)
+
+    def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
+        from bptt_harness.probe import make_probe
+        from bptt_harness.trainer import run_trial, warm_up
+
+        trial.set_user_attr("worker", worker_id())
+        skip = self._spurious(trial)
+        if skip:
+            # Not a measurement: progress, retries and the report ignore it.
+            trial.set_user_attr("spurious", skip)
+            raise optuna.TrialPruned(skip)
+        params = suggest(trial, self.config.search, self.config.sampler == "grid")
+        repeat = int(trial.user_attrs.get("repeat", 0))
+        spec = trial_spec(self.config, params, repeat)
+        single = len(self.config.objectives) == 1
+        if self.on_start:
+            self.on_start(trial, params)
+
+        def on_checkpoint(i: int, point: dict) -> bool:
+            if self.on_checkpoint:
+                self.on_checkpoint(trial, {**point, "index": i, "of": spec.train.checkpoints})
+            # Intermediate values in the objective's unit (optuna-dashboard plots them beside it); Optuna
+            # takes them only from single-objective studies.
+            if not single or not math.isfinite(point["ppl"]):
+                return False
+            trial.report(point["ppl"], step=i)
+            return trial.should_prune()
+
+        info = study_info(self.config, self.corpus, self.host_workers)
+        started = _now()
+        choice = LrChoice(rule=self.config.lr_rule.rule, rule_lr=spec.train.lr)
+        try:
+            result = self._known_oom(spec)
+            if result is None:
+                if not self.warmed:
+                    warm_up(spec, self.corpus, self.device)
+                    self.warmed = True
+                if self.config.lr_rule.rule == "tuned":
+                    spec = self._tuned(trial, spec, config_key(params), choice)
+                spec = _observe_until(trial.study, spec)
+                result = run_trial(spec, self.corpus, self.device, probe=make_probe(self.device),
+                                   on_checkpoint=on_checkpoint)
+        except KeyboardInterrupt:
+            interrupted = TrialResult(status="failed", error="interrupted (SIGINT); retried on resume",
+                                      bptt=spec.bptt, batch_size=spec.batch_size, seed=spec.train.seed)
+            trial.set_user_attr("interrupted", True)
+            store_record(trial, make_record(info, spec, params, repeat, interrupted, self.hardware, started,
+                                                     choice))
+            raise
+        typed = make_record(info, spec, params, repeat, result, self.hardware, started, choice)
+        record = store_record(trial, typed)
+        if (repeat == 0 and self.config.repeats > 1 and self.config.sampler != "grid"
+                and not _has_repeats(trial.study, params)):
+            for r in range(1, self.config.repeats):
+                trial.study.enqueue_trial(params, user_attrs={"repeat": r})
+        if self.on_result:
+            self.on_result(trial, record)
+        values, constraint = self._values(typed, trial.study)
+        # Optuna's constraints API: TPE and NSGA-II learn the memory and stability walls from this.
+        trial.set_user_attr("constraint", constraint)
+        return values
+
+    def _known_oom(self, spec: TrialSpec) -> TrialResult | None:
+        """An ``oom`` result without training when the study's profile shows the cell cannot fit."""
+        from bptt_harness.profile import PROFILE_CSV, doesnt_fit
+
+        if not doesnt_fit(self.profile, spec.train.memory_cap_mib, spec.bptt, spec.batch_size):
+            return None
+        return TrialResult(status="oom", bptt=spec.bptt, batch_size=spec.batch_size, seed=spec.train.seed,
+                           device=str(self.device),
+                           error=f"does not fit: {PROFILE_CSV} ran out of memory at this bptt and batch size or "
+                                 "below both, under the same memory cap (not trained)")
+
+    def _tuned(self, trial: optuna.Trial, spec: TrialSpec, key: str, choice: LrChoice) -> TrialSpec:
+        """``[lr] rule = "tuned"``: the configuration's lr from its ladder, run by the first trial of the
+        configuration and stored with the study, so its repeats reuse it (and its cost is counted once)."""
+        from bptt_harness.lr import tune
+
+        attr = f"lr_tuned:{key}"
+        stored = trial.study.user_attrs.get(attr)
+        choice.tune_tokens, choice.tune_s = 0, 0.0
+        if stored is None:
+            tuned = tune(spec, self.corpus, self.device, self.config.lr_rule)
+            stored = finite_or_none({"lr": tuned.lr, "ladder": tuned.ladder})
+            trial.study.set_user_attr(attr, stored)
+            choice.tune_tokens, choice.tune_s = tuned.tokens, tuned.seconds
+        choice.ladder = stored["ladder"]
+        return replace(spec, train=replace(spec.train, lr=stored["lr"]))
+
+    def _spurious(self, trial: optuna.Trial) -> str | None:
+        """Why this trial must not run: another worker emptied the grid's queue between our check and
+        Optuna's ask, or a retry or racing run was queued twice by two workers (the lower number runs)."""
+        from bptt_harness.race import RACE_KEY
+
+        if self.config.sampler == "grid" and "repeat" not in trial.user_attrs:  # set on every queued point
+            return "the grid's queue was empty when this worker asked for a trial"
+        race_key = trial.user_attrs.get(RACE_KEY)
+        if race_key is not None and any(t.user_attrs.get(RACE_KEY) == race_key and t.number < trial.number
+                                        for t in trial.study.get_trials(deepcopy=False)):
+            return f"racing run {race_key} was already queued"
+        retry_of = trial.user_attrs.get("retry_of")
+        if retry_of is not None and any(
+                t.user_attrs.get("retry_of") == retry_of and t.number < trial.number
+                for t in trial.study.get_trials(deepcopy=False)):
+            return f"trial {retry_of} was already queued for retry"
+        return None
+
+    def named_metrics(self, study: optuna.Study) -> bool:
+        if self._named is None:
+            self._named = study.metric_names is not None
+        return self._named
+
+    def _values(self, record: TrialRecord, study: optuna.Study) -> tuple[float | tuple[float, ...], list[float]]:
+        status, result = record.status, record.result
+        if status == "pruned":
+            raise optuna.TrialPruned(record.error)
+        if status in ("timeout", "failed"):
+            raise TrialFailed(record.error)
+        budget_mib = self.config.max_memory_gib * 1024 if self.config.max_memory_gib else None
+        peak = result.probe.peak_mem_mib
+        over = peak - budget_mib if budget_mib and peak and self.device.type == "cuda" else 0.0
+        infeasible = status in INFEASIBLE or over > 0
+        constraint = [1.0 if status in INFEASIBLE else max(0.0, over)]
+        values = [math.inf if status in INFEASIBLE or result.val_ppl is None else result.val_ppl]
+        if len(self.config.objectives) > 1:
+            cost = cost_value(result, self.config.cost, per_ktok=self.named_metrics(study))
+            values.append(math.inf if infeasible or cost is None else cost)
+        return (values[0] if len(values) == 1 else tuple(values)), constraint

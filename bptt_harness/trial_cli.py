@@ -1,0 +1,220 @@
+"""``bptt-harness trial``: one configuration, its options named like the study-file keys, or one row of a study.
+
+The options are generated from the dataclasses a study file fills (``[corpus]``: CorpusSpec,
+``[model]``: ModelConfig, ``[train]``: TrainConfig), so every key has an option of the same name
+(``timeout_s`` -> ``--timeout-s``) and a key added there is an option here. ``--from results/<study>
+--config bptt=35,batch_size=5`` starts from the study's stored settings; options given as well override
+them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import re
+import typing
+from dataclasses import dataclass, replace
+from typing import Any, Literal
+
+from bptt_harness.errors import HarnessError
+from bptt_harness.spec import CorpusSpec, ModelConfig, TrainConfig, TrialSpec
+
+# Old option names kept working (the study key's name comes first in --help).
+ALIASES = {"corpus:source": ("--corpus",), "model:type": ("--model",), "train:timeout_s": ("--timeout",)}
+DEFAULT_CELL = {"bptt": 35, "batch_size": 20}
+
+
+@dataclass(frozen=True)
+class TrialSetup:
+    """What ``bptt-harness trial`` runs: the corpus, the configuration, the device, and where it came from."""
+
+    corpus: CorpusSpec
+    spec: TrialSpec
+    device: str
+    repeats: int = 1
+    study: Any = None         # with --from: the study's trials (bptt_harness.report.source.LoadedTrials)
+    config_key: str | None = None
+
+
+def attribute_docs(cls: type) -> dict[str, str]:
+    """``name: text`` entries of a dataclass docstring's ``Attributes:`` section, joined into one line each."""
+    doc = (cls.__doc__ or "").split("Attributes:", 1)
+    docs: dict[str, str] = {}
+    name = None
+    for line in doc[1].splitlines() if len(doc) > 1 else []:
+        m = re.match(r"^ {8}(\w+): (.*)$", line)
+        if m:
+            name, docs[m[1]] = m[1], m[2]
+        elif name and line.startswith(" " * 12):
+            docs[name] += " " + line.strip()
+    return {k: v.replace("``", "") for k, v in docs.items()}
+
+
+def _kind(tp: Any) -> tuple[type | None, tuple | None]:
+    """An annotation -> (argparse type, choices); (None, None) for a type that has no option."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) is Literal:
+        return str, typing.get_args(tp)
+    if args and len(args) == 1:
+        return _kind(args[0])
+    if tp in (bool, int, float, str):
+        return tp, None
+    return None, None
+
+
+def _add_section(p: argparse.ArgumentParser, section: str, cls: type, skip: tuple[str, ...] = ()) -> None:
+    docs = attribute_docs(cls)
+    hints = typing.get_type_hints(cls)
+    group = p.add_argument_group(f"[{section}] keys of a study file")
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        kind, choices = _kind(hints[f.name])
+        if kind is None:
+            continue
+        dest = f"{section}:{f.name}"
+        flags = ("--" + f.name.replace("_", "-"), *ALIASES.get(dest, ()))
+        default = f.default if f.default is not dataclasses.MISSING else None
+        text = f"{docs.get(f.name, f.name)} (default: {default})".replace("%", "%%")
+        if kind is bool:
+            group.add_argument(*flags, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=text)
+        else:
+            group.add_argument(*flags, dest=dest, type=kind, choices=choices, default=None, help=text,
+                               metavar=None if choices else f.name.upper())
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--from", dest="from_", metavar="RESULTS", default=None,
+                   help="a study's results folder (results/<study>), study file or storage URL: run one of its "
+                        "configurations with its corpus, model and train settings (options given as well "
+                        "override them); with --config")
+    p.add_argument("--config", default=None, metavar="KEY=VALUE,...",
+                   help="the configuration, as in the config_key column of trials.csv, e.g. bptt=35,batch_size=5 "
+                        "(every key the study searches)")
+    p.add_argument("--bptt", type=int, default=None, help="window length (default: 35, or --config's)")
+    p.add_argument("--batch-size", type=int, default=None, help="batch size (default: 20, or --config's)")
+    _add_section(p, "corpus", CorpusSpec)
+    _add_section(p, "model", ModelConfig)
+    _add_section(p, "train", TrainConfig, skip=("memory_cap_mib",))
+    p.add_argument("--repeats", type=int, default=1,
+                   help="[train] repeats: run the configuration this many times, with seeds seed, seed+1, ...")
+    p.add_argument("--max-memory-gib", type=float, default=None,
+                   help="a memory budget (the study key max_memory_gib): the CUDA allocator's limit, or on CPU "
+                        "weights, gradients, optimiser state and saved activations counted against it")
+    p.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default: the study's, else auto)")
+    p.add_argument("--no-probe", action="store_true", help="skip the memory/energy probe")
+    p.add_argument("--json", action="store_true", help="print one JSON object per run")
+
+
+def _given(args: argparse.Namespace, section: str) -> dict[str, Any]:
+    prefix = f"{section}:"
+    return {k[len(prefix):]: v for k, v in vars(args).items() if k.startswith(prefix) and v is not None}
+
+
+def parse_config(text: str, required: tuple[str, ...] = ()) -> dict[str, Any]:
+    """``bptt=35,batch_size=5,lr=2.5`` -> typed values; every key in ``required`` must be there."""
+    from bptt_harness.config import SEARCH_KEYS
+
+    params: dict[str, Any] = {}
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        key, sep, value = (s.strip() for s in part.partition("="))
+        if not sep:
+            raise HarnessError(f"--config {text!r}: {part!r} is not key=value; e.g. bptt=35,batch_size=5")
+        if key not in SEARCH_KEYS:
+            match = difflib.get_close_matches(key, list(SEARCH_KEYS), n=1, cutoff=0.5)
+            hint = f" (did you mean {match[0]!r}?)" if match else ""
+            raise HarnessError(f"--config: unknown key {key!r}{hint}; allowed: {', '.join(SEARCH_KEYS)}")
+        params[key] = _typed(key, value, SEARCH_KEYS[key])
+    missing = [k for k in required if k not in params]
+    if missing:
+        raise HarnessError(f"--config {text!r} misses {', '.join(dict.fromkeys(missing))}; give every key of the "
+                           "config_key column of trials.csv, e.g. bptt=35,batch_size=5")
+    return params
+
+
+def _typed(key: str, value: str, kind: str) -> Any:
+    try:
+        if kind == "bool":
+            if value.lower() not in ("true", "false"):
+                raise ValueError(value)
+            return value.lower() == "true"
+        return int(value) if kind == "int" else float(value)
+    except ValueError:
+        want = {"int": "an integer", "float": "a number", "bool": "true or false"}[kind]
+        raise HarnessError(f"--config {key}={value!r} must be {want}") from None
+
+
+def load_from(source: str) -> tuple[Any, Any]:
+    """``--from``: (the study's StudyConfig as stored with it, its LoadedTrials; None for a study file
+    that has not run yet)."""
+    from pathlib import Path
+
+    from bptt_harness.config import load_study, parse_study
+    from bptt_harness.report.source import load_trials, resolve
+
+    if source.endswith(".toml"):
+        config = load_study(source)
+        if not (config.results_dir / "study.json").is_file():
+            return config, None
+        source = str(config.results_dir)
+    loaded = load_trials(resolve(source))
+    if loaded.study_config is None:
+        if source.endswith(".toml"):
+            return load_study(source), loaded
+        raise HarnessError(f"study {loaded.study_name!r} in {loaded.storage_display} was not created by harness "
+                           "sweep (no stored study file); pass --from with the study file (.toml) instead")
+    return parse_study(loaded.study_config, results_root=Path(source).parent), loaded
+
+
+def setup(args: argparse.Namespace) -> TrialSetup:
+    """The trial that ``args`` ask for, validated, nothing loaded or trained yet."""
+    if args.repeats < 1:
+        raise HarnessError(f"--repeats {args.repeats} must be >= 1")
+    study = loaded = None
+    if args.from_ is not None:
+        if args.config is None:
+            raise HarnessError("--from needs --config with the configuration to run, e.g. --config "
+                               "bptt=35,batch_size=5 (the config_key column of trials.csv)")
+        study, loaded = load_from(args.from_)
+    given = {k: getattr(args, k) for k in DEFAULT_CELL if getattr(args, k) is not None}
+    required = tuple(k for k in (*(study.search if study else ()), *DEFAULT_CELL) if k not in given)
+    params = {**(parse_config(args.config, required) if args.config else DEFAULT_CELL), **given}
+    key = None
+    if study is not None:
+        from bptt_harness.study import config_key, trial_spec
+
+        spec = trial_spec(study, params, repeat=0)
+        corpus, device, key = study.corpus, study.device, config_key(params)
+    else:
+        model_keys = {k: v for k, v in params.items() if k in ("nhid", "emsize", "layers", "dropout")}
+        train_keys = {k: v for k, v in params.items() if k in ("lr", "variable_bptt")}
+        spec = TrialSpec(bptt=params["bptt"], batch_size=params["batch_size"], model=ModelConfig(**model_keys),
+                         train=TrainConfig(**train_keys))
+        corpus, device = CorpusSpec(), "auto"
+    train = _given(args, "train")
+    if "seconds" in train and "budget" not in train:
+        train["budget"] = "seconds"  # --seconds alone asks for a time budget
+    if args.max_memory_gib is not None:
+        if not args.max_memory_gib > 0 or args.max_memory_gib == float("inf"):
+            raise HarnessError(f"--max-memory-gib {args.max_memory_gib} must be a number of GiB > 0")
+        train["memory_cap_mib"] = args.max_memory_gib * 1024
+    spec = replace(spec, model=replace(spec.model, **_given(args, "model")), train=replace(spec.train, **train))
+    return TrialSetup(corpus=replace(corpus, **_given(args, "corpus")), spec=spec,
+                      device=args.device if args.device is not None else device, repeats=args.repeats, study=loaded,
+                      config_key=key)
+
+
+def study_measured(ts: TrialSetup) -> str | None:
+    """What the study measured for this configuration, for the reader to compare with (text mode)."""
+    if ts.study is None or ts.config_key is None:
+        return None
+    ppl = [r["result"].get("val_ppl") for r in ts.study.records
+           if r.get("config_key") == ts.config_key and r.get("status") == "ok"]
+    ppl = [p for p in ppl if isinstance(p, (int, float))]
+    if not ppl:
+        return f"study {ts.study.study_name}: no finished ok run of {ts.config_key}"
+    return (f"study {ts.study.study_name}: {ts.config_key} measured val ppl "
+            + ", ".join(f"{p:.4g}" for p in ppl[:5]) + f" ({len(ppl)} run(s))")
