@@ -523,27 +523,51 @@ def _rng_devices(device: torch.device) -> list[int]:
     return [device.index if device.index is not None else torch.cuda.current_device()]
 
 
-def _precision_settings() -> list[tuple[Any, str]]:
-    """Every attribute through which torch keeps its float32 matmul and cuDNN precision: the
-    ``fp32_precision`` strings where this torch has them (``allow_tf32`` writes them), else the flags."""
+_UNREADABLE = object()
+
+
+def _read(get: Callable[[], Any]) -> Any:
+    try:
+        return get()
+    except RuntimeError:   # torch refuses to read a legacy flag that disagrees with the new setting
+        return _UNREADABLE
+
+
+def _precision_state() -> tuple[list[tuple[Callable[[Any], None], Any]], list[tuple[Any, str]]]:
+    """Every setting through which torch keeps float32 matmul and cuDNN precision: the legacy flags (with
+    their setters) where they can be read, and the ``fp32_precision`` strings of torch 2.9+."""
     cuda, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
-    if hasattr(cuda, "fp32_precision"):
-        objects = [torch.backends, cuda, cudnn, getattr(cudnn, "conv", None), getattr(cudnn, "rnn", None)]
-        return [(o, "fp32_precision") for o in objects if o is not None and hasattr(o, "fp32_precision")]
-    return [(cuda, "allow_tf32"), (cudnn, "allow_tf32")]
+    legacy: list[tuple[Callable[[], Any], Callable[[Any], None]]] = [
+        (lambda: cuda.allow_tf32, lambda v: setattr(cuda, "allow_tf32", v)),
+        (lambda: cudnn.allow_tf32, lambda v: setattr(cudnn, "allow_tf32", v)),
+        (torch.get_float32_matmul_precision, torch.set_float32_matmul_precision)]
+    objects = [torch.backends, cuda, cudnn, getattr(cudnn, "conv", None), getattr(cudnn, "rnn", None)]
+    return ([(set_, value) for get, set_ in legacy if (value := _read(get)) is not _UNREADABLE],
+            [(o, o.fp32_precision) for o in objects if o is not None and hasattr(o, "fp32_precision")])
+
+
+def _restore_precision(state: tuple[list[tuple[Callable[[Any], None], Any]], list[tuple[Any, str]]]) -> None:
+    legacy, strings = state
+    for set_, value in legacy:
+        set_(value)
+    for o, value in strings:
+        o.fp32_precision = value
 
 
 @contextlib.contextmanager
 def tf32_flags(allow: bool) -> Iterator[None]:
-    """TF32 allowed (or not) in CUDA matmuls and cuDNN inside; every precision setting as it was, after."""
-    saved = [(o, name, getattr(o, name)) for o, name in _precision_settings()]
+    """TF32 allowed (or not) in CUDA matmuls and cuDNN inside; every precision setting as it was, after.
+
+    torch 2.9+ keeps the setting twice, in the legacy flags and in the ``fp32_precision`` strings, and
+    refuses to read a flag when the two disagree. The legacy setters write both consistently, so the
+    trial sets through them; afterwards the legacy values go back first and the strings last, exactly."""
+    saved = _precision_state()
     torch.backends.cuda.matmul.allow_tf32 = allow
     torch.backends.cudnn.allow_tf32 = allow
     try:
         yield
     finally:
-        for o, name, value in reversed(saved):
-            setattr(o, name, value)
+        _restore_precision(saved)
 
 
 @contextlib.contextmanager

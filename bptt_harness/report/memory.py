@@ -229,8 +229,8 @@ def shape_label(row: pd.Series | dict) -> str:
     m = row.get("model")
     family = find_family(m)
     if family is not None and family.name == FACTORY:
-        n = row.get("n_params")
-        return f"{m} ({int(n):,} parameters)" if isinstance(n, (int, float)) and n == n and n > 0 else str(m)
+        n = pd.to_numeric(row.get("n_params"), errors="coerce")
+        return f"{m} ({int(n):,} parameters)" if pd.notna(n) and n > 0 else str(m)
     if family is not None:
         return family.describe(row)
     layers, nhid = row.get("layers"), row.get("nhid")

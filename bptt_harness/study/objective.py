@@ -89,8 +89,8 @@ def study_info(config: StudyConfig, corpus: Corpus, host_workers: int = 1) -> St
 def make_record(info: StudyInfo, spec: TrialSpec, params: dict, repeat: int, result: TrialResult,
                 hardware: dict, started: str, lr_choice: LrChoice | None = None) -> TrialRecord:
     """The stored measurement of one trial; ``bptt_harness.report`` reads exactly this."""
-    config = TrialConfig(bptt=spec.bptt, batch_size=spec.batch_size, lr=spec.train.lr, nhid=spec.model.nhid,
-                         emsize=spec.model.emsize, layers=spec.model.layers, dropout=spec.model.dropout,
+    # The model's own keys (a factory's: only the searched ones; n_params in the result says the rest).
+    config = TrialConfig(bptt=spec.bptt, batch_size=spec.batch_size, lr=spec.train.lr, **spec.model.recorded(params),
                          model=spec.model.factory or spec.model.type, optimizer=spec.train.optimizer,
                          variable_bptt=spec.train.variable_bptt, seed=spec.train.seed, repeat=repeat)
     return TrialRecord(config_key=config_key(params), config=config, status=result.status, error=result.error,
