@@ -166,7 +166,9 @@ class TrialConfig:
     emsize: int | None = col(None, "embedding size")
     layers: int | None = col(None, "recurrent layers")
     dropout: float | None = col(None, "dropout probability")
-    model: str | None = col(None, "lstm or gru")
+    model: str | None = col(None, "the model family (lstm, gru, ...), or a factory's module:function; the shape columns "
+                                  "(nhid, emsize, layers, dropout) are those the family reads (a factory's: only the "
+                                  "searched ones; n_params says its size)")
     optimizer: str | None = col(None, "sgd or adamw")
     variable_bptt: bool | None = col(None, "variable-length windows (AWD-LSTM style)")
     seed: int | None = col(None, "random seed of the trial")

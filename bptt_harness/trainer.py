@@ -15,6 +15,7 @@ and a trial leaves the process's RNG states and backend flags as it found them.
 from __future__ import annotations
 
 import contextlib
+import copy
 import ctypes
 import ctypes.util
 import functools
@@ -25,7 +26,7 @@ import math
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -339,11 +340,7 @@ class TrialLoop:
     def measuring(self, name: str) -> Iterator[None]:
         """Work on the model that is not training (``"eval"``: validation; a diagnostic: its own name): the
         training clock is paused and every observer (the probe) books it as phase ``name``."""
-        with self.clock.paused(name), contextlib.ExitStack() as phases:
-            for o in self.observers:
-                phase = o.phase(name)
-                if phase is not None:
-                    phases.enter_context(phase)
+        with self.clock.paused(name), _each(o.phase(name) for o in self.observers):
             yield
 
     def evaluate(self) -> float:
@@ -368,13 +365,9 @@ class TrialLoop:
         self.opt = _make_optimizer(self.model, t, self.device)
         for o in self.observers:
             o.on_start(self)
-        self.clock = TrainClock(self.device, t.warmup_steps)
+        self.clock = TrainClock(self.device, t.warmup_steps)   # training time starts here
         try:
-            with contextlib.ExitStack() as watched:
-                for o in self.observers:
-                    around = o.training(self)
-                    if around is not None:
-                        watched.enter_context(around)
+            with _each(o.training(self) for o in self.observers):
                 self.train()
                 for o in self.observers:
                     o.after_training(self)
@@ -417,11 +410,7 @@ class TrialLoop:
         self.state = repackage_hidden(self.state)
         for group in self.opt.param_groups:
             group["lr"] = lr
-        with contextlib.ExitStack() as hooks:
-            for o in self.observers:
-                around = o.around_step(self, seq_len)
-                if around is not None:
-                    hooks.enter_context(around)
+        with _each(o.around_step(self, seq_len) for o in self.observers):
             loss = self._loss(x, y, keep)
         norm = self._update(loss, self.opt)
         self.meter.update(loss, norm)
@@ -482,7 +471,9 @@ class TrialLoop:
         model exactly as built again (weights and buffers restored, a throwaway optimiser, the RNG draws
         put back): start-up costs leave the trial without changing how it trains."""
         t = self.spec.train
-        built = {k: v.clone() for k, v in self.model.state_dict().items()}
+        # Kept on the host: a copy on the device could be what does not fit.
+        built = {k: v.detach().to("cpu", copy=True) if isinstance(v, torch.Tensor) else copy.deepcopy(v)
+                 for k, v in self.model.state_dict().items()}
         opt = _make_optimizer(self.model, t, self.device)
         with torch.random.fork_rng(devices=_rng_devices(self.device)):
             self.state = self.family.init_state(self.model, self.spec.batch_size)
@@ -512,6 +503,16 @@ class TrialLoop:
         r.tokens_per_s, r.timing_includes_warmup = self.clock.throughput(r.train_s, self.tokens)
         if r.tokens_per_s is not None:
             r.achieved_flops = r.tokens_per_s * r.flops_per_token
+
+
+@contextlib.contextmanager
+def _each(contexts: Iterable[contextlib.AbstractContextManager[Any] | None]) -> Iterator[None]:
+    """Enter every context given (an observer's None: none), innermost last."""
+    with contextlib.ExitStack() as stack:
+        for context in contexts:
+            if context is not None:
+                stack.enter_context(context)
+        yield
 
 
 # --------------------------------------------------------------------------- process-wide state
