@@ -142,14 +142,14 @@ class ModelFamily:
     def name(self) -> str:
         return self.info.name
 
-    def evaluate(self, model: nn.Module, matrix: torch.Tensor, bptt: int, amp: bool = False) -> float:
+    def evaluate(self, model: nn.Module, cfg: ModelConfig, matrix: torch.Tensor, bptt: int, amp: bool = False) -> float:
         """Mean validation (or test) cross-entropy of a batchified split (``(rows, bs)``) by the family's rule
-        (``info.evaluation``), in eval mode; the model is put back in the mode it was in."""
+        for ``cfg`` (``info.evaluation_of``), in eval mode; the model is put back in the mode it was in."""
         bs = matrix.size(1)
         was_training = model.training
         model.eval()
         try:
-            if self.info.evaluation == "sliding":
+            if self.info.evaluation_of(cfg) == "sliding":
                 return evaluate_sliding(model, matrix, bptt, amp, lambda: self.init_state(model, bs))
             return evaluate_carried(model, matrix, bptt, amp, self.init_state(model, bs))
         finally:

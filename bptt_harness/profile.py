@@ -217,7 +217,7 @@ def time_validation(config: StudyConfig, corpus: Any, device: Any) -> ProfileRow
     valid = batchify(corpus.valid, t.eval_batch_size).to(device)
     amp = t.amp == "bf16" and getattr(device, "type", "cpu") == "cuda"
     start = time.perf_counter()
-    family.evaluate(model, valid, t.eval_bptt, amp)
+    family.evaluate(model, config.model, valid, t.eval_bptt, amp)
     if getattr(device, "type", "cpu") == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start

@@ -124,6 +124,8 @@ class TrialResult:
     clipped_frac: float | None = col(None, "fraction of steps whose gradient was clipped")
     n_params: int = col(0, "model parameters")
     flops_per_token: float = col(0.0, "estimated training FLOPs per token", "FLOP")
+    evaluation: str | None = col(None, "how validation was made fair (the model family's rule): carried (the state "
+                                       "carried through the split) or sliding (overlapping windows of eval_bptt)")
     achieved_flops: float | None = col(None, "tokens_per_s x flops_per_token", "FLOP/s", name="achieved_flops_per_s")
     final_lr: float | None = col(None, "learning rate at the end (after annealing)")
     joules_per_ktok: float | None = col(None, "training energy per 1,000 training tokens (validation excluded)", "J",

@@ -58,10 +58,12 @@ class FamilyInfo:
         keys: the ``[model]`` keys this family reads: they describe its shape in the trial record.
         shape: the shape label, formatted from those keys, e.g. ``"{layers}x{nhid}"`` -> ``lstm 2x200``.
         carries_state: whether a state flows from one training window to the next (truncated BPTT);
-            False for a model that sees each window alone (``reset_every`` means nothing to it).
+            False for a model that sees each window alone (``reset_every`` means nothing to it). A function
+            of the ``ModelConfig`` where it depends on a key (a Transformer with ``mem_len`` > 0 carries one).
         evaluation: how validation is made fair across shapes: ``"carried"`` (fixed windows, the state
             carried through the whole split: every target sees all the text before it) or ``"sliding"``
-            (overlapping windows, each target scored once with about ``eval_bptt`` tokens of context).
+            (overlapping windows, each target scored once with about ``eval_bptt`` tokens of context); or a
+            function of the ``ModelConfig`` returning one of them.
         memory_terms: the memory law's terms, fitted by the report (``window × bs`` for a recurrent model;
             attention without a fused kernel adds ``window² × bs``).
         check: further validation of a ``ModelConfig`` of this family (one-line ``HarnessError``).
@@ -70,15 +72,15 @@ class FamilyInfo:
     name: str
     keys: tuple[str, ...] = ()
     shape: str = ""
-    carries_state: bool = True
-    evaluation: str = "carried"
+    carries_state: bool | Callable[[ModelConfig], bool] = True
+    evaluation: str | Callable[[ModelConfig], str] = "carried"
     memory_terms: tuple[MemoryTerm, ...] = (WINDOW_X_BS,)
     check: Callable[[ModelConfig], None] | None = None
 
     def __post_init__(self) -> None:
         if not re.match(r"^[a-z][a-z0-9_-]*$", self.name or ""):
             raise HarnessError(f"model family name {self.name!r} must be lower-case letters, digits, '-' or '_'")
-        if self.evaluation not in EVALUATIONS:
+        if not callable(self.evaluation) and self.evaluation not in EVALUATIONS:
             raise HarnessError(f"model family {self.name!r}: evaluation {self.evaluation!r} is not known; use "
                                f"one of {', '.join(EVALUATIONS)}")
         if not self.memory_terms or any(
@@ -86,6 +88,18 @@ class FamilyInfo:
                 for m in self.memory_terms):
             raise HarnessError(f"model family {self.name!r}: memory_terms must be MemoryTerm(window_power, bs_power) "
                                "with powers >= 0, not both 0 (the intercept is always fitted), e.g. (WINDOW_X_BS,)")
+
+    def carries(self, cfg: ModelConfig) -> bool:
+        """Whether ``cfg``'s model carries a state from window to window."""
+        return bool(self.carries_state(cfg)) if callable(self.carries_state) else self.carries_state
+
+    def evaluation_of(self, cfg: ModelConfig) -> str:
+        """``cfg``'s evaluation rule: ``carried`` or ``sliding``."""
+        rule = self.evaluation(cfg) if callable(self.evaluation) else self.evaluation
+        if rule not in EVALUATIONS:
+            raise HarnessError(f"model family {self.name!r}: evaluation {rule!r} is not known; use one of "
+                               f"{', '.join(EVALUATIONS)}")
+        return rule
 
     def describe(self, values: Mapping[str, Any]) -> str:
         """``lstm 2x200`` from a config's (or a trials.csv row's) keys; the name alone if one is missing."""
@@ -407,7 +421,7 @@ class TrialSpec:
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise HarnessError(f"{key}={value!r} must be an integer >= 1")
-        if self.train.reset_every is not None and not self.model.info.carries_state:
+        if self.train.reset_every is not None and not self.model.info.carries(self.model):
             raise HarnessError(f"train reset_every={self.train.reset_every} resets a state that the "
                                f"{self.model.family} family does not carry; leave reset_every out")
 

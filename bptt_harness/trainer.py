@@ -346,7 +346,7 @@ class TrialLoop:
     def evaluate(self) -> float:
         """Validation loss of the model now, by its family's fair rule."""
         t = self.spec.train
-        return self.family.evaluate(self.model, self.valid, t.eval_bptt, self.amp)
+        return self.family.evaluate(self.model, self.spec.model, self.valid, t.eval_bptt, self.amp)
 
     # ..................................................................... the trial
 
@@ -359,6 +359,7 @@ class TrialLoop:
         self.model = self.family.build(model_cfg, vocab).to(self.device)
         self.result.n_params = count_params(self.model)
         self.result.flops_per_token = self.family.flops_per_token(model_cfg, vocab, self.model)
+        self.result.evaluation = self.family.info.evaluation_of(model_cfg)
         self.forward = torch.compile(self.model) if t.compile else self.model
         if self.options.warm_up_steps:
             self.warm_up(self.options.warm_up_steps)
@@ -377,7 +378,7 @@ class TrialLoop:
         if t.test:
             t0 = time.perf_counter()
             test = batchify(self.corpus.test, t.eval_batch_size).to(self.device)
-            self.result.test_ppl = _ppl(self.family.evaluate(self.model, test, t.eval_bptt, self.amp))
+            self.result.test_ppl = _ppl(self.family.evaluate(self.model, self.spec.model, test, t.eval_bptt, self.amp))
             self.result.eval_s += time.perf_counter() - t0
 
     def train(self) -> None:
@@ -481,7 +482,7 @@ class TrialLoop:
                 x, y = get_batch(self.train_data, i, seq_len)
                 self.state = repackage_hidden(self.state)
                 self._update(self._loss(x, y, None), opt)
-            self.family.evaluate(self.model, self.valid[: t.eval_bptt + 1], t.eval_bptt, self.amp)
+            self.family.evaluate(self.model, self.spec.model, self.valid[: t.eval_bptt + 1], t.eval_bptt, self.amp)
         self.model.load_state_dict(built)
         del built, opt
         self.state = None

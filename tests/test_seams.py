@@ -328,8 +328,9 @@ def test_a_toy_family_trains_through_run_trial(bag: ModelFamily, syn: Corpus) ->
     # Evaluated by its own rule: sliding windows of eval_bptt, not the carried-state loop.
     net = bag.build(model, syn.vocab_size)
     valid = batchify(syn.valid, 10)
-    assert bag.evaluate(net, valid, 16) == pytest.approx(evaluate_sliding(net.eval(), valid, 16, False, lambda: None))
-    assert bag.evaluate(net, valid, 16) != pytest.approx(evaluate_carried(net, valid, 16, False, None))
+    assert r.evaluation == "sliding" and run_trial(spec(tokens=500), syn, "cpu").evaluation == "carried"
+    assert bag.evaluate(net, model, valid, 16) == pytest.approx(evaluate_sliding(net.eval(), valid, 16, False, lambda: None))
+    assert bag.evaluate(net, model, valid, 16) != pytest.approx(evaluate_carried(net, valid, 16, False, None))
 
 
 def test_a_toy_family_is_a_study_key_and_reports(bag: ModelFamily, tmp_path: Path) -> None:
@@ -480,3 +481,20 @@ def test_values_the_study_sets_are_not_train_keys() -> None:
             parse_study(raw)
     config = parse_study({"name": "x", "max_memory_gib": 0.5, "search": {"bptt": [4], "batch_size": [4]}})
     assert config.memory_cap_mib == 512.0
+
+
+def test_whether_a_family_carries_state_and_how_it_is_evaluated_may_depend_on_its_keys() -> None:
+    """A Transformer carries a memory only with mem_len > 0; without one it is evaluated in sliding windows."""
+    info = FamilyInfo("memo", keys=("layers",), shape="{layers}", carries_state=lambda cfg: cfg.layers > 1,
+                      evaluation=lambda cfg: "carried" if cfg.layers > 1 else "sliding")
+    declare_family(info)
+    try:
+        with pytest.raises(HarnessError, match="does not carry"):
+            spec(model=ModelConfig(type="memo", layers=1), reset_every=2)
+        carried = spec(model=ModelConfig(type="memo", layers=2), reset_every=2).model
+        assert info.evaluation_of(carried) == "carried" and info.evaluation_of(ModelConfig(type="memo", layers=1)) == "sliding"
+        odd = FamilyInfo("memo", evaluation=lambda cfg: "strided")
+        with pytest.raises(HarnessError, match="evaluation 'strided' is not known"):
+            odd.evaluation_of(carried)
+    finally:
+        forget_family("memo")
