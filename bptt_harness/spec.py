@@ -277,7 +277,8 @@ class TrainConfig:
             anneal the lr, prune or end a trial.
         spike_factor: a logged training loss above ``spike_factor`` x its running minimum is divergence
             (so is a loss clearly above a uniform guess once the model had learned; see ``DivergenceGuard``).
-        timeout_s: wall-clock limit for the whole trial; past it the trial ends as ``timeout``.
+        timeout_s: wall-clock limit for the trial's training and evaluation; past it the trial ends as
+            ``timeout`` (building the model and a process's warm-up come before it).
         seed: seeds the model initialisation, dropout and variable-length windows.
         eval_batch_size: columns used for validation and test (fixed, so every configuration is
             evaluated the same way; the state is carried through the whole split).

@@ -308,18 +308,19 @@ def _make_optimizer(model: torch.nn.Module, t: TrainConfig, device: torch.device
 class TrialLoop:
     """One trial's model, optimiser and progress, and the loop that trains it.
 
-    :meth:`run` builds the model (its family's), optionally warms up, then :meth:`train` runs the
-    canonical truncated-BPTT loop: :meth:`step` per window, :meth:`validate` at each checkpoint, and every
-    observer's ``on_step`` after each step. Observers read the attributes below and measure inside
-    :meth:`measuring`.
+    :meth:`build` builds the model (its family's) and optionally warms up; :meth:`run` trains and
+    evaluates it: :meth:`train` is the canonical truncated-BPTT loop, :meth:`step` per window,
+    :meth:`validate` at each checkpoint, and every observer's ``on_step`` after each step. Observers read
+    the attributes below and measure inside :meth:`measuring`.
     """
 
     def __init__(self, spec: TrialSpec, corpus: Corpus, device: torch.device, result: TrialResult, *,
                  options: RunOptions, observers: Sequence[TrialObserver] = (), probe: Any = None,
-                 on_checkpoint: CheckpointCallback | None = None, deadline: float | None = None) -> None:
+                 on_checkpoint: CheckpointCallback | None = None) -> None:
         t = spec.train
         self.spec, self.corpus, self.device, self.result, self.options = spec, corpus, device, result, options
-        self.observers, self.probe, self.on_checkpoint, self.deadline = observers, probe, on_checkpoint, deadline
+        self.observers, self.probe, self.on_checkpoint = observers, probe, on_checkpoint
+        self.deadline: float | None = None   # perf_counter time past which training ends as a timeout
         self.family = family_of(spec.model)
         self.amp = t.amp == "bf16" and device.type == "cuda"
         self.budget = Budget.of(t, corpus.train.numel())
@@ -350,8 +351,8 @@ class TrialLoop:
 
     # ..................................................................... the trial
 
-    def run(self) -> None:
-        """Build, warm up (``options.warm_up_steps``), train to the budget, evaluate."""
+    def build(self) -> None:
+        """The data on the device, the family's model, and the process's warm-up (``options.warm_up_steps``)."""
         t, model_cfg, vocab = self.spec.train, self.spec.model, self.corpus.vocab_size
         # Data goes to the device once; windows are views of these matrices.
         self.train_data = batchify(self.corpus.train, self.spec.batch_size).to(self.device)
@@ -363,6 +364,11 @@ class TrialLoop:
         self.forward = torch.compile(self.model) if t.compile else self.model
         if self.options.warm_up_steps:
             self.warm_up(self.options.warm_up_steps)
+
+    def run(self) -> None:
+        """Train to the budget (timed from here, and limited by ``timeout_s``), then evaluate."""
+        t = self.spec.train
+        self.deadline = time.perf_counter() + t.timeout_s if t.timeout_s else None
         self.opt = _make_optimizer(self.model, t, self.device)
         for o in self.observers:
             o.on_start(self)
@@ -664,10 +670,13 @@ def run_trial(spec: TrialSpec, corpus: Corpus, device: torch.device | str | None
     watching = [*_builtin_observers(device, t, options, probe), *observers]
     start = time.perf_counter()
     status, error = "ok", None
+    loop = TrialLoop(spec, corpus, device, result, options=options, observers=watching, probe=probe,
+                     on_checkpoint=on_checkpoint)
     try:
-        with _deadline(t.timeout_s), _trial_state(device, t), _cuda_memory_cap(device, options.memory_cap_mib):
-            TrialLoop(spec, corpus, device, result, options=options, observers=watching, probe=probe,
-                      on_checkpoint=on_checkpoint, deadline=start + t.timeout_s if t.timeout_s else None).run()
+        with _trial_state(device, t), _cuda_memory_cap(device, options.memory_cap_mib):
+            loop.build()   # the process's start-up (a warm-up) is not charged to the trial's timeout
+            with _deadline(t.timeout_s):
+                loop.run()
     except Diverged as e:
         status, error, result.diverged_step = "diverged", str(e), e.step
     except TrialTimeout as e:
@@ -681,6 +690,7 @@ def run_trial(spec: TrialSpec, corpus: Corpus, device: torch.device | str | None
             status, error = "failed", f"{type(e).__name__}: {e}"[:2000]
             log.debug("trial failed", exc_info=True)
     # Released here, outside every except block: a live traceback would keep the step's tensors.
+    del loop
     release_memory(device)
     result.status, result.error = status, error  # type: ignore[assignment]
     if status in ("pruned", "timeout") and result.val_loss is None:
