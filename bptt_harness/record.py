@@ -146,10 +146,13 @@ class TrialResult:
         return dataclasses.asdict(self)
 
 
-def derive(r: TrialResult) -> None:
-    """The columns computed from others, in one place (the trainer and old records both use it)."""
-    if r.bptt and r.batch_size:
-        r.tokens_per_step = r.bptt * r.batch_size
+def derive(r: TrialResult, config: TrialConfig | None = None) -> None:
+    """The columns computed from others, in one place (the trainer, stored records and the report all use
+    it). ``config`` gives the shape when the result has none (a trial whose worker died stored only it)."""
+    shape = (r.bptt, r.batch_size) if r.bptt and r.batch_size else \
+        (config.bptt, config.batch_size) if config is not None else (0, 0)
+    if all(isinstance(v, int | float) and not isinstance(v, bool) and v > 0 for v in shape):
+        r.tokens_per_step = shape[0] * shape[1]
     r.seconds_per_ktok = 1000.0 / r.tokens_per_s if r.tokens_per_s else None
     e = r.probe.energy_j
     r.joules_per_ktok = e * 1000.0 / r.train_tokens if e is not None and r.train_tokens else None
@@ -264,7 +267,7 @@ class TrialRecord:
         rec = from_dict(cls, d)
         if rec.status not in STATUSES:
             rec.status = "failed"
-        derive(rec.result)
+        derive(rec.result, rec.config)
         return rec
 
 

@@ -59,15 +59,6 @@ CONFIG_COLUMNS: dict[str, str] = {
     **{f"{k}_std": f"standard deviation of {k} over ok repeats (empty when n < 2)" for k in AGG_METRICS},
 }
 
-NUMERIC = {"trial_number", "bptt", "batch_size", "tokens_per_step", "lr", "nhid", "emsize", "layers", "dropout",
-           "seed", "repeat", "diverged_step", "val_loss", "val_ppl", "best_val_ppl", "test_ppl", "train_tokens",
-           "steps", "tokens_per_s", "seconds_per_ktok", "train_s", "eval_s", "wall_s", "max_grad_norm",
-           "clipped_frac", "n_params", "flops_per_token", "achieved_flops_per_s", "final_lr", "peak_mem_mib",
-           "peak_mem_torch_mib", "peak_mem_torch_reserved_mib", "peak_mem_nvml_mib", "peak_mem_nvml_process_mib",
-           "idle_mem_nvml_mib", "peak_rss_mib", "energy_j", "joules_per_ktok", "mean_power_w", "max_power_w",
-           "mean_util_pct", "mean_sm_clock_mhz", "max_temp_c", "cpu_util_pct", "gpu_memory_mib", "gpu_count",
-           "cpu_cores", "budget_tokens", "budget_seconds"}
-
 # Hidden columns (not written to CSV) start with "_": the validation curves of each trial.
 CURVE = "_val_curve"
 TIME_CURVE = "_time_curve"
@@ -112,12 +103,6 @@ def records_to_frame(records: Iterable[dict]) -> pd.DataFrame:
         pd.DataFrame({c: pd.Series(dtype=object) for c in [*TRIAL_COLUMNS, CURVE, TIME_CURVE]})
     for c in NUMERIC:
         df[c] = pd.to_numeric(df[c].map(_num) if df[c].dtype == object else df[c], errors="coerce").astype(float)
-    # Records without these (written before they existed) get them from the columns they derive from.
-    df["tokens_per_step"] = df["bptt"] * df["batch_size"]
-    tps = df["tokens_per_s"].where(df["tokens_per_s"] > 0)
-    df["seconds_per_ktok"] = 1000.0 / tps
-    toks = df["train_tokens"].where(df["train_tokens"] > 0)
-    df["joules_per_ktok"] = df["energy_j"] * 1000.0 / toks
     missing = df["config_key"].isna()
     if missing.any():
         df.loc[missing, "config_key"] = [_key(b, s) for b, s in zip(df.loc[missing, "bptt"], df.loc[missing, "batch_size"])]
