@@ -25,6 +25,10 @@ RANK_COLUMNS: dict[str, str] = {
 }
 NUMERIC = {name for name, kind in _KINDS.items() if kind in ("int", "float")}
 INTEGER = {name for name, kind in _KINDS.items() if kind == "int"}
+# Every whole-number column the report writes (CSV and summary.json): the schema's, the per-configuration
+# counts and the places of the rankings. The frame holds them as floats (missing values are NaN).
+WHOLE = INTEGER | {"n", "n_trials", "n_oom", "n_diverged", "n_other", "pareto_rank", "place", "place_time", "measured",
+                   "max_ok_bptt", "min_oom_bptt"}
 
 # Columns averaged per configuration (mean in the column itself, std in <name>_std).
 AGG_METRICS = ("val_ppl", "best_val_ppl", "test_ppl", "tokens_per_s", "seconds_per_ktok", "peak_mem_mib",
@@ -62,6 +66,8 @@ CONFIG_COLUMNS: dict[str, str] = {
 # Hidden columns (not written to CSV) start with "_": the validation curves of each trial.
 CURVE = "_val_curve"
 TIME_CURVE = "_time_curve"
+TRAIN_CURVE = "_train_curve"
+HIDDEN = (CURVE, TIME_CURVE, TRAIN_CURVE)
 
 # The study's cost objective -> the column that measures it (lower is better).
 COST_COLUMNS = {"seconds_per_token": "seconds_per_ktok", "peak_memory": "peak_mem_mib",
@@ -90,6 +96,7 @@ def record_row(rec: dict) -> dict:
     row = flatten(typed)
     row[CURVE] = typed.result.val_curve if isinstance(typed.result.val_curve, list) else []
     row[TIME_CURVE] = typed.result.time_curve if isinstance(typed.result.time_curve, list) else []
+    row[TRAIN_CURVE] = typed.result.train_curve if isinstance(typed.result.train_curve, list) else []
     return row
 
 
@@ -99,8 +106,8 @@ def records_to_frame(records: Iterable[dict]) -> pd.DataFrame:
     Numbers are floats in the frame (missing values are NaN); :func:`csv_frame` writes the integer
     columns as integers."""
     rows = [record_row(r) for r in records]
-    df = pd.DataFrame.from_records(rows, columns=[*TRIAL_COLUMNS, CURVE, TIME_CURVE]) if rows else \
-        pd.DataFrame({c: pd.Series(dtype=object) for c in [*TRIAL_COLUMNS, CURVE, TIME_CURVE]})
+    df = pd.DataFrame.from_records(rows, columns=[*TRIAL_COLUMNS, *HIDDEN]) if rows else \
+        pd.DataFrame({c: pd.Series(dtype=object) for c in [*TRIAL_COLUMNS, *HIDDEN]})
     for c in NUMERIC:
         df[c] = pd.to_numeric(df[c].map(_num) if df[c].dtype == object else df[c], errors="coerce").astype(float)
     missing = df["config_key"].isna()
@@ -121,7 +128,7 @@ def csv_frame(df: pd.DataFrame) -> pd.DataFrame:
     """The frame as written to CSV: hidden (``_``) columns dropped, integer columns as integers
     (``35``, not ``35.0``; empty where missing)."""
     out = df[[c for c in df.columns if not str(c).startswith("_")]].copy()
-    for c in INTEGER | {"n", "n_trials", "n_oom", "n_diverged", "n_other", "steps", "pareto_rank"}:
+    for c in WHOLE:
         if c in out.columns and pd.api.types.is_numeric_dtype(out[c]):
             values = out[c].round()
             if ((values - out[c]).abs().fillna(0) < 1e-9).all():
