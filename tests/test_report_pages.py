@@ -319,3 +319,15 @@ def test_compare_of_cpus_is_titled_for_cpus_and_tables_are_narrow(tmp_path: Path
     side = page.split('id="side-by-side-table"')[1].split("</table>")[0]
     assert re.findall(r"<th[^>]*>([^<]*)</th>", side) == ["configuration", "A", "B"]
     assert "A = Synthetic CPU; B = Other CPU" in page
+
+
+def test_compare_csv_columns_are_documented(tmp_path: Path) -> None:
+    from bptt_harness.report.compare import COMPARE_COLUMNS
+
+    doc = (Path(__file__).resolve().parents[1] / "bptt_harness" / "report" / "README.md").read_text()
+    for col, meaning in COMPARE_COLUMNS.items():
+        assert f"| `{col}` | {meaning} |" in doc, col
+    a = synthetic_records(bptts=(35,), batch_sizes=(20,), machine_id="a")
+    b = synthetic_records(bptts=(35,), batch_sizes=(20,), machine_id="b", gpu_name="Other GPU")
+    csv = write_compare(records_to_frame(a + b), name="doc", out_root=tmp_path).csv
+    assert set(pd.read_csv(csv, nrows=0).columns) <= set(COMPARE_COLUMNS)

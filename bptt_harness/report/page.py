@@ -43,7 +43,8 @@ dl.answers dd { margin:2px 0 0 0; }
 .table-wrap { overflow-x:auto; margin:8px 0; max-width:100%; }
 table { border-collapse:collapse; width:100%; font-size:13.5px; }
 th, td { padding:5px 8px; border-bottom:1px solid var(--line); text-align:right; white-space:nowrap; }
-th { background:#f3f5f7; position:sticky; top:0; }
+th { background:#f3f5f7; position:sticky; top:0; white-space:normal; vertical-align:bottom; }
+@media (max-width: 900px) { main { padding:16px 14px 40px; } th, td { padding:4px 5px; } table { font-size:12.5px; } }
 td.l, th.l { text-align:left; }
 td.wrap, th.wrap { white-space:normal; text-align:left; min-width:220px; max-width:520px; }
 tr.front td:first-child { border-left:3px solid var(--accent); }
