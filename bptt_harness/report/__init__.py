@@ -1,7 +1,7 @@
 """Trials -> DataFrame -> Pareto ranking -> CSV, self-contained HTML and a console table.
 
 The public entry points are :func:`generate` (one study) and
-:func:`bptt_harness.report.compare.generate_compare` (several machines side by side). Heavy imports
+:func:`bptt_harness.report.compare.generate_compare` (result sets side by side). Heavy imports
 (pandas, plotly, optuna) happen inside them, so ``import bptt_harness.report`` stays cheap.
 """
 

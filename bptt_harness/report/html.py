@@ -222,7 +222,7 @@ def _figures(items: list[tuple[str, Drawn | None]]) -> str:
     return "".join(figure_block(div_id, d) for div_id, d in items if d is not None)
 
 
-def searched_keys(rep: Report) -> list[str]:
+def _searched_keys(rep: Report) -> list[str]:
     """The keys the study searched: bptt and batch size, and the configuration fields that vary."""
     return ["bptt", "batch_size", *varying_fields(rep.configs)]
 
@@ -234,7 +234,7 @@ def _trials_section(rep: Report) -> str:
         items.append(("fig-space", space.scatter(c)))
     items += [(f"fig-{short}", figures.heatmap(c, metric)) for short, metric in
               (("ppl", "val_ppl"), ("tps", "tokens_per_s"), ("mem", "peak_mem_mib"), ("energy", "joules_per_ktok"))]
-    items += [("fig-parallel", figures.parallel(c, searched_keys(rep))),
+    items += [("fig-parallel", figures.parallel(c, _searched_keys(rep))),
               ("fig-pareto", figures.pareto(rep.ranking, rep.advice.recommended)),
               ("fig-curves", figures.curves(rep.trials, rep.ranking, rep.equal_time)),
               ("fig-training", figures.training(rep.trials, rep.ranking))]
