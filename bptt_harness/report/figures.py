@@ -349,10 +349,12 @@ def memory(trials: pd.DataFrame, fit: MemoryFit | None, card_mib: float | None,
         return None
     fig = go.Figure()
     for name, d, fitted in sources:
+        filled = fitted or (fit is None and name == "trials")
         fig.add_trace(go.Scatter(
-            x=d["x"], y=d["y"], mode="markers", name=f"{name} (fitted)" if fitted else f"{name} (not fitted)",
-            marker=dict(size=8 if fitted else 9, color="#1f77b4" if fitted else "#6a3d9a",
-                        symbol="circle" if fitted else "diamond-open", line=dict(width=1.5)),
+            x=d["x"], y=d["y"], mode="markers",
+            name=name if fit is None else f"{name} (fitted)" if fitted else f"{name} (not fitted)",
+            marker=dict(size=8 if filled else 9, color="#1f77b4" if filled else "#6a3d9a",
+                        symbol="circle" if filled else "diamond-open", line=dict(width=1.5)),
             text=[f"{n}: {numbers.count(x)} tokens/step, {numbers.mib(y)}" for n, x, y in zip(d["text"], d["x"], d["y"])],
             hovertemplate="%{text}<extra></extra>"))
     oom = trials[(trials["status"] == "oom") & trials["bptt"].notna() & trials["batch_size"].notna()]
