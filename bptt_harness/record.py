@@ -13,6 +13,7 @@ This module imports neither torch nor pandas, so parsing a study file or reading
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import typing
 from dataclasses import dataclass, field
@@ -284,6 +285,7 @@ def finite_or_none(obj: Any) -> Any:
     return obj
 
 
+@functools.cache  # resolving the string annotations is slow: 10,000 records read each class's hints 7 times
 def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
@@ -346,18 +348,23 @@ def _walk(cls: type, prefix: tuple[str, ...]) -> list[Column]:
 
 def trial_columns() -> list[Column]:
     """The columns of ``trials.csv``, in order."""
+    return list(_columns())
+
+
+@functools.cache  # the schema is fixed at import: walked once, not once per record
+def _columns() -> tuple[Column, ...]:
     cols = _walk(TrialRecord, ())
     names = [c.name for c in cols]
     dupes = {n for n in names if names.count(n) > 1}
     if dupes:  # a schema edit that would silently overwrite a column
         raise AssertionError(f"trial record columns declared twice: {sorted(dupes)}")
-    return cols
+    return tuple(cols)
 
 
 def flatten(rec: TrialRecord) -> dict[str, Any]:
     """One record -> one ``trials.csv`` row (column name -> value)."""
     row: dict[str, Any] = {}
-    for c in trial_columns():
+    for c in _columns():
         v: Any = rec
         for part in c.path:
             v = getattr(v, part)
