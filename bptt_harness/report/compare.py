@@ -29,7 +29,7 @@ from bptt_harness.errors import HarnessError
 from bptt_harness.fileio import write_files_atomic
 from bptt_harness.report import ReportPaths, figures, numbers, safe_dirname
 from bptt_harness.report.advice import near_best
-from bptt_harness.report.frame import aggregate_configs, label, labels, records_to_frame
+from bptt_harness.report.frame import aggregate_configs, label, labels, records_to_frame, varying_fields
 from bptt_harness.report.page import Column, Drawn, esc, figure_block, meta_line, page, table
 from bptt_harness.report.setup import attach_setup, differences, like_with_like
 from bptt_harness.report.source import load_trials, resolve, shown_storage
@@ -78,9 +78,28 @@ def result_sets(trials: pd.DataFrame) -> pd.Series:
     return groups["source"] + " · " + groups["machine"]
 
 
+def configuration_keys(trials: pd.DataFrame) -> pd.Series:
+    """Per row, the configuration as the comparison lines it up: bptt, batch size and every field that varies
+    over all the result sets (``bptt=4,batch_size=8,lr=0.01``). A study's own ``config_key`` names only what it
+    searched, so a run that fixed lr 0.01 and one that searched lr would not line up by it."""
+    extra = varying_fields(trials)
+    cols = ["bptt", "batch_size", *extra]
+    if trials[["bptt", "batch_size"]].isna().any(axis=None):
+        return trials["config_key"].astype(str)
+    return pd.Series([",".join(f"{c}={_value(v)}" for c, v in zip(cols, row))
+                      for row in trials[cols].itertuples(index=False, name=None)], index=trials.index)
+
+
+def _value(v: object) -> str:
+    if isinstance(v, float):
+        return "" if v != v else f"{int(v)}" if v.is_integer() else f"{v:g}"
+    return str(v)
+
+
 def compare_frames(trials: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
     """(long per-result-set-per-configuration frame with ratios, per-result-set summary, result-set order)."""
-    trials = trials.assign(machine=machine_labels(trials), result_set=result_sets(trials))
+    trials = trials.assign(machine=machine_labels(trials), result_set=result_sets(trials),
+                           config_key=configuration_keys(trials))
     order = list(dict.fromkeys(trials["result_set"]))
     cfg = aggregate_configs(trials, by=("result_set", "config_key"))
     cfg["status"] = np.where(cfg["n"] > 0, "ok", np.where(cfg["n_oom"] > 0, "oom",
@@ -111,8 +130,9 @@ def _summary_row(c: pd.DataFrame, name: str, first: pd.DataFrame) -> dict:
     pair = near_best(ok, "seconds_per_ktok") if len(ok) else None
     if pair is not None:
         best, cheap = pair
-        row.update(best=label(best), best_ppl=best["val_ppl"], best_tokens_per_s=best["tokens_per_s"],
-                   best_joules_per_ktok=best["joules_per_ktok"], recommended=label(cheap),
+        extra = varying_fields(c)
+        row.update(best=label(best, extra), best_ppl=best["val_ppl"], best_tokens_per_s=best["tokens_per_s"],
+                   best_joules_per_ktok=best["joules_per_ktok"], recommended=label(cheap, extra),
                    recommended_ppl=cheap["val_ppl"], recommended_tokens_per_s=cheap["tokens_per_s"])
     return row
 
@@ -142,9 +162,13 @@ def _dates(g: pd.DataFrame) -> str:
     end = pd.to_datetime(g["finished_at"], errors="coerce", utc=True).dropna()
     if start.empty and end.empty:
         return ""
-    lo = (start if len(start) else end).min().strftime("%Y-%m-%d %H:%M")
-    hi = (end if len(end) else start).max().strftime("%Y-%m-%d %H:%M")
-    return lo if lo == hi else f"{lo} – {hi}"
+    lo = (start if len(start) else end).min()
+    hi = (end if len(end) else start).max()
+    first = lo.strftime("%Y-%m-%d %H:%M")
+    if lo.date() == hi.date():
+        last = hi.strftime("%H:%M")
+        return first if last == lo.strftime("%H:%M") else f"{first}–{last}"
+    return f"{first} – {hi.strftime('%Y-%m-%d %H:%M')}"
 
 
 def _source_name(src: str) -> str:
@@ -272,7 +296,7 @@ def _bars(cfg: pd.DataFrame, order: list[str], col: str, axis: str) -> go.Figure
     fig = go.Figure()
     keys = list(dict.fromkeys(d["config_key"]))
     uniq = d.drop_duplicates("config_key")
-    names = dict(zip(uniq["config_key"], labels(uniq)))
+    names = dict(zip(uniq["config_key"], labels(uniq, varying_fields(d))))
     for m in order:
         dm = d[d["result_set"] == m].set_index("config_key")
         # Plotly renders a few HTML tags in legend text: escape the name so it shows as written.
@@ -281,6 +305,7 @@ def _bars(cfg: pd.DataFrame, order: list[str], col: str, axis: str) -> go.Figure
     fig.update_layout(**{**figures.LAYOUT, "margin": dict(l=70, r=30, t=30, b=110)}, barmode="group",
                       legend=dict(orientation="h", y=1.12))
     fig.update_yaxes(title=axis)
+    fig.update_xaxes(automargin=True)  # long configuration names turn and need the room
     return fig
 
 
@@ -316,7 +341,8 @@ def _side_table(cfg: pd.DataFrame, order: list[str], what: str, table_id: str) -
     first = cfg.drop_duplicates("config_key").set_index("config_key")
     rows = pd.DataFrame({"config_key": keys})
     letters = _letters(order)
-    cols: list[Column] = [("l", "configuration", lambda r: label(first.loc[r["config_key"]]))]
+    extra = varying_fields(cfg)
+    cols: list[Column] = [("l", "configuration", lambda r: label(first.loc[r["config_key"]], extra))]
     cols += [("", letters[m], _side_cell(cfg, m, order[0], what)) for m in order]
     return table(rows, cols, table_id=table_id)
 
@@ -327,7 +353,7 @@ def _differ_table(differ: pd.DataFrame, letters: dict[str, str]) -> str:
                           ("l", "machine", lambda r: r["machine"]), ("l", "torch", lambda r: r["torch"]),
                           ("l", "setup", lambda r: r["setup"]),
                           ("wrap", "differs from the first in", lambda r: r["differs"] or ("—" if r.name else "(reference)")),
-                          ("l", "ran", lambda r: r["ran"]), ("", "trials", lambda r: str(r["trials"]))]
+                          ("l", "ran (UTC)", lambda r: r["ran"]), ("", "trials", lambda r: str(r["trials"]))]
     return table(differ, cols, table_id="what-differs")
 
 
@@ -359,7 +385,8 @@ def _compare_figures(cfg: pd.DataFrame, order: list[str]) -> str:
     for div_id, col, title, axis, what in (
             ("fig-cmp-tps", "tokens_per_s", "Throughput per configuration", "tokens/s", "Taller is faster."),
             ("fig-cmp-mem", "peak_mem_mib", "Peak memory per configuration", "MiB",
-             "The same configuration can need different memory on different machines (allocator, cuDNN workspaces)."),
+             "The same configuration can need different memory in another result set: another machine's allocator "
+             "and cuDNN workspaces, or another setting."),
             ("fig-cmp-energy", "joules_per_ktok", "Energy per 1k training tokens", "J per 1k tokens",
              "Lower is cheaper in energy for the same amount of training.")):
         f = _bars(ok, order, col, axis)
