@@ -331,3 +331,14 @@ def test_compare_csv_columns_are_documented(tmp_path: Path) -> None:
     b = synthetic_records(bptts=(35,), batch_sizes=(20,), machine_id="b", gpu_name="Other GPU")
     csv = write_compare(records_to_frame(a + b), name="doc", out_root=tmp_path).csv
     assert set(pd.read_csv(csv, nrows=0).columns) <= set(COMPARE_COLUMNS)
+
+
+def test_a_run_that_fixed_a_key_lines_up_with_one_that_searched_it(tmp_path: Path) -> None:
+    fixed = synthetic_records(bptts=(35,), batch_sizes=(20,), machine_id="m", study="a")          # key bptt=35,...
+    searched = synthetic_records(bptts=(35,), batch_sizes=(20,), lrs=(20.0, 10.0), machine_id="m", study="b")
+    trials = pd.concat([records_to_frame(fixed).assign(source="fixed"),
+                        records_to_frame(searched).assign(source="searched")], ignore_index=True)
+    df = pd.read_csv(write_compare(trials, name="ab", out_root=tmp_path).csv)
+    assert set(df["config_key"]) == {"bptt=35,batch_size=20,lr=20", "bptt=35,batch_size=20,lr=10"}
+    both = df[df["config_key"] == "bptt=35,batch_size=20,lr=20"]
+    assert set(both["result_set"]) == {"fixed", "searched"} and both["tokens_per_s_ratio"].notna().all()
