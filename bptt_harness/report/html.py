@@ -71,7 +71,7 @@ def _budget_text(t: pd.DataFrame) -> str | None:
         tokens = resolved.mode().iloc[0] if len(resolved) else declared.iloc[0]
         epochs = t["budget_epochs"].dropna() if "budget_epochs" in t else pd.Series(dtype=float)
         return f"{numbers.count(tokens)} training tokens per trial" + (
-            f" ({numbers.num(epochs.iloc[0], 3)} × the train split)" if len(epochs) else "")
+            f" ({numbers.num(epochs.iloc[0], 3)} x the train split)" if len(epochs) else "")
     if budget == "seconds" and t["budget_seconds"].notna().any():
         return f"{numbers.num(t['budget_seconds'].dropna().iloc[0], 3)} training seconds per trial"
     return None
