@@ -35,7 +35,9 @@ from bptt_harness.errors import HarnessError
 from bptt_harness.model import ModelFamily, evaluate_carried, evaluate_sliding, family_of, register_family, unregister_family
 from bptt_harness.observers import TrialObserver
 from bptt_harness.probe import make_probe
+from bptt_harness.report.build import build
 from bptt_harness.report.frame import records_to_frame
+from bptt_harness.report.html import render
 from bptt_harness.report.memory import card_table, fit_memory, shape_label
 from bptt_harness.spec import WINDOW2_X_BS, WINDOW_X_BS, FamilyInfo, MemoryTerm, ModelConfig, RunOptions, TrainConfig, TrialSpec, declare_family, forget_family
 from bptt_harness.trainer import WARM_UP_STEPS, run_trial, tf32_flags
@@ -438,6 +440,9 @@ def test_the_memory_fit_uses_the_terms_the_family_declares(attention: FamilyInfo
         room = 4096.0 - f.overhead_mib - a
         w = (-b * bs + math.sqrt((b * bs) ** 2 + 4 * c * bs * room)) / (2 * c * bs)
         assert table.loc[bs, "4 GiB"] in (math.floor(w) - 1, math.floor(w))
+    # The report states the family's law, not the recurrent one.
+    rep = build(trials, study_name="attn")
+    assert f.law() in render(rep) and f.law() in next(x.text for x in rep.advice.findings if x.key == "memory")
     # The same points read with the recurrent law would not hold: the terms matter.
     forget_family("attn")
     linear = fit_memory(trials)[0]

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from bptt_harness.report.numbers import num
 from bptt_harness.spec import FACTORY, WINDOW_X_BS, MemoryTerm, find_family
 
 # Total memory as nvidia-smi reports it, MiB: what a process can address, not the nominal size
@@ -100,8 +101,9 @@ class MemoryFit:
         return self.terms == (WINDOW_X_BS,)
 
     def law(self) -> str:
-        """``12.3 + 0.0021 × window × bs``, in MiB."""
-        parts = [f"{self.intercept_mib:.4g}", *(f"{c:.4g} × {t.name}" for t, c in zip(self.terms, self._coefs))]
+        """The fitted law in MiB, every term the family declared: ``300 + 0.02 × window × bs + 0.0005 ×
+        window² × bs`` (window: the longest training window)."""
+        parts = [num(self.intercept_mib, 3), *(f"{num(c, 4)} × {t.name}" for t, c in zip(self.terms, self._coefs))]
         return " + ".join(parts).replace("+ -", "− ")
 
     @property
