@@ -13,6 +13,7 @@ from bptt_harness.report.frame import COST_COLUMNS, aggregate_configs
 from bptt_harness.report.memory import MemoryFit, MemoryWall, card_table, fit_memory, memory_wall
 from bptt_harness.report.noise import add_intervals
 from bptt_harness.report.rank import EqualTime, Ranking, equal_time_ranking, rank_configs
+from bptt_harness.report.rules import RulesOfThumb, check_rules
 
 
 @dataclass
@@ -32,6 +33,7 @@ class Report:
     generated_at: str = ""
     budget: BudgetVerdict = field(default_factory=BudgetVerdict)
     profile: pd.DataFrame | None = None   # the study's profile.csv (bptt-harness profile), when it has one
+    rules: RulesOfThumb | None = None     # the forum's rules of thumb, checked (report/rules.py)
 
 
 def study_cost(trials: pd.DataFrame, info: dict | None = None) -> str:
@@ -57,4 +59,4 @@ def build(trials: pd.DataFrame, *, study_name: str, storage_display: str | None 
     adv = advise(trials, configs, ranking, et, fits, wall, n_running, by_budget)
     now = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     return Report(study_name, trials, configs, ranking, et, fits, cards, wall, adv, storage_display, info,
-                  n_running, now, by_budget, profile)
+                  n_running, now, by_budget, profile, check_rules(trials, profile, fits))

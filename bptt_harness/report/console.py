@@ -57,4 +57,8 @@ def summary(rep: Report, top: int = 10, width: int = 110) -> str:
         lines.extend(textwrap.wrap(f"- {f.title}{sep} {f.text}", width, subsequent_indent="  "))
     for n in rep.advice.notes:
         lines.extend(textwrap.wrap(f"note: {n}", width, subsequent_indent="  "))
+    if rep.rules is not None:
+        lines.append("The rules of thumb, checked:")
+        for r in rep.rules.checks():
+            lines.extend(textwrap.wrap(f"- {r.key} ({r.verdict}): {r.text}", width, subsequent_indent="  "))
     return "\n".join(lines)
