@@ -238,3 +238,25 @@ def test_check_rules_on_nothing_that_finished() -> None:
     records = synthetic_records(bptts=(35,), batch_sizes=(20,), lrs=(40.0,))
     rules = check_rules(records_to_frame(records))
     assert [r.verdict for r in rules.checks()] == ["not tested"] * 3
+
+
+# --------------------------------------------------------------------------- studies/stability.toml
+
+def test_the_stability_study_can_see_the_stability_rule() -> None:
+    """Shapes at equal tokens per step with the same lr (a fixed rule), several lrs, an unclipped and a clipped
+    arm, and seeds: what check_stability needs to say more than "not tested"."""
+    import itertools
+
+    from bptt_harness.config import load_study
+
+    config = load_study(Path(__file__).resolve().parent.parent / "studies" / "stability.toml")
+    assert config.sampler == "grid" and config.lr_rule.rule == "fixed" and config.repeats >= 2
+    shapes = list(itertools.product(config.search["bptt"].grid(), config.search["batch_size"].grid()))
+    by_tokens: dict[int, set[int]] = {}
+    for b, s in shapes:
+        by_tokens.setdefault(b * s, set()).add(b)
+    assert any(len(b) >= 2 for b in by_tokens.values())
+    assert len(config.search["lr"].grid()) >= 3
+    clips = config.search["clip"].grid()
+    assert 0.0 in clips and any(c > 0 for c in clips)
+    assert config.train.anneal == 1.0   # the lr a configuration names is the lr it trains at
