@@ -333,7 +333,9 @@ def _rules_section(rep: Report) -> str:
 def _column_cell(col: str) -> Callable[[pd.Series], str]:
     def cell(x: pd.Series) -> str:
         v = x[col]
-        return _num(v, "{:,.4g}") if isinstance(v, float) else "" if v is None else str(v)
+        if isinstance(v, float):
+            return _num(v, "{:,.0f}" if abs(v) >= 1000 else "{:.4g}")
+        return "" if v is None else str(v)
     return cell
 
 

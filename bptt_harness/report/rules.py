@@ -511,7 +511,7 @@ def _speed_groups(df: pd.DataFrame, fields: Sequence[str], cv: float, dof: int, 
 def _ratio_text(r: pd.Series, with_interval: bool = True) -> str:
     iv = f" (interval {num(r['ratio_lo'])}–{num(r['ratio_hi'])})" if with_interval and \
         r["ratio_lo"] is not None and pd.notna(r["ratio_lo"]) else ""
-    return f"{r['long']} {num(r['ratio'])}× the tokens/s of {r['short']}{iv}"
+    return f"{r['long']} ran at {num(r['ratio'])}× the tokens/s of {r['short']}{iv}"
 
 
 def check_speed(trials: pd.DataFrame, profile: pd.DataFrame | None = None) -> RuleCheck:
