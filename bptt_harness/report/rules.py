@@ -320,7 +320,9 @@ def stratified_p(tables: Sequence[tuple[int, int, int, int]]) -> tuple[float, fl
 
 def _runs(trials: pd.DataFrame) -> pd.DataFrame:
     d = trials[trials["status"].isin(_RAN) & trials["bptt"].notna() & trials["batch_size"].notna()]
-    return d.assign(_div=(d["status"] == "diverged").astype(int))
+    # The largest gradient norm of a run that finished: a diverged run's is its blow-up.
+    return d.assign(_div=(d["status"] == "diverged").astype(int),
+                    max_grad_norm_ok=d["max_grad_norm"].where(d["status"] == "ok"))
 
 
 def _clip_text(v: object) -> str:
@@ -386,7 +388,7 @@ def check_stability(trials: pd.DataFrame) -> RuleCheck:
     tables, edge = [], []
     for g in groups:
         per = g.groupby(["bptt", "batch_size"], as_index=False).agg(runs=("_div", "size"), diverged=("_div", "sum"),
-                                                                    max_grad_norm=("max_grad_norm", "median"))
+                                                                    max_grad_norm_ok=("max_grad_norm_ok", "median"))
         first = g.iloc[0]
         per = per.assign(tokens_per_step=first["tokens_per_step"], lr=first.get("lr"), clip=first.get("clip"))
         rows.append(per)
@@ -416,8 +418,8 @@ def check_stability(trials: pd.DataFrame) -> RuleCheck:
                    p_longer_diverges_more=p_up, p_shorter_diverges_more=p_down)
     counts = (f"In {len(groups)} group(s) of shapes at equal tokens per step, lr and clip, the longest window diverged "
               f"more often than the shortest in {up}, less often in {down}; in {all_div} every shape diverged")
-    test = (f"exact test over the groups, seeds included: p = {p_up:.2g} that longer windows diverge more by chance, "
-            f"p = {p_down:.2g} the other way")
+    test = (f"an exact test over the groups, seeds included: if bptt did not matter, as many long-window divergences "
+            f"or more would come with p = {p_up:.2g}, as few or fewer with p = {p_down:.2g}")
     if p_up < ALPHA and up > down:
         verdict: Verdict = "holds"
         text = f"Holds: at equal tokens per step and lr, longer windows diverged where shorter ones finished. {counts} ({test})."
@@ -548,7 +550,7 @@ def check_speed(trials: pd.DataFrame, profile: pd.DataFrame | None = None) -> Ru
              + (", borrowed from the trials" if source == "the profile" else "")) if math.isfinite(cv) else ""
     if not math.isfinite(cv):
         verdict: Verdict = "inconclusive"
-        text = (f"Inconclusive: on {where}, {listed} ({source}); no configuration ran twice, so the timing noise is "
+        text = (f"Inconclusive: on {where}, {listed} ({source}); no shape was timed twice, so the timing noise is "
                 "unknown and no difference can be called real.")
     elif slower and not faster:
         verdict = "holds"
