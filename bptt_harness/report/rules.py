@@ -319,10 +319,41 @@ def stratified_p(tables: Sequence[tuple[int, int, int, int]]) -> tuple[float, fl
 
 
 def _runs(trials: pd.DataFrame) -> pd.DataFrame:
+    """The runs that say something about stability (ok or diverged), with ``_div`` (1: diverged), ``_bad``
+    (1: diverged, or finished with a validation perplexity above a uniform guess, which the trainer's guard let
+    through) and the largest gradient norm of the runs that finished sound (a blown-up run's is its blow-up)."""
     d = trials[trials["status"].isin(_RAN) & trials["bptt"].notna() & trials["batch_size"].notna()]
-    # The largest gradient norm of a run that finished: a diverged run's is its blow-up.
-    return d.assign(_div=(d["status"] == "diverged").astype(int),
-                    max_grad_norm_ok=d["max_grad_norm"].where(d["status"] == "ok"))
+    vocab = pd.to_numeric(d["vocab_size"], errors="coerce") if "vocab_size" in d else pd.Series(np.nan, index=d.index)
+    worse = (d["status"] == "ok") & (d["val_ppl"] > vocab)
+    div = d["status"] == "diverged"
+    return d.assign(_div=div.astype(int), _bad=(div | worse).astype(int), _worse=worse.astype(int),
+                    max_grad_norm_ok=d["max_grad_norm"].where((d["status"] == "ok") & ~worse))
+
+
+@dataclass(frozen=True)
+class _Edges:
+    """Groups of shapes at equal tokens per step, lr and clip, counted under one reading of "unstable"."""
+
+    rows: list[pd.DataFrame]   # per group: one row per shape (runs, unstable runs)
+    up: int                    # groups where the longest window was unstable more often than the shortest
+    down: int                  # ... less often
+    all_bad: int               # groups where every run was unstable
+    edge: int                  # groups with stable and unstable runs
+    p_up: float                # exact test: as many long-window failures or more, if bptt did not matter
+    p_down: float              # ... as few or fewer
+
+
+def _edges(groups: list[pd.DataFrame], col: str) -> _Edges:
+    rows, tables = [], []
+    for g in groups:
+        per = g.groupby(["bptt", "batch_size"], as_index=False).agg(runs=(col, "size"), unstable=(col, "sum"))
+        rows.append(per)
+        short, long_ = per.iloc[0], per.iloc[-1]
+        tables.append((int(long_["unstable"]), int(long_["runs"]), int(short["unstable"]), int(short["runs"])))
+    p_up, p_down = stratified_p(tables)
+    return _Edges(rows, sum(1 for a, n, b, m in tables if a / n > b / m), sum(1 for a, n, b, m in tables if a / n < b / m),
+                  sum(1 for r in rows if r["unstable"].sum() == r["runs"].sum()),
+                  sum(1 for r in rows if 0 < r["unstable"].sum() < r["runs"].sum()), p_up, p_down)
 
 
 def _clip_text(v: object) -> str:
@@ -334,37 +365,36 @@ def _clip_text(v: object) -> str:
 
 
 def _boundaries(runs: pd.DataFrame, group: pd.DataFrame) -> str:
-    """Per shape of the group (its other settings, any lr): the lowest lr that diverged and the highest
-    that always finished, as a clause."""
+    """Per shape of the group (its other settings, every lr): diverged runs of all runs at each lr."""
     fields = [f for f in _present(runs, TRAINING) if f != "lr"]
     key = _keyed(group.iloc[:1], fields).iloc[0]
-    same = runs[_keyed(runs, fields) == key]
+    same = runs[(_keyed(runs, fields) == key) & (runs["tokens_per_step"] == group["tokens_per_step"].iloc[0])]
     parts = []
-    for (b, bs), g in same[same["tokens_per_step"] == group["tokens_per_step"].iloc[0]].groupby(["bptt", "batch_size"]):
+    for (b, bs), g in same.groupby(["bptt", "batch_size"]):
         by_lr = g.groupby("lr")["_div"].agg(["sum", "count"])
-        bad = by_lr.index[by_lr["sum"] > 0]
-        fine = by_lr.index[by_lr["sum"] == 0]
-        first = f"first diverged at lr {num(bad.min())}" if len(bad) else f"never diverged up to lr {num(by_lr.index.max())}"
-        parts.append(f"{shape(b, bs)} {first}" + (f" (finished at lr {num(fine.max())})" if len(bad) and len(fine) else ""))
+        parts.append(f"{shape(b, bs)} " + ", ".join(f"{int(r['sum'])}/{int(r['count'])} at lr {num(lr)}"
+                                                    for lr, r in by_lr.iterrows()))
     return "; ".join(parts)
 
 
 def _grad_norm(runs: pd.DataFrame) -> tuple[str, dict]:
     """How the largest gradient norm before clipping grows with bptt, at equal tokens per step, lr and
-    clip, over the runs that finished: ln(norm) = c_group + k ln(bptt)."""
-    ok = runs[(runs["status"] == "ok") & (runs["max_grad_norm"] > 0) & np.isfinite(runs["max_grad_norm"])]
+    clip, over the runs that finished sound: ln(norm) = c_group + k ln(bptt)."""
+    ok = runs[runs["max_grad_norm_ok"] > 0]
     groups = equal_step_groups(ok, TRAINING)
     if not groups:
         return "", {}
     d = pd.concat([g.assign(_grp=i) for i, g in enumerate(groups)], ignore_index=True)
-    k, se, dof, n = within_slope(np.log(d["bptt"]), np.log(d["max_grad_norm"]), d["_grp"].to_numpy())
+    k, se, dof, n = within_slope(np.log(d["bptt"]), np.log(d["max_grad_norm_ok"]), d["_grp"].to_numpy())
     lo, hi = interval(k, se, dof)
     has = dof >= 1 and math.isfinite(se)
-    ratios = [float(g.loc[g["bptt"] == g["bptt"].max(), "max_grad_norm"].median()
-                    / g.loc[g["bptt"] == g["bptt"].min(), "max_grad_norm"].median()) for g in groups]
+    ratios = [float(g.loc[g["bptt"] == g["bptt"].max(), "max_grad_norm_ok"].median()
+                    / g.loc[g["bptt"] == g["bptt"].min(), "max_grad_norm_ok"].median()) for g in groups]
     spans = [float(g["bptt"].max() / g["bptt"].min()) for g in groups]
+    left = int(runs["_worse"].sum())
     text = (f" The largest gradient norm before clipping grows as bptt^{k:.2f} at equal tokens per step, lr and clip "
             f"({n} finished runs in {len(groups)} group(s)"
+            + (f", leaving out {left} that ended worse than a uniform guess" if left else "")
             + (f"; 95% interval {lo:.2f} to {hi:.2f} from the runs' scatter about one common exponent, {dof} degree(s) "
                "of freedom" if has else "; no run beyond one per shape and group, so no interval")
             + f"): the longest window's norm is {num(float(np.median(ratios)))}× the shortest's (median over groups, "
@@ -372,6 +402,13 @@ def _grad_norm(runs: pd.DataFrame) -> tuple[str, dict]:
     return text, {"grad_norm_exponent": k, "grad_norm_exponent_lo": lo if has else None,
                   "grad_norm_exponent_hi": hi if has else None, "grad_norm_dof": dof, "grad_norm_runs": n,
                   "grad_norm_groups": len(groups), "grad_norm_ratio_median": float(np.median(ratios))}
+
+
+def _counts(e: _Edges, n_groups: int, what: str) -> str:
+    return (f"in {n_groups} group(s) of shapes at equal tokens per step, lr and clip, the longest window {what} more "
+            f"often than the shortest in {e.up}, less often in {e.down}, and every shape {what} in {e.all_bad} (an exact "
+            f"test over the groups, seeds included: if bptt did not matter, as many long-window failures or more would "
+            f"come with p = {e.p_up:.2g}, as few or fewer with p = {e.p_down:.2g})")
 
 
 def check_stability(trials: pd.DataFrame) -> RuleCheck:
@@ -385,17 +422,12 @@ def check_stability(trials: pd.DataFrame) -> RuleCheck:
     numbers.update(runs=len(runs), diverged=n_div, groups=len(groups))
     notes = _stability_notes(trials, runs) if n_div else ""
     rows = []
-    tables, edge = [], []
     for g in groups:
-        per = g.groupby(["bptt", "batch_size"], as_index=False).agg(runs=("_div", "size"), diverged=("_div", "sum"),
-                                                                    max_grad_norm_ok=("max_grad_norm_ok", "median"))
+        per = g.groupby(["bptt", "batch_size"], as_index=False).agg(
+            runs=("_div", "size"), diverged=("_div", "sum"), worse_than_uniform=("_worse", "sum"),
+            max_grad_norm_ok=("max_grad_norm_ok", "median"))
         first = g.iloc[0]
-        per = per.assign(tokens_per_step=first["tokens_per_step"], lr=first.get("lr"), clip=first.get("clip"))
-        rows.append(per)
-        short, long_ = per.iloc[0], per.iloc[-1]
-        tables.append((int(long_["diverged"]), int(long_["runs"]), int(short["diverged"]), int(short["runs"])))
-        if 0 < per["diverged"].sum() < per["runs"].sum():
-            edge.append((g, per))
+        rows.append(per.assign(tokens_per_step=first["tokens_per_step"], lr=first.get("lr"), clip=first.get("clip")))
     table = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame()
     if n_div == 0:
         text = (f"Not tested: none of the {len(runs)} runs diverged, so the study never reached the edge that bptt "
@@ -405,43 +437,44 @@ def check_stability(trials: pd.DataFrame) -> RuleCheck:
         text = (f"Not tested: {n_div} of {len(runs)} runs diverged, but " + confounded(runs, TRAINING)
                 + ", so no comparison differs only in the shape.")
         return RuleCheck("stability", title, STABILITY_CLAIM, "not tested", text + grad_text + notes, numbers, table)
-    group_div = [int(r["diverged"].sum()) for r in rows]
-    if not any(group_div):
+    if not any(int(r["diverged"].sum()) for r in rows):
         text = (f"Not tested: {n_div} of {len(runs)} runs diverged, none of them in a group of shapes at equal tokens "
                 "per step, lr and clip, so no comparison differs only in the shape.")
         return RuleCheck("stability", title, STABILITY_CLAIM, "not tested", text + grad_text + notes, numbers, table)
-    p_up, p_down = stratified_p(tables)
-    up = sum(1 for d_l, n_l, d_s, n_s in tables if d_l / n_l > d_s / n_s)
-    down = sum(1 for d_l, n_l, d_s, n_s in tables if d_l / n_l < d_s / n_s)
-    all_div = sum(1 for r in rows if int(r["diverged"].sum()) == int(r["runs"].sum()))
-    numbers.update(edge_groups=len(edge), longer_diverged_more=up, shorter_diverged_more=down, all_diverged=all_div,
-                   p_longer_diverges_more=p_up, p_shorter_diverges_more=p_down)
-    counts = (f"In {len(groups)} group(s) of shapes at equal tokens per step, lr and clip, the longest window diverged "
-              f"more often than the shortest in {up}, less often in {down}; in {all_div} every shape diverged")
-    test = (f"an exact test over the groups, seeds included: if bptt did not matter, as many long-window divergences "
-            f"or more would come with p = {p_up:.2g}, as few or fewer with p = {p_down:.2g}")
-    if p_up < ALPHA and up > down:
+    e = _edges(groups, "_div")
+    numbers.update(edge_groups=e.edge, longer_diverged_more=e.up, shorter_diverged_more=e.down,
+                   all_diverged=e.all_bad, p_longer_diverges_more=e.p_up, p_shorter_diverges_more=e.p_down)
+    counts = _counts(e, len(groups), "diverged")
+    if e.p_up < ALPHA and e.up > e.down:
         verdict: Verdict = "holds"
-        text = f"Holds: at equal tokens per step and lr, longer windows diverged where shorter ones finished. {counts} ({test})."
-    elif p_down < ALPHA and down > up:
+        text = f"Holds: at equal tokens per step and lr, longer windows diverged where shorter ones finished: {counts}."
+    elif e.p_down < ALPHA and e.down > e.up:
         verdict = "does not hold"
-        text = (f"Does not hold: at equal tokens per step and lr, longer windows were the more stable. {counts} "
-                f"({test}).")
-    elif not edge:
+        text = f"Does not hold: at equal tokens per step and lr, longer windows were the more stable: {counts}."
+    elif not e.edge:
         verdict = "does not hold"
         text = (f"Does not hold at this study's lr resolution: at equal tokens per step and lr, reducing bptt never "
-                f"turned a diverging run into a finished one. {counts}, in the others none did.")
+                f"turned a diverging run into a finished one: {counts}.")
     else:
         verdict = "inconclusive"
-        text = f"Inconclusive: the differences are within what chance gives. {counts} ({test})."
-    g = max(edge, key=lambda e: len(e[1]))[0] if edge else groups[next(i for i, d in enumerate(group_div) if d)]
+        text = f"Inconclusive: the differences are within what chance gives: {counts}."
+    worse = int(runs["_worse"].sum())
+    if worse:
+        strict = _edges(groups, "_bad")
+        numbers.update(p_longer_unstable_more_strict=strict.p_up, p_shorter_unstable_more_strict=strict.p_down)
+        text += (f" Counting as unstable also the {worse} run(s) that finished with a validation perplexity above a "
+                 f"uniform guess (the trainer's divergence guard let them through): {_counts(strict, len(groups), 'failed')}.")
+    diverging = [i for i, r in enumerate(rows) if 0 < r["diverged"].sum() < r["runs"].sum()] or \
+        [i for i, r in enumerate(rows) if r["diverged"].sum()]
+    g = groups[max(diverging, key=lambda i: len(rows[i]))]
     clip = f", {_clip_text(g['clip'].iloc[0])}" if "clip" in g else ""
-    text += f" Where the edge lies at {int(g['tokens_per_step'].iloc[0]):,} tokens per step{clip}: {_boundaries(runs, g)}."
+    text += (f" Where the edge lies at {int(g['tokens_per_step'].iloc[0]):,} tokens per step{clip}, diverged runs of "
+             f"all runs: {_boundaries(runs, g)}.")
     return RuleCheck("stability", title, STABILITY_CLAIM, verdict, text + grad_text + notes, numbers, table)
 
 
 def _stability_notes(trials: pd.DataFrame, runs: pd.DataFrame) -> str:
-    """What the verdict must be read with: seeds, clipping arms, runs the guard let finish, a time budget."""
+    """What the verdict must be read with: seeds, clipping arms, a time budget."""
     parts = []
     reps = runs.groupby("config_key")["_div"].agg(["size", "sum"])
     multi = reps[reps["size"] >= 2]
@@ -453,15 +486,11 @@ def _stability_notes(trials: pd.DataFrame, runs: pd.DataFrame) -> str:
     elif len(runs):
         parts.append("Every configuration ran with one seed, so each comparison rests on one run per shape.")
     if "clip" in runs and runs["clip"].nunique() > 1:
-        per = runs.groupby("clip")["_div"].agg(["size", "sum"])
-        parts.append("By clipping arm: " + ", ".join(f"{_clip_text(c)}: {int(r['sum'])} of {int(r['size'])} runs diverged"
-                                                     for c, r in per.iterrows()) + ".")
-    if "vocab_size" in trials:
-        ok = runs[runs["status"] == "ok"]
-        worse = ok[ok["val_ppl"] > pd.to_numeric(ok["vocab_size"], errors="coerce")]
-        if len(worse):
-            parts.append(f"{len(worse)} run(s) finished ok with a validation perplexity above a uniform guess (the "
-                         "vocabulary size): the divergence guard did not stop them, and they count as finished here.")
+        per = runs.groupby("clip")[["_div", "_worse"]].agg(["size", "sum"])
+        parts.append("By clipping arm: " + ", ".join(
+            f"{_clip_text(c)}: {int(r[('_div', 'sum')])} of {int(r[('_div', 'size')])} runs diverged"
+            + (f" and {int(r[('_worse', 'sum')])} more ended worse than a uniform guess" if r[("_worse", "sum")] else "")
+            for c, r in per.iterrows()) + ".")
     if "budget" in trials and (trials["budget"].astype(str) == "seconds").any():
         parts.append("The budget is in seconds, so shapes at equal tokens per step took different numbers of steps: "
                      "a confound of every comparison above.")
