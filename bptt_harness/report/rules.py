@@ -429,6 +429,9 @@ def check_stability(trials: pd.DataFrame) -> RuleCheck:
         first = g.iloc[0]
         rows.append(per.assign(tokens_per_step=first["tokens_per_step"], lr=first.get("lr"), clip=first.get("clip")))
     table = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame()
+    if len(table):
+        order = [c for c in ("tokens_per_step", "clip", "lr", "bptt") if table[c].notna().any()]
+        table = table.sort_values(order, kind="mergesort", ignore_index=True)
     if n_div == 0:
         text = (f"Not tested: none of the {len(runs)} runs diverged, so the study never reached the edge that bptt "
                 "would move (a study that crosses it: studies/stability.toml).")
