@@ -263,3 +263,22 @@ def test_the_stability_study_can_see_the_stability_rule() -> None:
     clips = config.search["clip"].grid()
     assert 0.0 in clips and any(c > 0 for c in clips)
     assert config.train.anneal == 1.0   # the lr a configuration names is the lr it trains at
+
+
+def test_clip_is_a_searched_key_that_reaches_the_trial_and_its_record() -> None:
+    """The clipped and unclipped arms differ only in clip: the trial trains with the searched value, and the
+    record (and so trials.csv and the rules' groups) says which arm a run was in."""
+    from bptt_harness.config import load_study
+    from bptt_harness.record import StudyInfo, TrialResult
+    from bptt_harness.study import make_record, trial_spec
+    from bptt_harness.trial_cli import parse_config
+
+    config = load_study(Path(__file__).resolve().parent.parent / "studies" / "stability.toml")
+    params = parse_config("bptt=8,batch_size=128,clip=0.25,lr=6")
+    assert params["clip"] == 0.25 and isinstance(params["clip"], float)
+    spec = trial_spec(config, params, repeat=1)
+    assert spec.train.clip == 0.25 and spec.train.lr == 6.0 and spec.train.seed == config.train.seed + 1
+    record = make_record(StudyInfo(name="stability"), spec, params, 1, TrialResult(bptt=8, batch_size=128), {}, "")
+    assert record.config.clip == 0.25
+    assert records_to_frame([record.to_dict()])["clip"].tolist() == [0.25]
+    assert trial_spec(config, {**params, "clip": 0.0}, repeat=0).train.clip == 0.0
