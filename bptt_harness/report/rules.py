@@ -26,8 +26,9 @@ import pandas as pd
 
 from bptt_harness.report.memory import MemoryFit, t975
 
-__all__ = ["MEMORY_SAME", "RuleCheck", "RulesOfThumb", "STEP_WORK", "TRAINING", "VERDICTS", "Verdict",
-           "check_memory", "check_rules", "check_speed", "check_stability"]
+__all__ = ["MEMORY_SAME", "SPEED_SAME", "STEP_WORK", "TRAINING", "VERDICTS", "RuleCheck", "RulesOfThumb", "Verdict",
+           "check_memory", "check_rules", "check_speed", "check_stability", "confounded", "equal_step_groups",
+           "interval", "stratified_p", "t_quantile", "within_slope"]
 
 Verdict = Literal["holds", "does not hold", "inconclusive", "not tested"]
 VERDICTS: tuple[Verdict, ...] = ("holds", "does not hold", "inconclusive", "not tested")
@@ -40,7 +41,8 @@ STEP_WORK = ("model", "nhid", "emsize", "layers", "dropout", "optimizer", "varia
 TRAINING = (*STEP_WORK, "lr", "clip")
 # Reducing bptt and reducing bs "free the same memory per token" when their slopes differ by at most this.
 MEMORY_SAME = 0.10
-# A speed difference is "none" only when its 95% interval lies within this of equal.
+# Speed: "the same" when the interval lies within this of equal; "slower" or "faster" only beyond the noise and
+# by more than this (a few percent would not make anyone change bptt).
 SPEED_SAME = 0.10
 ALPHA = 0.05  # one-sided level of the stability test
 # Statuses whose peak memory measures the configuration (memory.py's rule), and runs that say something
@@ -97,7 +99,7 @@ def check_rules(trials: pd.DataFrame, profile: pd.DataFrame | None = None,
 
 # --------------------------------------------------------------------------- shared helpers
 
-def num(v: float, digits: int = 3) -> str:
+def _num(v: float, digits: int = 3) -> str:
     """A number for a sentence: ``0.512``, ``4.27``, ``13,851``."""
     if v is None or not math.isfinite(v):
         return "n/a"
@@ -106,7 +108,7 @@ def num(v: float, digits: int = 3) -> str:
     return f"{v:.{digits}g}"
 
 
-def shape(bptt: float, bs: float) -> str:
+def _shape(bptt: float, bs: float) -> str:
     return f"bptt {int(bptt)} × bs {int(bs)}"
 
 
@@ -261,15 +263,15 @@ def check_memory(trials: pd.DataFrame, profile: pd.DataFrame | None = None,
         text = f"Not tested: {source} never varies {missing}, so the two knobs cannot be compared."
         if n_t or n_b:
             s, se, dof = (s_t, se_t, dof_t) if n_t else (s_b, se_b, dof_b)
-            text += (f" Reducing {'bptt' if n_t else 'the batch size'} frees {num(s * 1000)}{_pm(s * 1000, se * 1000, dof)} "
+            text += (f" Reducing {'bptt' if n_t else 'the batch size'} frees {_num(s * 1000)}{_pm(s * 1000, se * 1000, dof)} "
                      "MiB per 1,000 tokens of bptt × bs.")
         return RuleCheck("memory", title, MEMORY_CLAIM, "not tested", text, numbers, table)
     free_t, free_b = _frees(s_t, se_t, dof_t), _frees(s_b, se_b, dof_b)
     ratio = s_t / s_b if s_b > 0 and s_t > 0 else math.nan
     same = bool(math.isfinite(ratio) and abs(ratio - 1) <= MEMORY_SAME)
     numbers.update(bptt_frees=free_t, bs_frees=free_b, ratio_bptt_to_bs=ratio, same_per_token=same)
-    per = (f"reducing bptt frees {num(s_t * 1000)}{_pm(s_t * 1000, se_t * 1000, dof_t)} MiB per 1,000 tokens of bptt × bs "
-           f"and reducing the batch size {num(s_b * 1000)}{_pm(s_b * 1000, se_b * 1000, dof_b)}")
+    per = (f"reducing bptt frees {_num(s_t * 1000)}{_pm(s_t * 1000, se_t * 1000, dof_t)} MiB per 1,000 tokens of bptt × bs "
+           f"and reducing the batch size {_num(s_b * 1000)}{_pm(s_b * 1000, se_b * 1000, dof_b)}")
     where = f" (from {len(pts)} shapes in {source}; intervals of 95% for the two together)"
     if free_t == "yes" and free_b == "yes":
         verdict: Verdict = "holds"
@@ -283,22 +285,22 @@ def check_memory(trials: pd.DataFrame, profile: pd.DataFrame | None = None,
         which = " and ".join(k for k, f in (("bptt", free_t), ("the batch size", free_b)) if f == "unclear")
         text = f"Inconclusive: what reducing {which} frees is within the noise of the measurements: {per}{where}."
     if math.isfinite(ratio):
-        text += (f" Per token the two free the same memory (ratio {num(ratio)}, within {MEMORY_SAME:.0%})." if same else
-                 f" Per token they do not free the same memory: bptt frees {num(ratio)}× what the batch size frees.")
+        text += (f" Per token the two free the same memory (ratio {_num(ratio)}, within {MEMORY_SAME:.0%})." if same else
+                 f" Per token they do not free the same memory: bptt frees {_num(ratio)}× what the batch size frees.")
     if spread:
         text += (f" At equal tokens per step the shapes' peaks differ by at most {max(spread):.1%} "
                  f"({len(groups)} group(s) of shapes).")
     if fits:
         f = fits[0]
         text += (f" The memory model (peak ≈ a + b × the longest window × bs, fitted on {f.n_points} "
-                 f"{'profiled cells' if f.source == 'profile' else 'trials'}) has b = {num(f.slope_mib * 1000)} MiB per "
+                 f"{'profiled cells' if f.source == 'profile' else 'trials'}) has b = {_num(f.slope_mib * 1000)} MiB per "
                  f"1,000 tokens" + (f", R² {f.r2:.3f}." if math.isfinite(f.r2) else "."))
     return RuleCheck("memory", title, MEMORY_CLAIM, verdict, text, numbers, table)
 
 
 def _pm(v: float, se: float, dof: int) -> str:
     lo, hi = interval(v, se, dof, comparisons=2)
-    return f" ± {num((hi - lo) / 2, 2)}" if hi > lo else ""
+    return f" ± {_num((hi - lo) / 2, 2)}" if hi > lo else ""
 
 
 # --------------------------------------------------------------------------- stability
@@ -361,7 +363,7 @@ def _clip_text(v: object) -> str:
         c = float(v)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         return "clip unknown"
-    return "clipping off" if c == 0 else "clip " + num(c) if math.isfinite(c) else "clip unknown"
+    return "clipping off" if c == 0 else "clip " + _num(c) if math.isfinite(c) else "clip unknown"
 
 
 def _boundaries(runs: pd.DataFrame, group: pd.DataFrame) -> str:
@@ -372,7 +374,7 @@ def _boundaries(runs: pd.DataFrame, group: pd.DataFrame) -> str:
     parts = []
     for (b, bs), g in same.groupby(["bptt", "batch_size"]):
         by_lr = g.groupby("lr")["_div"].agg(["sum", "count"])
-        parts.append(f"{shape(b, bs)} " + ", ".join(f"{int(r['sum'])}/{int(r['count'])} at lr {num(lr)}"
+        parts.append(f"{_shape(b, bs)} " + ", ".join(f"{int(r['sum'])}/{int(r['count'])} at lr {_num(lr)}"
                                                     for lr, r in by_lr.iterrows()))
     return "; ".join(parts)
 
@@ -397,8 +399,8 @@ def _grad_norm(runs: pd.DataFrame) -> tuple[str, dict]:
             + (f", leaving out {left} that ended worse than a uniform guess" if left else "")
             + (f"; 95% interval {lo:.2f} to {hi:.2f} from the runs' scatter about one common exponent, {dof} degree(s) "
                "of freedom" if has else "; no run beyond one per shape and group, so no interval")
-            + f"): the longest window's norm is {num(float(np.median(ratios)))}× the shortest's (median over groups, "
-            f"for {num(float(np.median(spans)))}× the window).")
+            + f"): the longest window's norm is {_num(float(np.median(ratios)))}× the shortest's (median over groups, "
+            f"for {_num(float(np.median(spans)))}× the window).")
     return text, {"grad_norm_exponent": k, "grad_norm_exponent_lo": lo if has else None,
                   "grad_norm_exponent_hi": hi if has else None, "grad_norm_dof": dof, "grad_norm_runs": n,
                   "grad_norm_groups": len(groups), "grad_norm_ratio_median": float(np.median(ratios))}
@@ -533,7 +535,7 @@ def _speed_groups(df: pd.DataFrame, fields: Sequence[str], cv: float, dof: int, 
                 else "slower" if hi < 0 and math.log(ratio) < -margin else "faster" if lo > 0 and math.log(ratio) > margin
                 else "unclear")
         rows.append({"source": source, "tokens_per_step": int(g["tokens_per_step"].iloc[0]),
-                     "short": shape(short["bptt"], short["batch_size"]), "long": shape(long_["bptt"], long_["batch_size"]),
+                     "short": _shape(short["bptt"], short["batch_size"]), "long": _shape(long_["bptt"], long_["batch_size"]),
                      "short_tokens_per_s": float(short["tokens_per_s"]), "long_tokens_per_s": float(long_["tokens_per_s"]),
                      "ratio": ratio, "ratio_lo": math.exp(lo) if hi > lo else None,
                      "ratio_hi": math.exp(hi) if hi > lo else None, "call": call,
@@ -543,9 +545,9 @@ def _speed_groups(df: pd.DataFrame, fields: Sequence[str], cv: float, dof: int, 
 
 
 def _ratio_text(r: pd.Series, with_interval: bool = True) -> str:
-    iv = f" (interval {num(r['ratio_lo'])}–{num(r['ratio_hi'])})" if with_interval and \
+    iv = f" (interval {_num(r['ratio_lo'])}–{_num(r['ratio_hi'])})" if with_interval and \
         r["ratio_lo"] is not None and pd.notna(r["ratio_lo"]) else ""
-    return f"{r['long']} ran at {num(r['ratio'])}× the tokens/s of {r['short']}{iv}"
+    return f"{r['long']} ran at {_num(r['ratio'])}× the tokens/s of {r['short']}{iv}"
 
 
 def check_speed(trials: pd.DataFrame, profile: pd.DataFrame | None = None) -> RuleCheck:
