@@ -258,9 +258,9 @@ def check_memory(trials: pd.DataFrame, profile: pd.DataFrame | None = None,
     if fits:
         numbers.update(model_mib_per_ktok=fits[0].slope_mib * 1000, model_r2=fits[0].r2, model_source=fits[0].source)
     if not n_t or not n_b:
-        missing = " and ".join(w for w, n in (("bptt at a fixed batch size", n_t), ("batch size at a fixed bptt", n_b))
-                               if not n)
-        text = f"Not tested: {source} never varies {missing}, so the two knobs cannot be compared."
+        missing = " nor ".join(w for w, n in (("in bptt alone", n_t), ("in the batch size alone", n_b)) if not n)
+        text = (f"Not tested: no two shapes with a peak memory measured in {source} differ {missing}, so the two knobs "
+                "cannot be compared.")
         if n_t or n_b:
             s, se, dof = (s_t, se_t, dof_t) if n_t else (s_b, se_b, dof_b)
             text += (f" Reducing {'bptt' if n_t else 'the batch size'} frees {_num(s * 1000)}{_pm(s * 1000, se * 1000, dof)} "
@@ -373,7 +373,7 @@ def _boundaries(runs: pd.DataFrame, group: pd.DataFrame) -> str:
     same = runs[(_keyed(runs, fields) == key) & (runs["tokens_per_step"] == group["tokens_per_step"].iloc[0])]
     parts = []
     for (b, bs), g in same.groupby(["bptt", "batch_size"]):
-        by_lr = g.groupby("lr")["_div"].agg(["sum", "count"])
+        by_lr = g.groupby("lr", dropna=False)["_div"].agg(["sum", "count"])
         parts.append(f"{_shape(b, bs)} " + ", ".join(f"{int(r['sum'])}/{int(r['count'])} at lr {_num(lr)}"
                                                     for lr, r in by_lr.iterrows()))
     return "; ".join(parts)
