@@ -13,6 +13,7 @@ This module imports neither torch nor pandas, so parsing a study file or reading
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import typing
 from dataclasses import dataclass, field
@@ -146,10 +147,13 @@ class TrialResult:
         return dataclasses.asdict(self)
 
 
-def derive(r: TrialResult) -> None:
-    """The columns computed from others, in one place (the trainer and old records both use it)."""
-    if r.bptt and r.batch_size:
-        r.tokens_per_step = r.bptt * r.batch_size
+def derive(r: TrialResult, config: TrialConfig | None = None) -> None:
+    """The columns computed from others, in one place (the trainer, stored records and the report all use
+    it). ``config`` gives the shape when the result has none (a trial whose worker died stored only it)."""
+    shape = (r.bptt, r.batch_size) if r.bptt and r.batch_size else \
+        (config.bptt, config.batch_size) if config is not None else (0, 0)
+    if all(isinstance(v, int | float) and not isinstance(v, bool) and v > 0 for v in shape):
+        r.tokens_per_step = shape[0] * shape[1]
     r.seconds_per_ktok = 1000.0 / r.tokens_per_s if r.tokens_per_s else None
     e = r.probe.energy_j
     r.joules_per_ktok = e * 1000.0 / r.train_tokens if e is not None and r.train_tokens else None
@@ -265,7 +269,7 @@ class TrialRecord:
         rec = from_dict(cls, d)
         if rec.status not in STATUSES:
             rec.status = "failed"
-        derive(rec.result)
+        derive(rec.result, rec.config)
         return rec
 
 
@@ -282,6 +286,7 @@ def finite_or_none(obj: Any) -> Any:
     return obj
 
 
+@functools.cache  # resolving the string annotations is slow: 10,000 records read each class's hints 7 times
 def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
@@ -344,18 +349,23 @@ def _walk(cls: type, prefix: tuple[str, ...]) -> list[Column]:
 
 def trial_columns() -> list[Column]:
     """The columns of ``trials.csv``, in order."""
+    return list(_columns())
+
+
+@functools.cache  # the schema is fixed at import: walked once, not once per record
+def _columns() -> tuple[Column, ...]:
     cols = _walk(TrialRecord, ())
     names = [c.name for c in cols]
     dupes = {n for n in names if names.count(n) > 1}
     if dupes:  # a schema edit that would silently overwrite a column
         raise AssertionError(f"trial record columns declared twice: {sorted(dupes)}")
-    return cols
+    return tuple(cols)
 
 
 def flatten(rec: TrialRecord) -> dict[str, Any]:
     """One record -> one ``trials.csv`` row (column name -> value)."""
     row: dict[str, Any] = {}
-    for c in trial_columns():
+    for c in _columns():
         v: Any = rec
         for part in c.path:
             v = getattr(v, part)

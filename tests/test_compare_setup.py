@@ -1,6 +1,7 @@
-"""``bptt-harness compare`` compares like with like (issue 14, item 5): trials are keyed by a hash of what they
-measure (corpus, model, train settings with precision, torch release); a mismatch is refused with one
-line, or left out with a visible warning."""
+"""``bptt-harness compare`` says what it compares (issue 14 item 5, issue 23): trials are keyed by a hash of what
+they measure (corpus, model, train settings with precision, torch release); result sets are never pooled, what
+differs between them is named on the page and in the console, and ``--only-matching`` leaves the rest out with a
+visible warning."""
 
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ import pandas as pd
 import pytest
 
 from bptt_harness.cli import main
-from bptt_harness.errors import HarnessError
 from bptt_harness.report.compare import generate_compare
 from bptt_harness.report.setup import study_setup, torch_release
 from synthetic import SyntheticLaw, synthetic_records, write_optuna_study
@@ -61,33 +61,42 @@ def test_one_study_on_two_machines_is_compared_under_one_setup(tmp_path: Path) -
     assert "warning" not in paths.summary
 
 
-def test_a_study_with_other_train_settings_is_refused_with_what_differs(tmp_path: Path) -> None:
+def test_a_study_with_other_train_settings_is_compared_with_what_differs_named(tmp_path: Path) -> None:
+    """An A/B change (here: precision and budget) is what a user wants compared; the page says what differs."""
     a = folder(tmp_path, "a", machine("GPU A", "aaaa"))
     b = folder(tmp_path, "b", machine("GPU B", "bbbb"), with_train(drop=("amp",), tokens=6000))
-    with pytest.raises(HarnessError) as e:
-        generate_compare([str(a), str(b)], out_root=tmp_path / "out")
-    msg = str(e.value)
-    assert "\n" not in msg and "b does not measure what a measures" in msg
-    assert "train.amp 'bf16' vs None" in msg and "train.tokens 250000 vs 6000" in msg and "--only-matching" in msg
-    assert not (tmp_path / "out").exists()
+    paths = generate_compare([str(a), str(b)], out_root=tmp_path / "out")
+    assert "GPU B differs from GPU A: train.amp 'bf16' vs None, train.tokens 250000 vs 6000" in paths.summary
+    assert "The machines and the setups both differ" in paths.summary
+    html = paths.html.read_text()
+    differs = html.split('id="what-differs"')[1].split("</table>")[0]
+    assert "train.amp &#x27;bf16&#x27; vs None" in differs and "(reference)" in differs
+    df = pd.read_csv(paths.csv)
+    assert df.groupby("result_set")["setup"].nunique().max() == 1 and df["setup"].nunique() == 2
 
 
-def test_two_studies_on_one_machine_are_no_longer_averaged(tmp_path: Path) -> None:
-    """Before: grouped by machine and configuration only, so these two studies became one set of repeats."""
+def test_two_studies_on_one_machine_are_two_result_sets_not_averaged(tmp_path: Path) -> None:
+    """Before issue 14: grouped by machine and configuration only, so these two studies became one set of
+    repeats; before issue 23: refused. Now: side by side, named by their folders, the difference said."""
     a = folder(tmp_path, "default", machine("GPU A", "aaaa"))
     calibration = copy.deepcopy(STUDY)
     calibration["corpus"] = {"source": "synthetic:k=8"}
     b = folder(tmp_path, "calibration", machine("GPU A", "aaaa"), calibration)
-    with pytest.raises(HarnessError, match="corpus.source 'default' vs 'synthetic:k=8'"):
-        generate_compare([str(a), str(b)], out_root=tmp_path)
+    paths = generate_compare([str(a), str(b)], out_root=tmp_path)
+    df = pd.read_csv(paths.csv)
+    assert set(df["result_set"]) == {"default", "calibration"} and set(df["machine"]) == {"GPU A"}
+    assert (df.groupby(["result_set", "config_key"])["n"].max() == 1).all()  # one run each, never pooled
+    assert "calibration differs from default: corpus.source 'default' vs 'synthetic:k=8'" in paths.summary
+    assert "Same machine; the setups differ" in paths.summary
 
 
 def test_only_matching_compares_what_matches_and_warns(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     a = folder(tmp_path, "a", machine("GPU A", "aaaa"))
     b = folder(tmp_path, "b", machine("GPU B", "bbbb", torch="2.12.1+cu126"))
     c = folder(tmp_path, "c", machine("GPU C", "cccc"))
-    assert main(["compare", str(a), str(b), str(c), "--name", "abc", "--out", str(tmp_path / "out")]) == 2
-    assert "torch '2.13.0' vs '2.12.1'" in capsys.readouterr().err
+    assert main(["compare", str(a), str(b), str(c), "--name", "abc", "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "GPU B differs from GPU A: torch '2.13.0' vs '2.12.1'" in out and "warning" not in out
     assert main(["compare", str(a), str(b), str(c), "--name", "abc", "--out", str(tmp_path / "out"),
                  "--only-matching"]) == 0
     out = capsys.readouterr().out
@@ -103,10 +112,11 @@ def test_without_a_stored_study_file_the_records_decide(tmp_path: Path) -> None:
     for r in other:
         r["study"]["budget_tokens"] = 1000
     b = folder(tmp_path, "b", other, None)
-    with pytest.raises(HarnessError, match="record.budget_tokens 2000000 vs 1000"):
-        generate_compare([str(a), str(b)], out_root=tmp_path)
+    assert "record.budget_tokens 2000000 vs 1000" in generate_compare([str(a), str(b)], out_root=tmp_path).summary
     c = folder(tmp_path, "c", machine("GPU C", "cccc"), None)
-    assert set(pd.read_csv(generate_compare([str(a), str(c)], out_root=tmp_path).csv)["machine"]) == {"GPU A", "GPU C"}
+    paths = generate_compare([str(a), str(c)], out_root=tmp_path)
+    assert set(pd.read_csv(paths.csv)["machine"]) == {"GPU A", "GPU C"}
+    assert "Same setup on different machines" in paths.summary and "differs from" not in paths.summary
 
 
 def test_setup_fills_defaults_and_leaves_out_what_does_not_change_a_measurement() -> None:

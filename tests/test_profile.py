@@ -146,4 +146,4 @@ def test_the_report_shows_the_profile_the_wall_and_the_memory_models_held_out_er
     html = (results / "prof" / "report.html").read_text()
     assert 'id="fig-profile-tps"' in html and 'id="fig-profile-mem"' in html
     assert "The memory wall, measured" in html and 'id="memory-wall"' in html
-    assert "Leave-one-out check" in html and "profiled cells" in html
+    assert "Leave-one-out check" in html and "Fitted on" in html and "profile cells of the" in html

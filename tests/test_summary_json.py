@@ -13,7 +13,7 @@ from bptt_harness.report import generate_from_records
 from bptt_harness.report.advice import Advice
 from bptt_harness.report.build import build
 from bptt_harness.report.frame import records_to_frame
-from bptt_harness.report.html import esc
+from bptt_harness.report.page import esc
 from bptt_harness.report.summary import summary
 from synthetic import synthetic_records
 

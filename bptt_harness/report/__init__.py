@@ -1,7 +1,7 @@
 """Trials -> DataFrame -> Pareto ranking -> CSV, self-contained HTML and a console table.
 
 The public entry points are :func:`generate` (one study) and
-:func:`bptt_harness.report.compare.generate_compare` (several machines side by side). Heavy imports
+:func:`bptt_harness.report.compare.generate_compare` (result sets side by side). Heavy imports
 (pandas, plotly, optuna) happen inside them, so ``import bptt_harness.report`` stays cheap.
 """
 
@@ -53,7 +53,7 @@ def generate(source: str | Path, *, storage: str | None = None, study_name: str 
         HarnessError: a one-line message for a missing folder or study, an unreadable storage, a
             study without finished trials, or a failed write (the previous report is then intact).
     """
-    from bptt_harness.report.source import load_trials, resolve
+    from bptt_harness.report.source import load_trials, resolve, shown_storage
 
     src = resolve(source, storage=storage, study_name=study_name, out_dir=out_dir)
     loaded = load_trials(src)
@@ -63,7 +63,7 @@ def generate(source: str | Path, *, storage: str | None = None, study_name: str 
                            f"trials{extra}; run 'bptt-harness sweep' first")
     out = src.out_dir if src.out_dir is not None else Path("results") / safe_dirname(loaded.study_name)
     return generate_from_records(loaded.records, study_name=loaded.study_name, out_dir=out,
-                                 storage_display=loaded.storage_display, info=loaded.info,
+                                 storage_display=shown_storage(loaded.storage_display, out), info=loaded.info,
                                  n_running=loaded.n_running)
 
 

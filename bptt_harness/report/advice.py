@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from bptt_harness.report import numbers
 from bptt_harness.report.budget import BudgetVerdict
 from bptt_harness.report.frame import label, varying_fields
 from bptt_harness.report.memory import MemoryFit, MemoryWall
@@ -43,24 +44,12 @@ class Advice:
 
 
 def g(v: float, digits: int = 4) -> str:
-    """A number for a sentence: ``123.4``, ``1.237``, ``45,210``."""
-    if v is None or (isinstance(v, float) and not math.isfinite(v)):
-        return "n/a"
-    if abs(v) >= 10_000:
-        return f"{v:,.0f}"
-    return f"{v:.{digits}g}"
+    """A number for a sentence: ``123.4``, ``0.3612``, ``45,210`` (bptt_harness.report.numbers)."""
+    return numbers.num(v, digits, missing="n/a")
 
 
 def fmt_cost(v: float, cost: str) -> str:
-    if v is None or not math.isfinite(v):
-        return "n/a"
-    if cost == "peak_mem_mib":
-        return f"{v:,.0f} MiB"
-    if cost == "seconds_per_ktok":
-        return f"{g(v, 3)} s per 1k tokens"
-    if cost == "joules_per_ktok":
-        return f"{g(v, 3)} J per 1k tokens"
-    return g(v)
+    return numbers.cost(v, cost)
 
 
 def _ppl(row: pd.Series) -> str:

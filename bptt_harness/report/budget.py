@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from bptt_harness.report.frame import CURVE, TIME_CURVE, label, labels
+from bptt_harness.report.frame import CURVE, TIME_CURVE, labels
 from bptt_harness.report.rank import grid_point
 from bptt_harness.seeds import tied
 
@@ -161,47 +161,3 @@ def _sentence(leg: Leg | None, names: dict[str, str], cv: float | None) -> str |
         return f"{where} {final} led (or tied for the lead) at every point, from {at_text(leg, leg.since)} on{noise}."
     return (f"{where} {final} has led (or tied for the lead) since {at_text(leg, leg.since)}: the verdict was not "
             f"moving at the end{noise}.")
-
-
-def figure(verdict: BudgetVerdict, ranked: pd.DataFrame, top: int = 6):
-    """Perplexity of the top configurations at every budget fraction and grid time; the leader at
-    each point is starred."""
-    import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
-
-    legs = [leg for leg in (verdict.tokens, verdict.time) if leg is not None and not leg.table.empty]
-    if not legs:
-        return None
-    fig = make_subplots(rows=1, cols=len(legs), subplot_titles=[
-        "at equal tokens (fraction of the budget)" if leg.axis == "tokens" else "at equal time (training seconds)"
-        for leg in legs], horizontal_spacing=0.08)
-    keys = list(ranked["config_key"].head(top))
-    for leg in legs:
-        keys += [k for k in leg.table["best"] if k not in keys]
-    palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#7f7f7f", "#bcbd22", "#17becf"]
-    rows = ranked.set_index("config_key")
-    for col, leg in enumerate(legs, start=1):
-        for i, key in enumerate(keys):
-            if key not in leg.values.index:
-                continue
-            s = leg.values.loc[key].dropna()
-            name = label(rows.loc[key]) if key in rows.index else key
-            fig.add_trace(go.Scatter(x=list(s.index), y=list(s.values), mode="lines+markers", name=name,
-                                     legendgroup=key, showlegend=col == 1, marker=dict(size=5),
-                                     line=dict(color=palette[i % len(palette)], width=2),
-                                     hovertemplate=name + "<br>%{x:.3g}: ppl %{y:.4g}<extra></extra>"), row=1, col=col)
-        t = leg.table
-        fig.add_trace(go.Scatter(x=list(t["at"]), y=list(t["best_ppl"]), mode="markers", name="best there",
-                                 legendgroup="best", showlegend=col == 1,
-                                 marker=dict(symbol="star", size=14, color="#ffd700", line=dict(color="black", width=1)),
-                                 text=[label(rows.loc[k]) if k in rows.index else k for k in t["best"]],
-                                 hovertemplate="best: %{text}<br>ppl %{y:.4g}<extra></extra>"), row=1, col=col)
-        if leg.axis == "tokens":
-            fig.update_xaxes(tickformat=".0%", title="fraction of the token budget", row=1, col=col)
-        else:
-            fig.update_xaxes(title="training seconds", row=1, col=col)
-        fig.update_yaxes(type="log", row=1, col=col)
-    fig.update_yaxes(title="validation perplexity", row=1, col=1)
-    fig.update_layout(template="plotly_white", height=460, margin=dict(l=70, r=30, t=60, b=60),
-                      title=dict(text="The verdict at every budget", x=0.01), legend=dict(orientation="h", y=-0.22))
-    return fig

@@ -9,6 +9,7 @@ import pandas as pd
 
 from bptt_harness.report.advice import Advice, advise
 from bptt_harness.report.budget import BudgetVerdict, verdict_by_budget
+from bptt_harness.report.crosscheck import CrossCheck, profile_vs_trials
 from bptt_harness.report.frame import COST_COLUMNS, aggregate_configs
 from bptt_harness.report.memory import MemoryFit, MemoryWall, card_table, fit_memory, memory_wall
 from bptt_harness.report.noise import add_intervals
@@ -33,6 +34,8 @@ class Report:
     generated_at: str = ""
     budget: BudgetVerdict = field(default_factory=BudgetVerdict)
     profile: pd.DataFrame | None = None   # the study's profile.csv (bptt-harness profile), when it has one
+    crosschecks: list[CrossCheck] = field(default_factory=list)  # the profile against the trials, per metric
+    crosscheck_note: str | None = None    # why the two were not compared, when they were not
     rules: RulesOfThumb | None = None     # the forum's rules of thumb, checked (report/rules.py)
 
 
@@ -57,6 +60,8 @@ def build(trials: pd.DataFrame, *, study_name: str, storage_display: str | None 
     if fits and fits[0].gpu and fits[0].slope_mib > 0:
         cards = card_table(fits[0], list(trials["batch_size"].dropna().unique()))
     adv = advise(trials, configs, ranking, et, fits, wall, n_running, by_budget)
+    checks, note = profile_vs_trials(trials, profile)
     now = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     return Report(study_name, trials, configs, ranking, et, fits, cards, wall, adv, storage_display, info,
-                  n_running, now, by_budget, profile, check_rules(trials, profile, fits))
+                  n_running, now, by_budget, profile, checks, note,
+                  check_rules(trials, profile, fits))

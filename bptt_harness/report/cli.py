@@ -18,17 +18,18 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--study-name", default=None, help="study to report when the storage holds several")
     p.add_argument("--out", type=Path, default=None, help="folder to write into (default: the results folder)")
 
-    p = sub.add_parser("compare", help="compare the same study run on several machines (GPUs), side by side",
-                       description="Group trials by hardware fingerprint and compare throughput, memory, energy and "
-                                   "the best configuration per machine.")
+    p = sub.add_parser("compare", help="compare result sets side by side: machines, runs, or an A/B change",
+                       description="Put result sets side by side (one study on several machines, two runs on one "
+                                   "machine, or an A/B change such as another torch release or setting): what differs "
+                                   "between them, then throughput, memory, energy and the best configuration of each.")
     p.add_argument("sources", metavar="SOURCES", nargs="+",
-                   help="results folders (or study files / storage URLs), one per machine or several machines in one")
+                   help="results folders (or study files / storage URLs); one holding several machines is split by machine")
     p.add_argument("--name", default=None, help="output goes to <out>/compare-<name>/ (default: from the sources)")
     p.add_argument("--out", type=Path, default=Path("results"), help="parent folder of compare-<name>/ (default: results)")
     p.add_argument("--only-matching", action="store_true",
                    help="when the sources measure different things (corpus, model, train settings, torch release), "
                         "compare only the trials measured like the first source and say what was left out "
-                        "(default: refuse)")
+                        "(default: compare all and name what differs)")
 
 
 def cmd_report(args: argparse.Namespace) -> int:

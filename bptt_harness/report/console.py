@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import math
 import textwrap
 from typing import Literal
 
@@ -11,14 +10,10 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from bptt_harness.report import numbers
 from bptt_harness.report.build import Report
+from bptt_harness.report.crosscheck import DISAGREE
 from bptt_harness.report.frame import label, varying_fields
-
-
-def _f(v: object, fmt: str) -> str:
-    if v is None or (isinstance(v, float) and not math.isfinite(v)):
-        return "-"
-    return fmt.format(v)
 
 
 def summary(rep: Report, top: int = 10, width: int = 110) -> str:
@@ -32,18 +27,16 @@ def summary(rep: Report, top: int = 10, width: int = 110) -> str:
         cost = rep.ranking.cost
         table = Table(box=box.SIMPLE_HEAD, title=f"top {min(top, len(t))} of {len(t)} configurations "
                       f"(perplexity against {rep.ranking.cost_label})", title_justify="left")
-        justify: tuple[tuple[str, Literal["left", "right"]], ...] = (("#", "right"), ("configuration", "left"), ("Pareto", "right"), ("val ppl", "right"),
+        justify: tuple[tuple[str, Literal["left", "right"]], ...] = (("#", "right"), ("configuration", "left"), ("Pareto", "right"), ("val ppl ± sd", "right"),
                            ("n", "right"), (rep.ranking.cost_label, "right"), ("tokens/s", "right"),
                            ("peak MiB", "right"))
         for name, just in justify:
             table.add_column(name, justify=just)
         for _, r in t.head(top).iterrows():
-            ppl = _f(r["val_ppl"], "{:.4g}")
-            if r["n"] > 1 and math.isfinite(r.get("val_ppl_std", math.nan)):
-                ppl += f" ± {r['val_ppl_std']:.2g}"
+            ppl = numbers.pm(r["val_ppl"], r.get("val_ppl_std") if r["n"] > 1 else None, 4, missing="-")
             table.add_row(f"{int(r['place'])}{'=' if r['tie'] else ''}", label(r, extra), str(int(r["pareto_rank"])),
-                          ppl, str(int(r["n"])), _f(r.get(cost), "{:,.4g}"), _f(r.get("tokens_per_s"), "{:,.0f}"),
-                          _f(r.get("peak_mem_mib"), "{:,.0f}"))
+                          ppl, str(int(r["n"])), numbers.num(r.get(cost), 3, "-"), numbers.num(r.get("tokens_per_s"), 3, "-"),
+                          numbers.num(r.get("peak_mem_mib"), 3, "-"))
         buf = io.StringIO()
         Console(file=buf, width=width, color_system=None, force_terminal=False, highlight=False).print(table)
         lines.extend(line.rstrip() for line in buf.getvalue().rstrip().splitlines())
@@ -57,6 +50,9 @@ def summary(rep: Report, top: int = 10, width: int = 110) -> str:
         lines.extend(textwrap.wrap(f"- {f.title}{sep} {f.text}", width, subsequent_indent="  "))
     for n in rep.advice.notes:
         lines.extend(textwrap.wrap(f"note: {n}", width, subsequent_indent="  "))
+    checks = [c.sentence for c in rep.crosschecks] + ([DISAGREE] if any(c.n_beyond for c in rep.crosschecks) else [])
+    for text in checks + ([rep.crosscheck_note] if rep.crosscheck_note else []):
+        lines.extend(textwrap.wrap(f"profile vs trials: {text}", width, subsequent_indent="  "))
     if rep.rules is not None:
         lines.append("The rules of thumb, checked:")
         for r in rep.rules.checks():

@@ -25,6 +25,10 @@ RANK_COLUMNS: dict[str, str] = {
 }
 NUMERIC = {name for name, kind in _KINDS.items() if kind in ("int", "float")}
 INTEGER = {name for name, kind in _KINDS.items() if kind == "int"}
+# Every whole-number column the report writes (CSV and summary.json): the schema's, the per-configuration
+# counts and the places of the rankings. The frame holds them as floats (missing values are NaN).
+WHOLE = INTEGER | {"n", "n_trials", "n_oom", "n_diverged", "n_other", "pareto_rank", "place", "place_time", "measured",
+                   "max_ok_bptt", "min_oom_bptt"}
 
 # Columns averaged per configuration (mean in the column itself, std in <name>_std).
 AGG_METRICS = ("val_ppl", "best_val_ppl", "test_ppl", "tokens_per_s", "seconds_per_ktok", "peak_mem_mib",
@@ -59,18 +63,11 @@ CONFIG_COLUMNS: dict[str, str] = {
     **{f"{k}_std": f"standard deviation of {k} over ok repeats (empty when n < 2)" for k in AGG_METRICS},
 }
 
-NUMERIC = {"trial_number", "bptt", "batch_size", "tokens_per_step", "lr", "nhid", "emsize", "layers", "dropout", "clip",
-           "seed", "repeat", "diverged_step", "val_loss", "val_ppl", "best_val_ppl", "test_ppl", "train_tokens",
-           "steps", "tokens_per_s", "seconds_per_ktok", "train_s", "eval_s", "wall_s", "max_grad_norm",
-           "clipped_frac", "n_params", "flops_per_token", "achieved_flops_per_s", "final_lr", "peak_mem_mib",
-           "peak_mem_torch_mib", "peak_mem_torch_reserved_mib", "peak_mem_nvml_mib", "peak_mem_nvml_process_mib",
-           "idle_mem_nvml_mib", "peak_rss_mib", "energy_j", "joules_per_ktok", "mean_power_w", "max_power_w",
-           "mean_util_pct", "mean_sm_clock_mhz", "max_temp_c", "cpu_util_pct", "gpu_memory_mib", "gpu_count",
-           "cpu_cores", "budget_tokens", "budget_seconds"}
-
 # Hidden columns (not written to CSV) start with "_": the validation curves of each trial.
 CURVE = "_val_curve"
 TIME_CURVE = "_time_curve"
+TRAIN_CURVE = "_train_curve"
+HIDDEN = (CURVE, TIME_CURVE, TRAIN_CURVE)
 
 # The study's cost objective -> the column that measures it (lower is better).
 COST_COLUMNS = {"seconds_per_token": "seconds_per_ktok", "peak_memory": "peak_mem_mib",
@@ -99,6 +96,7 @@ def record_row(rec: dict) -> dict:
     row = flatten(typed)
     row[CURVE] = typed.result.val_curve if isinstance(typed.result.val_curve, list) else []
     row[TIME_CURVE] = typed.result.time_curve if isinstance(typed.result.time_curve, list) else []
+    row[TRAIN_CURVE] = typed.result.train_curve if isinstance(typed.result.train_curve, list) else []
     return row
 
 
@@ -108,16 +106,10 @@ def records_to_frame(records: Iterable[dict]) -> pd.DataFrame:
     Numbers are floats in the frame (missing values are NaN); :func:`csv_frame` writes the integer
     columns as integers."""
     rows = [record_row(r) for r in records]
-    df = pd.DataFrame.from_records(rows, columns=[*TRIAL_COLUMNS, CURVE, TIME_CURVE]) if rows else \
-        pd.DataFrame({c: pd.Series(dtype=object) for c in [*TRIAL_COLUMNS, CURVE, TIME_CURVE]})
+    df = pd.DataFrame.from_records(rows, columns=[*TRIAL_COLUMNS, *HIDDEN]) if rows else \
+        pd.DataFrame({c: pd.Series(dtype=object) for c in [*TRIAL_COLUMNS, *HIDDEN]})
     for c in NUMERIC:
         df[c] = pd.to_numeric(df[c].map(_num) if df[c].dtype == object else df[c], errors="coerce").astype(float)
-    # Records without these (written before they existed) get them from the columns they derive from.
-    df["tokens_per_step"] = df["bptt"] * df["batch_size"]
-    tps = df["tokens_per_s"].where(df["tokens_per_s"] > 0)
-    df["seconds_per_ktok"] = 1000.0 / tps
-    toks = df["train_tokens"].where(df["train_tokens"] > 0)
-    df["joules_per_ktok"] = df["energy_j"] * 1000.0 / toks
     missing = df["config_key"].isna()
     if missing.any():
         df.loc[missing, "config_key"] = [_key(b, s) for b, s in zip(df.loc[missing, "bptt"], df.loc[missing, "batch_size"])]
@@ -136,7 +128,7 @@ def csv_frame(df: pd.DataFrame) -> pd.DataFrame:
     """The frame as written to CSV: hidden (``_``) columns dropped, integer columns as integers
     (``35``, not ``35.0``; empty where missing)."""
     out = df[[c for c in df.columns if not str(c).startswith("_")]].copy()
-    for c in INTEGER | {"n", "n_trials", "n_oom", "n_diverged", "n_other", "steps", "pareto_rank"}:
+    for c in WHOLE:
         if c in out.columns and pd.api.types.is_numeric_dtype(out[c]):
             values = out[c].round()
             if ((values - out[c]).abs().fillna(0) < 1e-9).all():

@@ -202,6 +202,28 @@ def fit_memory(trials: pd.DataFrame, profile: pd.DataFrame | None = None) -> lis
     return fits
 
 
+def profile_points(profile: pd.DataFrame) -> pd.DataFrame:
+    """The profile cells a profile fit is made of (as :func:`fit_memory` selects them): ``x`` tokens per
+    step, ``y`` training peak MiB, ``text`` the cell; for figures that must draw what was fitted."""
+    p = profile[(profile["phase"] != "eval") & profile["status"].isin(_MEASURED)]
+    mem = p["cpu_cap_peak_mib"].fillna(p["peak_mem_mib"]) if "cpu_cap_peak_mib" in p else p["peak_mem_mib"]
+    p = p.assign(_y=mem).dropna(subset=["_y", "tokens_per_step"])
+    return pd.DataFrame({"x": p["tokens_per_step"].astype(float), "y": p["_y"].astype(float),
+                         "text": [f"profile bptt {int(b)} × bs {int(s)}" for b, s in zip(p["bptt"], p["batch_size"])]})
+
+
+def trial_points(trials: pd.DataFrame, shape: str | None = None) -> pd.DataFrame:
+    """The trials a trial fit is made of (as :func:`fit_memory` selects them), of one model ``shape`` when
+    given: ``x`` longest window x batch size, ``y`` peak MiB, ``text`` the trial's configuration."""
+    d = trials[trials["status"].isin(_MEASURED) & trials["peak_mem_mib"].notna() & trials["bptt"].notna()]
+    d = d.assign(_x=window_x(d)).dropna(subset=["_x"])
+    if shape is not None and len(d):
+        d = d[[shape_label(r) == shape for _, r in d.iterrows()]]
+    text = [f"trial {'' if pd.isna(n) else int(n)}: bptt {int(b)} × bs {int(s)}"
+            for n, b, s in zip(d["trial_number"], d["bptt"], d["batch_size"])]
+    return pd.DataFrame({"x": d["_x"].astype(float), "y": d["peak_mem_mib"].astype(float), "text": text})
+
+
 def _context_overhead(trials: pd.DataFrame) -> float:
     """What the process holds beyond torch's pool (CUDA context, cuDNN workspaces), as NVML saw it."""
     if "peak_mem_nvml_process_mib" not in trials or "peak_mem_torch_reserved_mib" not in trials:

@@ -24,6 +24,7 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
+from bptt_harness.report import numbers
 from bptt_harness.report.memory import MemoryFit, t975
 
 __all__ = ["MEMORY_SAME", "SPEED_SAME", "STEP_WORK", "TRAINING", "VERDICTS", "RuleCheck", "RulesOfThumb", "Verdict",
@@ -100,12 +101,8 @@ def check_rules(trials: pd.DataFrame, profile: pd.DataFrame | None = None,
 # --------------------------------------------------------------------------- shared helpers
 
 def _num(v: float, digits: int = 3) -> str:
-    """A number for a sentence: ``0.512``, ``4.27``, ``13,851``."""
-    if v is None or not math.isfinite(v):
-        return "n/a"
-    if abs(v) >= 10_000:
-        return f"{v:,.0f}"
-    return f"{v:.{digits}g}"
+    """A number for a sentence (the report's rules, bptt_harness.report.numbers): ``0.512``, ``4.27``, ``13,851``."""
+    return numbers.num(v, digits, missing="n/a")
 
 
 def _shape(bptt: float, bs: float) -> str:

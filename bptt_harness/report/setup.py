@@ -1,4 +1,4 @@
-"""What a set of trials measures, as a short hash, so ``bptt-harness compare`` only puts like beside like.
+"""What a set of trials measures, as a short hash, so ``bptt-harness compare`` says what differs between result sets.
 
 The setup of a trial is its study's ``[corpus]``, ``[model]`` and ``[train]`` settings as the study
 stored them (defaults filled in; precision is ``amp`` and ``tf32`` there) and the torch release it ran
@@ -82,23 +82,18 @@ def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def like_with_like(trials: pd.DataFrame, setups: dict[str, dict], only_matching: bool) -> tuple[pd.DataFrame, list[str]]:
-    """Trials that all share the first source's setup, and the warnings for what was left out.
-
-    Without ``only_matching`` a second setup is refused with one line naming what differs."""
+    """With ``only_matching``: the trials that share the first source's setup, and a warning for each setup
+    left out (naming what differs). Without it every trial is kept: the comparison names what differs
+    between the result sets (:func:`bptt_harness.report.compare.what_differs`) instead of refusing."""
     ref = trials["setup"].iloc[0]
     ref_source = trials["source"].iloc[0]
     other = trials[trials["setup"] != ref]
-    if other.empty:
+    if other.empty or not only_matching:
         return trials, []
     warnings = []
     for key, group in other.groupby("setup", sort=False):
         what = differences(setups[ref], setups[key])
         where = ", ".join(dict.fromkeys(group["source"].astype(str)))
-        if not only_matching:
-            raise HarnessError(
-                f"compare: {where} does not measure what {ref_source} measures ({what}); compare results of the "
-                "same study settings and torch release, or pass --only-matching to compare only the trials "
-                f"measured like {ref_source}")
         warnings.append(f"left out {len(group)} trial(s) of {where}: they measure something else than "
                         f"{ref_source} ({what})")
     return trials[trials["setup"] == ref], warnings

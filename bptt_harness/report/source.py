@@ -110,6 +110,22 @@ def resolve(source: str | Path, *, storage: str | None = None, study_name: str |
                        out_dir=out_dir or path, info=info)
 
 
+def shown_storage(display: str | None, folder: Path | None, where: str = "in this results folder") -> str | None:
+    """A storage as a report shows it: a SQLite file or journal inside the results ``folder`` by its path
+    relative to the folder (``study.db in this results folder (SQLite)``), so a published report does not
+    show the path of the machine that wrote it; anything else as given (passwords already redacted)."""
+    if not display or folder is None:
+        return display
+    for prefix, kind in (("sqlite:///", "SQLite"), ("journal:", "journal")):
+        if display.startswith(prefix):
+            try:
+                rel = Path(display[len(prefix):]).resolve().relative_to(Path(folder).resolve())
+            except (ValueError, OSError):
+                return display
+            return f"{rel.as_posix()} {where} ({kind})"
+    return display
+
+
 def _password_from_environment(recorded: str, where: Path) -> str:
     """The full URL of a recorded, password-redacted storage: $BPTT_HARNESS_STORAGE when it names it."""
     full = os.environ.get(STORAGE_ENV, "")

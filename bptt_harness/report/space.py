@@ -4,8 +4,11 @@ batch size, where a heatmap would be a sparse checkerboard of mostly empty cells
 from __future__ import annotations
 
 import pandas as pd
+import plotly.graph_objects as go
 
+from bptt_harness.report import numbers
 from bptt_harness.report.frame import labels
+from bptt_harness.report.page import Drawn
 
 GRID_FILL = 0.5  # below this share of filled (bptt, batch size) cells the space is read as scattered
 
@@ -18,11 +21,9 @@ def is_grid(configs: pd.DataFrame) -> bool:
     return len(cells) >= GRID_FILL * cells["bptt"].nunique() * cells["batch_size"].nunique()
 
 
-def scatter(configs: pd.DataFrame):
+def scatter(configs: pd.DataFrame) -> Drawn | None:
     """Each configuration at (batch size, bptt) on log axes, coloured by perplexity; the ones that ran
     out of memory or diverged as crosses."""
-    import plotly.graph_objects as go
-
     c = configs.dropna(subset=["bptt", "batch_size"])
     ok = c[(c["n"] > 0) & c["val_ppl"].notna()]
     bad = c[(c["n"] == 0) & ((c["n_oom"] > 0) | (c["n_diverged"] > 0))]
@@ -34,7 +35,7 @@ def scatter(configs: pd.DataFrame):
             x=ok["batch_size"], y=ok["bptt"], mode="markers", name="finished",
             marker=dict(size=13, color=ok["val_ppl"], colorscale="Viridis_r", showscale=True,
                         colorbar=dict(title="val ppl", thickness=14), line=dict(color="#333", width=0.5)),
-            text=[f"{name}: ppl {p:.4g} (n={int(n)})" for name, p, n in zip(labels(ok), ok["val_ppl"], ok["n"])],
+            text=[f"{name}: ppl {numbers.num(p, 4)} (n={int(n)})" for name, p, n in zip(labels(ok), ok["val_ppl"], ok["n"])],
             hovertemplate="%{text}<extra></extra>"))
     if len(bad):
         fig.add_trace(go.Scatter(
@@ -42,9 +43,14 @@ def scatter(configs: pd.DataFrame):
             marker=dict(symbol="x", size=12, color="#d62728"),
             text=[f"{name}: {'OOM' if o else 'diverged'}" for name, o in zip(labels(bad), bad["n_oom"] > 0)],
             hovertemplate="%{text}<extra></extra>"))
-    fig.update_layout(template="plotly_white", height=460, margin=dict(l=70, r=30, t=50, b=60),
-                      title=dict(text="Validation perplexity over the sampled bptt × batch size", x=0.01),
+    fig.update_layout(template="plotly_white", height=460, margin=dict(l=70, r=30, t=30, b=60),
                       legend=dict(orientation="h", y=-0.2))
     fig.update_xaxes(title="batch size", type="log")
     fig.update_yaxes(title="bptt", type="log")
-    return fig
+    caption = ("The sampled configurations over bptt × batch size (log axes, trials): the search space is not a "
+               "grid, so a heatmap would be mostly empty cells.")
+    if len(ok):
+        caption += " Colour is validation perplexity (yellow is better)."
+    if len(bad):
+        caption += f" Red crosses: the {len(bad)} configuration(s) that ran out of memory or diverged."
+    return Drawn(fig, "Validation perplexity over the sampled bptt × batch size", caption)

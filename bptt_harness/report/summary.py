@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from bptt_harness.report.build import Report
-from bptt_harness.report.frame import label
+from bptt_harness.report.frame import WHOLE, label
 
 SCHEMA = 1
 # The study's budget as its trials recorded it (trials.csv columns).
@@ -34,7 +34,7 @@ def plain(obj: Any) -> Any:
     if isinstance(obj, pd.Series):
         return plain({k: v for k, v in obj.items() if not str(k).startswith("_")})
     if isinstance(obj, dict):
-        return {str(k): plain(v) for k, v in obj.items()}
+        return {str(k): _whole(str(k), plain(v)) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [plain(v) for v in obj]
     if isinstance(obj, np.generic):
@@ -44,6 +44,11 @@ def plain(obj: Any) -> Any:
     if obj is None or isinstance(obj, (bool, int, float, str)):
         return obj
     return None if pd.isna(obj) else str(obj)
+
+
+def _whole(key: str, v: Any) -> Any:
+    """Whole-number columns as integers (``"bptt": 10``, not ``10.0``: the frame holds numbers as floats)."""
+    return int(v) if key in WHOLE and isinstance(v, float) and v.is_integer() else v
 
 
 def summary(rep: Report) -> dict:
@@ -72,6 +77,7 @@ def summary(rep: Report) -> dict:
         "memory": {"fits": rep.fits, "cards": rep.cards if rep.cards is not None else [], "wall": rep.wall},
         "equal_time": rep.equal_time,
         "rules_of_thumb": rep.rules,
+        "profile_vs_trials": {"checks": rep.crosschecks, "note": rep.crosscheck_note},
     })
 
 
