@@ -30,7 +30,9 @@ TOP_KEYS = ("name", "description", "objectives", "sampler", "pruner", "trials", 
 # [train] keys beyond TrainConfig's own fields.
 TRAIN_EXTRA = ("repeats",)
 SEARCH_KEYS = {"bptt": "int", "batch_size": "int", "lr": "float", "nhid": "int", "emsize": "int", "layers": "int",
-               "dropout": "float", "variable_bptt": "bool"}
+               "dropout": "float", "variable_bptt": "bool",
+               # issue 26 (stability study: a clipped and an unclipped arm); to move into the key registry
+               "clip": "float"}
 STORAGE_FORMS = "sqlite:///path/study.db, journal:path/journal.log or postgresql://user@host/db"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
@@ -219,7 +221,8 @@ def _check_range(space: ParamSpace) -> None:
     if space.kind == "bool":
         return
     bounds = {"bptt": (1, 100_000), "batch_size": (1, 1_000_000), "nhid": (1, 65_536), "emsize": (1, 65_536),
-              "layers": (1, 64), "lr": (1e-12, 1e6), "dropout": (0.0, 0.999)}[space.name]
+              "layers": (1, 64), "lr": (1e-12, 1e6), "dropout": (0.0, 0.999),
+              "clip": (0.0, 1e6)}[space.name]
     if lo < bounds[0] or hi > bounds[1]:
         raise HarnessError(f"study file: search.{space.name} values must lie in [{bounds[0]:g}, {bounds[1]:g}]; "
                            f"got {lo:g}..{hi:g}")

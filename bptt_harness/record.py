@@ -177,6 +177,7 @@ class TrialConfig:
                                   "searched ones; n_params says its size)")
     optimizer: str | None = col(None, "sgd or adamw")
     variable_bptt: bool | None = col(None, "variable-length windows (AWD-LSTM style)")
+    clip: float | None = col(None, "gradient-norm clipping threshold (0: off)")
     seed: int | None = col(None, "random seed of the trial")
     repeat: int | None = col(None, "repeat index of the configuration (0 for the first run)")
 

@@ -191,7 +191,7 @@ def setup(args: argparse.Namespace) -> TrialSetup:
         corpus, device, key = study.corpus, study.device, config_key(params)
     else:
         model_keys = {k: v for k, v in params.items() if k in ("nhid", "emsize", "layers", "dropout")}
-        train_keys = {k: v for k, v in params.items() if k in ("lr", "variable_bptt")}
+        train_keys = {k: v for k, v in params.items() if k in ("lr", "variable_bptt", "clip")}
         spec = TrialSpec(bptt=params["bptt"], batch_size=params["batch_size"], model=ModelConfig(**model_keys),
                          train=TrainConfig(**train_keys))
         corpus, device = CorpusSpec(), "auto"

@@ -42,7 +42,7 @@ def with_change(path: tuple, value) -> dict:
 DELETE = object()
 
 
-@pytest.mark.parametrize("name", ["smoke", "default", "calibration", "wikitext2-gpu", "memory-wall"])
+@pytest.mark.parametrize("name", ["smoke", "default", "calibration", "wikitext2-gpu", "memory-wall", "stability"])
 def test_shipped_studies_are_valid(name: str) -> None:
     config = load_study(STUDIES / f"{name}.toml")
     assert config.name == name

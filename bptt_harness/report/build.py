@@ -14,6 +14,7 @@ from bptt_harness.report.frame import COST_COLUMNS, aggregate_configs
 from bptt_harness.report.memory import MemoryFit, MemoryWall, card_table, fit_memory, memory_wall
 from bptt_harness.report.noise import add_intervals
 from bptt_harness.report.rank import EqualTime, Ranking, equal_time_ranking, rank_configs
+from bptt_harness.report.rules import RulesOfThumb, check_rules
 
 
 @dataclass
@@ -35,6 +36,7 @@ class Report:
     profile: pd.DataFrame | None = None   # the study's profile.csv (bptt-harness profile), when it has one
     crosschecks: list[CrossCheck] = field(default_factory=list)  # the profile against the trials, per metric
     crosscheck_note: str | None = None    # why the two were not compared, when they were not
+    rules: RulesOfThumb | None = None     # the forum's rules of thumb, checked (report/rules.py)
 
 
 def study_cost(trials: pd.DataFrame, info: dict | None = None) -> str:
@@ -61,4 +63,5 @@ def build(trials: pd.DataFrame, *, study_name: str, storage_display: str | None 
     checks, note = profile_vs_trials(trials, profile)
     now = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     return Report(study_name, trials, configs, ranking, et, fits, cards, wall, adv, storage_display, info,
-                  n_running, now, by_budget, profile, checks, note)
+                  n_running, now, by_budget, profile, checks, note,
+                  check_rules(trials, profile, fits))

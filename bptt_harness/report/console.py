@@ -53,4 +53,8 @@ def summary(rep: Report, top: int = 10, width: int = 110) -> str:
     checks = [c.sentence for c in rep.crosschecks] + ([DISAGREE] if any(c.n_beyond for c in rep.crosschecks) else [])
     for text in checks + ([rep.crosscheck_note] if rep.crosscheck_note else []):
         lines.extend(textwrap.wrap(f"profile vs trials: {text}", width, subsequent_indent="  "))
+    if rep.rules is not None:
+        lines.append("The rules of thumb, checked:")
+        for r in rep.rules.checks():
+            lines.extend(textwrap.wrap(f"- {r.key} ({r.verdict}): {r.text}", width, subsequent_indent="  "))
     return "\n".join(lines)

@@ -37,7 +37,7 @@ AGG_METRICS = ("val_ppl", "best_val_ppl", "test_ppl", "tokens_per_s", "seconds_p
                "clipped_frac")
 # Columns that are the same for every repeat of a configuration.
 CONFIG_FIELDS = ("config_key", "bptt", "batch_size", "tokens_per_step", "lr", "lr_rule", "nhid", "emsize", "layers",
-                 "dropout", "model", "optimizer", "variable_bptt")
+                 "dropout", "model", "optimizer", "variable_bptt", "clip")
 
 CONFIG_COLUMNS: dict[str, str] = {
     **{k: TRIAL_COLUMNS[k] for k in ("study", "machine") if k in TRIAL_COLUMNS},
@@ -214,7 +214,7 @@ def varying_fields(df: pd.DataFrame) -> list[str]:
     out = []
     # Under an lr rule the lr follows the shape: it is not an axis of its own.
     ruled = "lr_rule" in df.columns and (df["lr_rule"].dropna().astype(str) != "fixed").any()
-    for c in ("lr", "nhid", "emsize", "layers", "dropout", "model", "optimizer", "variable_bptt"):
+    for c in ("lr", "nhid", "emsize", "layers", "dropout", "model", "optimizer", "variable_bptt", "clip"):
         if c == "lr" and ruled:
             continue
         if c in df.columns and df[c].dropna().astype(str).nunique() > 1:

@@ -363,6 +363,29 @@ def _walls_section(rep: Report) -> str:
     return "<h3>The memory wall, measured (bptt-harness profile)</h3>" + table(w, cols, table_id="memory-wall")
 
 
+def _rules_section(rep: Report) -> str:
+    """The forum's rules of thumb with this study's verdicts (bptt_harness.report.rules)."""
+    if rep.rules is None:
+        return ""
+    parts = []
+    for r in rep.rules.checks():
+        rows = ""
+        if not r.table.empty:
+            cols: list[Column] = [("l" if c in ("source", "short", "long", "call") else "", c.replace("_", " "),
+                                   _column_cell(c)) for c in r.table.columns]
+            rows = f"<details><summary>the {len(r.table)} rows compared</summary>{table(r.table, cols)}</details>"
+        parts.append(f'<h3>{esc(r.title)}: <span class="verdict">{esc(r.verdict)}</span></h3>'
+                     f'<p class="small">The rule: {esc(r.claim)}</p><p>{esc(r.text)}</p>{rows}')
+    return (f'<section id="rules-of-thumb"><h2>The rules of thumb, checked</h2>{"".join(parts)}</section>')
+
+
+def _column_cell(col: str) -> Callable[[pd.Series], str]:
+    def cell(x: pd.Series) -> str:
+        v = x[col]
+        return numbers.num(v, 4) if isinstance(v, float) else "" if v is None else str(v)
+    return cell
+
+
 def render(rep: Report) -> str:
     adv = rep.advice
     findings = "".join(f"<dt>{esc(f.title)}</dt><dd>{esc(f.text)}</dd>" for f in adv.findings)
@@ -374,6 +397,7 @@ def render(rep: Report) -> str:
 {_not_ranked_section(rep)}</section>
 {_equal_time_section(rep)}
 {_budget_section(rep)}
+{_rules_section(rep)}
 {_trials_section(rep)}
 {_profile_section(rep)}
 {_memory_section(rep)}"""

@@ -76,6 +76,7 @@ def summary(rep: Report) -> dict:
         "ranking": table[cols].assign(label=[label(r) for _, r in table.iterrows()]) if len(table) else [],
         "memory": {"fits": rep.fits, "cards": rep.cards if rep.cards is not None else [], "wall": rep.wall},
         "equal_time": rep.equal_time,
+        "rules_of_thumb": rep.rules,
         "profile_vs_trials": {"checks": rep.crosschecks, "note": rep.crosscheck_note},
     })
 

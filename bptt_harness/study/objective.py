@@ -53,7 +53,7 @@ def trial_spec(config: StudyConfig, params: dict[str, Any], repeat: int) -> Tria
     model_keys = {"nhid", "emsize", "layers", "dropout"}
     model: ModelConfig = replace(config.model, **{k: v for k, v in params.items() if k in model_keys})
     train = replace(config.train, seed=config.train.seed + repeat,
-                    **{k: v for k, v in params.items() if k in ("lr", "variable_bptt")})
+                    **{k: v for k, v in params.items() if k in ("lr", "variable_bptt", "clip")})
     train = replace(train, lr=config.lr_rule.lr_for(train.lr, params["bptt"], params["batch_size"]))
     return TrialSpec(bptt=params["bptt"], batch_size=params["batch_size"], model=model, train=train)
 
@@ -92,7 +92,8 @@ def make_record(info: StudyInfo, spec: TrialSpec, params: dict, repeat: int, res
     # The model's own keys (a factory's: only the searched ones; n_params in the result says the rest).
     config = TrialConfig(bptt=spec.bptt, batch_size=spec.batch_size, lr=spec.train.lr, **spec.model.recorded(params),
                          model=spec.model.factory or spec.model.type, optimizer=spec.train.optimizer,
-                         variable_bptt=spec.train.variable_bptt, seed=spec.train.seed, repeat=repeat)
+                         variable_bptt=spec.train.variable_bptt, clip=spec.train.clip, seed=spec.train.seed,
+                         repeat=repeat)
     return TrialRecord(config_key=config_key(params), config=config, status=result.status, error=result.error,
                        result=result, lr_choice=lr_choice or LrChoice(), hardware=from_dict(Hardware, hardware),
                        study=info, started_at=started, finished_at=_now(), worker=worker_id())
