@@ -33,8 +33,7 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         config = load_study(args.study, results_root=Path(tmp))
-        config = dataclasses.replace(config, train=dataclasses.replace(config.train,
-                                                                       memory_cap_mib=args.cap_gib * 1024))
+        config = dataclasses.replace(config, max_memory_gib=args.cap_gib)
         device = resolve_device("cpu")
         corpus = load_corpus(config)
         t0 = time.perf_counter()

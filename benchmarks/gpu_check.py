@@ -33,7 +33,7 @@ from bptt_harness.corpus import CorpusSpec, load
 from bptt_harness.hardware import device_label, fingerprint
 from bptt_harness.model import ModelConfig
 from bptt_harness.probe import make_probe, telemetry_problems
-from bptt_harness.trainer import TrainConfig, TrialSpec, release_memory, run_trial
+from bptt_harness.trainer import RunOptions, TrainConfig, TrialSpec, release_memory, run_trial
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -135,11 +135,10 @@ def run(p: Plan, device: torch.device, log: Callable[[str], None]) -> tuple[list
     rows = []
 
     def trial(role: str, bptt: int, bs: int, cap: float | None = None) -> None:
-        spec = TrialSpec(bptt=bptt, batch_size=bs, model=p.model,
-                         train=TrainConfig(tokens=p.tokens, checkpoints=1, memory_cap_mib=cap))
+        spec = TrialSpec(bptt=bptt, batch_size=bs, model=p.model, train=TrainConfig(tokens=p.tokens, checkpoints=1))
         release_memory(device)
         start = memory_now(device, reader)
-        result = run_trial(spec, corpus, device, probe=make_probe(device))
+        result = run_trial(spec, corpus, device, probe=make_probe(device), options=RunOptions(memory_cap_mib=cap))
         rows.append(row_of(role, spec, result, start, fp))
         log(f"  {role:<9} bptt={bptt:<4} bs={bs:<4} {result.status:<8} {result.train_s:6.2f} s")
 

@@ -29,6 +29,8 @@ _API = {
     "TrialSpec": ("bptt_harness.spec", "TrialSpec"),
     "ModelConfig": ("bptt_harness.spec", "ModelConfig"),
     "TrainConfig": ("bptt_harness.spec", "TrainConfig"),
+    "RunOptions": ("bptt_harness.spec", "RunOptions"),
+    "TrialObserver": ("bptt_harness.observers", "TrialObserver"),
     "HarnessError": ("bptt_harness.errors", "HarnessError"),
 }
 __all__ = sorted(_API)

@@ -95,7 +95,7 @@ def cmd_trial(args: argparse.Namespace) -> int:
     from bptt_harness.hardware import resolve_device
     from bptt_harness.model import check_model
     from bptt_harness.probe import make_probe
-    from bptt_harness.trainer import run_trial, warm_up
+    from bptt_harness.trainer import WARM_UP_STEPS, run_trial
 
     ts = trial_cli.setup(args)
     spec, model, train = ts.spec, ts.spec.model, ts.spec.train
@@ -103,8 +103,7 @@ def cmd_trial(args: argparse.Namespace) -> int:
     corpus = load(ts.corpus, check=lambda c: check_fits(c, spec.batch_size, spec.bptt, train.eval_batch_size))
     check_model(model, corpus.vocab_size)
     if not args.json:
-        shape = model.factory or f"{model.type} {model.layers}x{model.nhid}"
-        print(f"trial: {shape} on {corpus.name} ({corpus.vocab_size} tokens "
+        print(f"trial: {model.describe()} on {corpus.name} ({corpus.vocab_size} tokens "
               f"in vocabulary), bptt={spec.bptt} bs={spec.batch_size}, device {device}", file=sys.stderr)
         measured = trial_cli.study_measured(ts)
         if measured:
@@ -116,14 +115,15 @@ def cmd_trial(args: argparse.Namespace) -> int:
                   f"{point['seconds']:.1f} s, val ppl {point['ppl']:.2f}", file=sys.stderr)
         return False
 
-    warm_up(spec, corpus, device)  # a fresh process: start-up is not the trial's
     ok = True
     for r in range(ts.repeats):  # --repeats: seeds seed, seed + 1, ... as a study's repeats
         run = replace(spec, train=replace(train, seed=train.seed + r))
         if ts.repeats > 1 and not args.json:
             print(f"repeat {r}, seed {run.train.seed}", file=sys.stderr)
         probe = None if args.no_probe else make_probe(device)
-        result = run_trial(run, corpus, device, probe=probe, on_checkpoint=on_checkpoint)
+        # A fresh process: the first run warms up first, so start-up is not the trial's.
+        options = replace(ts.options, warm_up_steps=0 if r else WARM_UP_STEPS)
+        result = run_trial(run, corpus, device, probe=probe, on_checkpoint=on_checkpoint, options=options)
         ok = ok and result.status == "ok"
         if args.json:
             from bptt_harness.record import finite_or_none

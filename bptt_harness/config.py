@@ -27,9 +27,8 @@ PRUNERS = ("none", "median", "hyperband")
 COSTS = ("seconds_per_token", "peak_memory", "joules_per_token")
 TOP_KEYS = ("name", "description", "objectives", "sampler", "pruner", "trials", "storage", "max_memory_gib",
             "seed", "device", "workers", "corpus", "model", "train", "search", "lr", "race")
-# [train] keys beyond TrainConfig's own fields. memory_cap_mib is set from the top-level max_memory_gib.
+# [train] keys beyond TrainConfig's own fields.
 TRAIN_EXTRA = ("repeats",)
-TRAIN_HIDDEN = ("memory_cap_mib", "time_grid_until_s")
 SEARCH_KEYS = {"bptt": "int", "batch_size": "int", "lr": "float", "nhid": "int", "emsize": "int", "layers": "int",
                "dropout": "float", "variable_bptt": "bool",
                # issue 26 (stability study: a clipped and an unclipped arm); to move into the key registry
@@ -104,6 +103,11 @@ class StudyConfig:
     @property
     def cost(self) -> str:
         return self.objectives[1] if len(self.objectives) > 1 else "seconds_per_token"
+
+    @property
+    def memory_cap_mib(self) -> float | None:
+        """``max_memory_gib`` in MiB, as trials take it (``RunOptions.memory_cap_mib``)."""
+        return self.max_memory_gib * 1024 if self.max_memory_gib is not None else None
 
     @property
     def results_dir(self) -> Path:
@@ -310,9 +314,7 @@ def parse_study(raw: dict, path: Path | None = None, results_root: Path = Path("
             if key == "memory_cap_mib":
                 raise HarnessError("study file: train.memory_cap_mib is set from the top-level max_memory_gib; "
                                    "use max_memory_gib = N")
-    train = _build(TrainConfig, train_table, "train", skip=TRAIN_HIDDEN, also=TRAIN_EXTRA)
-    if "max_memory_gib" in raw:
-        train = dataclasses.replace(train, memory_cap_mib=raw["max_memory_gib"] * 1024)
+    train = _build(TrainConfig, train_table, "train", also=TRAIN_EXTRA)
 
     search_raw = raw.get("search")
     if not isinstance(search_raw, dict) or not search_raw:

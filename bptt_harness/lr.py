@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from bptt_harness.errors import HarnessError
-from bptt_harness.spec import TrainConfig, TrialSpec, resolve_budget_tokens
+from bptt_harness.spec import RunOptions, TrainConfig, TrialSpec, resolve_budget_tokens
 
 RULES = ("fixed", "linear", "sqrt", "tuned")
 SCALINGS = ("fixed", "linear", "sqrt")
@@ -136,20 +136,22 @@ def short_train(t: TrainConfig, fraction: float, train_split_tokens: int) -> Tra
     """The ladder's fidelity: ``fraction`` of the trial's budget, one validation at its end."""
     tokens = resolve_budget_tokens(t, train_split_tokens)
     if tokens is None:
-        return replace(t, seconds=t.seconds * fraction, checkpoints=1, test=False, time_grid_s=None, epochs=None)
-    return replace(t, tokens=max(1, round(tokens * fraction)), checkpoints=1, test=False, time_grid_s=None,
-                   epochs=None)
+        return t.short(seconds=t.seconds * fraction)
+    return t.short(max(1, round(tokens * fraction)))
 
 
-def tune(spec: TrialSpec, corpus: Any, device: Any, rule: LrRule) -> Tuned:
-    """Run the ladder around ``spec.train.lr`` (the rule's lr) on the same seed; return the best lr."""
+def tune(spec: TrialSpec, corpus: Any, device: Any, rule: LrRule, options: RunOptions | None = None) -> Tuned:
+    """Run the ladder around ``spec.train.lr`` (the rule's lr) on the same seed; return the best lr.
+    ``options`` as for the trial (its memory cap); a warm-up in them goes to the first rung only."""
     from bptt_harness.trainer import run_trial
 
     short = short_train(spec.train, rule.tune_fraction, corpus.train.numel())
     out = Tuned(lr=spec.train.lr)
+    options = options if options is not None else RunOptions()
     for m in sorted(rule.ladder):
         lr = spec.train.lr * m
-        r = run_trial(replace(spec, train=replace(short, lr=lr)), corpus, device)
+        r = run_trial(replace(spec, train=replace(short, lr=lr)), corpus, device, options=options)
+        options = replace(options, warm_up_steps=0)
         out.ladder.append({"lr": lr, "val_loss": r.val_loss, "status": r.status})
         out.tokens += r.train_tokens
         out.seconds += r.wall_s

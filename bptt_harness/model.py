@@ -1,5 +1,13 @@
-"""Embedding -> LSTM/GRU -> decoder: the word_language_model architecture, with cuDNN kernels on GPU;
-or a user's own model from ``[model] factory`` (:func:`build_model`)."""
+"""The model families behind one interface (:class:`ModelFamily`), and the first ones: ``lstm`` and ``gru``
+(embedding -> LSTM/GRU -> decoder, the word_language_model architecture, with cuDNN kernels on GPU) and
+``factory`` (a user's own model from ``[model] factory``).
+
+A family says how to build its model, the state a training pass starts from, its FLOPs per token and
+how it is evaluated fairly; its torch-free half (:class:`bptt_harness.spec.FamilyInfo`: keys, memory law,
+whether the state is carried) is what the config layer, the record and the report read. The trainer
+asks the family (:func:`family_of`) instead of assuming an LSTM. A new family is one
+:func:`register_family` call.
+"""
 
 from __future__ import annotations
 
@@ -8,13 +16,20 @@ import importlib
 import os
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from bptt_harness.batching import get_batch, windows
 from bptt_harness.errors import HarnessError
-from bptt_harness.spec import ModelConfig
+from bptt_harness.spec import FACTORY_FAMILY, GRU, LSTM, FamilyInfo, ModelConfig, declare_family, forget_family
+
+__all__ = ["ModelFamily", "FamilyInfo", "RNNModel", "register_family", "unregister_family", "family_of", "build_model",
+           "check_model", "resolve_factory", "repackage_hidden", "count_params", "evaluate_carried",
+           "evaluate_sliding", "rnn_flops_per_token", "estimated_flops_per_token"]
 
 Hidden = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
@@ -60,12 +75,144 @@ def repackage_hidden(h: Any) -> Any:
     return h  # a user's model may keep no tensor state (None)
 
 
-# --------------------------------------------------------------------------- a user's model
+# --------------------------------------------------------------------------- evaluation rules
+
+def evaluate_carried(model: nn.Module, matrix: torch.Tensor, bptt: int, amp: bool, state: Any) -> float:
+    """Mean cross-entropy over a split in fixed windows, ``state`` carried through it: every target sees all
+    the text before it in its column, whatever ``bptt`` the model trained with."""
+    total = torch.zeros((), device=matrix.device, dtype=torch.float64)
+    count = 0
+    with torch.inference_mode(), torch.autocast(matrix.device.type, dtype=torch.bfloat16, enabled=amp):
+        for x, y in windows(matrix, bptt):
+            logits, state = model(x, state)
+            total += F.cross_entropy(logits.float(), y, reduction="sum").double()
+            count += y.numel()
+    return total.item() / count
+
+
+def evaluate_sliding(model: nn.Module, matrix: torch.Tensor, bptt: int, amp: bool, fresh_state: Callable[[], Any],
+                     stride: int | None = None) -> float:
+    """Mean cross-entropy over a split in overlapping windows of ``bptt`` rows that start from a fresh state
+    and move by ``stride`` (default ``bptt // 2``); each target is scored once, in the last ``stride`` rows
+    of its window, so after the first window every target sees between ``bptt - stride + 1`` and ``bptt``
+    tokens of context: the same for every configuration evaluated with the same ``eval_bptt``."""
+    stride = max(1, min(stride or bptt // 2, bptt))
+    rows = matrix.size(0)
+    total = torch.zeros((), device=matrix.device, dtype=torch.float64)
+    count, scored = 0, 0   # scored: input rows whose targets are counted so far
+    with torch.inference_mode(), torch.autocast(matrix.device.type, dtype=torch.bfloat16, enabled=amp):
+        while scored < rows - 1:
+            end = min(rows - 1, max(scored + stride, bptt))
+            start = max(0, end - bptt)
+            x, y = get_batch(matrix, start, end - start)
+            logits, _ = model(x, fresh_state())
+            new = (end - scored) * x.size(1)   # the window's last rows, flattened row-major like the logits
+            total += F.cross_entropy(logits[-new:].float(), y[-new:], reduction="sum").double()
+            count += new
+            scored = end
+    return total.item() / count
+
+
+# --------------------------------------------------------------------------- the family interface
+
+def init_hidden(model: nn.Module, bs: int) -> Any:
+    """The state a pass starts from: the model's ``init_hidden(bs)``, or None for a model without one."""
+    make = getattr(model, "init_hidden", None)
+    return make(bs) if callable(make) else None
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """A model family's torch side; ``info`` is its torch-free declaration.
+
+    Attributes:
+        info: name, keys, shape label, whether the state is carried, evaluation rule, memory-law terms.
+        build: ``(model_config, ntoken) -> nn.Module`` whose ``forward(x, state)`` takes ``(seq_len, bs)`` token
+            ids and returns ``(logits of shape (seq_len * bs, ntoken), new state)``.
+        flops_per_token: ``(model_config, ntoken, model) -> training FLOPs per token`` (forward + backward).
+        init_state: ``(model, bs) -> the state a pass starts from`` (None for a model that keeps none).
+    """
+
+    info: FamilyInfo
+    build: Callable[[ModelConfig, int], nn.Module]
+    flops_per_token: Callable[[ModelConfig, int, nn.Module], float]
+    init_state: Callable[[nn.Module, int], Any] = init_hidden
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    def evaluate(self, model: nn.Module, cfg: ModelConfig, matrix: torch.Tensor, bptt: int, amp: bool = False) -> float:
+        """Mean validation (or test) cross-entropy of a batchified split (``(rows, bs)``) by the family's rule
+        for ``cfg`` (``info.evaluation_of``), in eval mode; the model is put back in the mode it was in."""
+        bs = matrix.size(1)
+        was_training = model.training
+        model.eval()
+        try:
+            if self.info.evaluation_of(cfg) == "sliding":
+                return evaluate_sliding(model, matrix, bptt, amp, lambda: self.init_state(model, bs))
+            return evaluate_carried(model, matrix, bptt, amp, self.init_state(model, bs))
+        finally:
+            model.train(was_training)
+
+
+_FAMILIES: dict[str, ModelFamily] = {}
+
+
+def register_family(family: ModelFamily) -> None:
+    """Make ``family`` usable as ``[model] type = "<name>"`` everywhere: study files, ``bptt-harness trial``,
+    the trainer, the record and the report's memory law (its declaration goes to ``bptt_harness.spec``)."""
+    declare_family(family.info)
+    _FAMILIES[family.name] = family
+
+
+def unregister_family(name: str) -> None:
+    """Undo :func:`register_family` (a test's own family)."""
+    _FAMILIES.pop(name, None)
+    forget_family(name)
+
+
+def family_of(cfg: ModelConfig) -> ModelFamily:
+    """The family that builds ``cfg``'s model (``factory`` when ``cfg.factory`` is set)."""
+    family = _FAMILIES.get(cfg.family)
+    if family is None:  # declared without a torch side: a torch-free declaration alone cannot train
+        raise HarnessError(f"model type {cfg.family!r} is declared but not registered with a build function; "
+                           "register it with bptt_harness.model.register_family")
+    return family
+
 
 def build_model(cfg: ModelConfig, ntoken: int) -> nn.Module:
-    """The built-in :class:`RNNModel`, or what ``cfg.factory`` returns for ``(cfg, ntoken)``."""
-    if cfg.factory is None:
-        return RNNModel(cfg, ntoken)
+    """``cfg``'s model, built by its family (for ``factory``: what ``cfg.factory`` returns for ``(cfg, ntoken)``)."""
+    return family_of(cfg).build(cfg, ntoken)
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def rnn_flops_per_token(cfg: ModelConfig, ntoken: int, model: nn.Module | None = None) -> float:
+    """Training FLOPs per token of :class:`RNNModel`: forward multiply-adds x 2, times 3 for forward + backward."""
+    gates = 4 if cfg.type == "lstm" else 3
+    macs = 0
+    for layer in range(cfg.layers):
+        inp = cfg.emsize if layer == 0 else cfg.nhid
+        macs += gates * cfg.nhid * (inp + cfg.nhid)
+    macs += cfg.nhid * ntoken
+    return 3 * 2 * float(macs)
+
+
+def estimated_flops_per_token(cfg: ModelConfig, ntoken: int, model: nn.Module) -> float:
+    """A model we know nothing of: 6 x its weights outside embeddings (a multiply-add per weight, forward and
+    backward)."""
+    lookup = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters(recurse=False)}
+    return 6.0 * sum(p.numel() for p in model.parameters() if id(p) not in lookup)
+
+
+# --------------------------------------------------------------------------- a user's model
+
+def build_factory_model(cfg: ModelConfig, ntoken: int) -> nn.Module:
+    """What ``cfg.factory`` returns for ``(cfg, ntoken)``, checked to be a module with ``init_hidden``."""
+    assert cfg.factory is not None
     make = resolve_factory(cfg.factory)
     try:
         model = make(cfg, ntoken)
@@ -99,7 +246,7 @@ def resolve_factory(spec: str) -> Callable[[ModelConfig, int], nn.Module]:
 
 
 def _import(name: str) -> Any:
-    """Import ``name``; a module in the current folder is found too (``harness`` runs from .venv/bin),
+    """Import ``name``; a module in the current folder is found too (``bptt-harness`` runs from .venv/bin),
     without leaving that folder on ``sys.path``."""
     try:
         return importlib.import_module(name)
@@ -116,15 +263,15 @@ def _import(name: str) -> Any:
 
 def check_model(cfg: ModelConfig, ntoken: int) -> None:
     """Before any training: a factory's model has the trainer's interface (one window of 3 x 2 tokens
-    through ``forward(x, init_hidden(2))`` on CPU), or one line saying what is wrong."""
+    through ``forward(x, init_hidden(2))`` on CPU), or one line saying what is wrong. The built-in
+    families need no check."""
     if cfg.factory is None:
         return
     model = build_model(cfg, ntoken)
     x = torch.zeros((3, 2), dtype=torch.long)
     try:
         with torch.no_grad():
-            init_hidden: Any = model.init_hidden
-            out = model(x, init_hidden(2))
+            out = model(x, family_of(cfg).init_state(model, 2))
     except Exception as e:  # noqa: BLE001
         raise HarnessError(f"model factory {cfg.factory!r}: forward(x, hidden) with x of shape (3, 2) raised "
                            f"{_one_line(e)}") from None
@@ -140,22 +287,6 @@ def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0][:300]}" if text else type(e).__name__
 
 
-def count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def estimated_flops_per_token(model: nn.Module) -> float:
-    """A user's model: 6 x its weights outside embeddings (a multiply-add per weight, forward and backward)."""
-    lookup = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters(recurse=False)}
-    return 6.0 * sum(p.numel() for p in model.parameters() if id(p) not in lookup)
-
-
-def flops_per_token(cfg: ModelConfig, ntoken: int) -> float:
-    """Training FLOPs per token: forward multiply-adds x 2, times 3 for forward + backward."""
-    gates = 4 if cfg.type == "lstm" else 3
-    macs = 0
-    for layer in range(cfg.layers):
-        inp = cfg.emsize if layer == 0 else cfg.nhid
-        macs += gates * cfg.nhid * (inp + cfg.nhid)
-    macs += cfg.nhid * ntoken
-    return 3 * 2 * float(macs)
+for _family in (ModelFamily(LSTM, RNNModel, rnn_flops_per_token), ModelFamily(GRU, RNNModel, rnn_flops_per_token),
+                ModelFamily(FACTORY_FAMILY, build_factory_model, estimated_flops_per_token)):
+    register_family(_family)

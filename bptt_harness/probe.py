@@ -126,7 +126,8 @@ def energy_estimate(e0_mj: float | None, e1_mj: float | None, counter_kind: str 
 
 @dataclass
 class Phase:
-    """What one phase (training, or validation) accumulated over its segments."""
+    """What one phase (training, validation, or another measurement named by the trainer's observers)
+    accumulated over its segments."""
 
     duration_s: float = 0.0
     cpu_time_s: float = 0.0
@@ -145,6 +146,16 @@ class Phase:
         moved = self.energy_mj if self.energy_mj else None
         return energy_estimate(0.0 if moved else None, moved, counter_kind, self.stats.mean("power_w"),
                                self.duration_s)
+
+
+@dataclass(frozen=True)
+class PhaseCost:
+    """What one phase outside training cost: seconds, energy (J) and peak memory (MiB; None where not
+    measured). Validation is phase ``eval``; other measurements name their own."""
+
+    seconds: float
+    energy_j: float | None
+    peak_mem_mib: float | None
 
 
 # --------------------------------------------------------------------------- the probe
@@ -242,12 +253,14 @@ class Probe:
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
-        """Measure the code inside as ``name`` ("eval") instead of training."""
-        if name not in self._phases:
-            raise ValueError(f"probe phase {name!r} is not known; use one of {', '.join(self._phases)}")
+        """Measure the code inside as ``name`` (``"eval"``: validation; a diagnostic: its own name) instead
+        of training; :meth:`phase_cost` reads it back."""
+        if not isinstance(name, str) or not name or name == "train":
+            raise ValueError(f"probe phase {name!r} must be a name other than 'train', e.g. 'eval'")
         if not self._open:
             yield
             return
+        self._phases.setdefault(name, Phase())
         previous = self._current
         self._switch(name)
         try:
@@ -328,10 +341,19 @@ class Probe:
             return None
         return max(0.0, peak - self._trial_rss)
 
+    def phase_cost(self, name: str) -> PhaseCost | None:
+        """What phase ``name`` cost inside the window (seconds, energy, peak memory), or None if it never ran."""
+        with self._lock:
+            ph = self._phases.get(name)
+        if ph is None or not ph.duration_s:
+            return None
+        energy_j, _ = ph.energy(self.source.energy_kind)
+        return PhaseCost(ph.duration_s, energy_j, self._peak_mem(ph))
+
     def report(self) -> ProbeReport:
         """What was measured; ``None`` where nothing was."""
         with self._lock:
-            train, ev = self._phases["train"], self._phases["eval"]
+            train = self._phases["train"]
             st = train.stats
             peak, first, n = dict(st.peak), st.first, st.n
             means = {k: st.mean(k) for k in _MEANS}
@@ -340,7 +362,7 @@ class Probe:
         duration = train.duration_s if opened else None
         cpu_time = train.cpu_time_s if opened else None
         energy_j, energy_source = train.energy(self.source.energy_kind) if opened else (None, None)
-        eval_energy, _ = ev.energy(self.source.energy_kind) if ev.duration_s else (None, None)
+        ev = self.phase_cost("eval") or PhaseCost(0.0, None, None)
         mean_power = means["power_w"]
         if mean_power is None and energy_j is not None and duration:
             mean_power = energy_j / duration  # RAPL: a counter and no power readings
@@ -370,9 +392,9 @@ class Probe:
             cpu_time_s=cpu_time,
             # Percent of one core, as top and psutil count it (several threads can exceed 100).
             cpu_util_pct=100.0 * cpu_time / duration if cpu_time is not None and duration else None,
-            eval_s=ev.duration_s if ev.duration_s else None,
-            eval_energy_j=eval_energy,
-            eval_peak_mem_mib=self._peak_mem(ev) if ev.duration_s else None,
+            eval_s=ev.seconds or None,
+            eval_energy_j=ev.energy_j,
+            eval_peak_mem_mib=ev.peak_mem_mib,
         )
 
 

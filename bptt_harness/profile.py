@@ -24,6 +24,7 @@ from typing import Any
 
 from bptt_harness.config import StudyConfig
 from bptt_harness.errors import HarnessError
+from bptt_harness.spec import RunOptions
 
 log = logging.getLogger(__name__)
 
@@ -162,21 +163,24 @@ MAX_STEPS = 2_000
 
 
 def profile_cell(config: StudyConfig, corpus: Any, device: Any, bptt: int, bs: int, phase: str,
-                 steps: int = 5, warmup: int = 2, probe_factory: Callable[[Any], Any] | None = None) -> ProfileRow:
+                 steps: int = 5, warmup: int = 2, probe_factory: Callable[[Any], Any] | None = None,
+                 warm_up_steps: int = 0) -> ProfileRow:
     """``warmup`` untimed and at least ``steps`` timed training steps of one cell -> its row. A cell whose
-    timed steps took under :data:`MIN_TIMED_S` is measured again with more steps."""
+    timed steps took under :data:`MIN_TIMED_S` is measured again with more steps. ``warm_up_steps``: the
+    process's start-up, before the first cell (``RunOptions.warm_up_steps``)."""
     from bptt_harness.probe import make_probe
     from bptt_harness.trainer import run_trial
 
     t = config.train
     while True:
         total = warmup + steps
-        train = replace(t, budget="tokens", tokens=total * bptt * bs, epochs=None, checkpoints=1, test=False,
-                        warmup_steps=warmup, variable_bptt=False, log_every=total, timeout_s=t.timeout_s,
-                        time_grid_s=None, eval_bptt=min(t.eval_bptt, bptt))
+        train = replace(t.short(total * bptt * bs), warmup_steps=warmup, variable_bptt=False, log_every=total,
+                        eval_bptt=min(t.eval_bptt, bptt))
         spec = replace(_spec(config, bptt, bs), train=train)
         small = short_corpus(corpus, bptt, bs, total, t.eval_batch_size, t.eval_bptt)
-        r = run_trial(spec, small, device, probe=(probe_factory or make_probe)(device))
+        r = run_trial(spec, small, device, probe=(probe_factory or make_probe)(device),
+                      options=RunOptions(memory_cap_mib=config.memory_cap_mib, warm_up_steps=warm_up_steps))
+        warm_up_steps = 0
         timed_s = steps * bptt * bs / r.tokens_per_s if r.tokens_per_s else math.inf
         # Only the map's rates are planned with; a wall attempt needs the memory of a few steps.
         if phase != "grid" or r.status != "ok" or timed_s >= MIN_TIMED_S or steps >= MAX_STEPS:
@@ -187,7 +191,7 @@ def profile_cell(config: StudyConfig, corpus: Any, device: Any, bptt: int, bs: i
                       tokens_per_s=r.tokens_per_s, achieved_flops_per_s=r.achieved_flops,
                       peak_mem_mib=r.probe.peak_mem_mib, peak_mem_torch_mib=r.probe.peak_mem_torch_mib,
                       peak_mem_nvml_mib=r.probe.peak_mem_nvml_mib,
-                      memory_cap_mib=t.memory_cap_mib, seconds=r.wall_s, device=str(device))
+                      memory_cap_mib=config.memory_cap_mib, seconds=r.wall_s, device=str(device))
 
 
 def _spec(config: StudyConfig, bptt: int, bs: int) -> Any:
@@ -204,15 +208,16 @@ def time_validation(config: StudyConfig, corpus: Any, device: Any) -> ProfileRow
     import torch
 
     from bptt_harness.batching import batchify
-    from bptt_harness.model import build_model
-    from bptt_harness.trainer import evaluate, release_memory
+    from bptt_harness.model import family_of
+    from bptt_harness.trainer import release_memory
 
     t = config.train
-    model = build_model(config.model, corpus.vocab_size).to(device)
+    family = family_of(config.model)
+    model = family.build(config.model, corpus.vocab_size).to(device)
     valid = batchify(corpus.valid, t.eval_batch_size).to(device)
     amp = t.amp == "bf16" and getattr(device, "type", "cpu") == "cuda"
     start = time.perf_counter()
-    evaluate(model, valid, t.eval_bptt, t.eval_batch_size, amp)
+    family.evaluate(model, config.model, valid, t.eval_bptt, amp)
     if getattr(device, "type", "cpu") == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
@@ -221,7 +226,7 @@ def time_validation(config: StudyConfig, corpus: Any, device: Any) -> ProfileRow
     return ProfileRow(bptt=t.eval_bptt, batch_size=t.eval_batch_size, phase="eval", status="ok",
                       tokens_per_step=t.eval_bptt * t.eval_batch_size,
                       tokens_per_s=corpus.valid.numel() / seconds if seconds > 0 else None,
-                      memory_cap_mib=t.memory_cap_mib, seconds=seconds, device=str(device))
+                      memory_cap_mib=config.memory_cap_mib, seconds=seconds, device=str(device))
 
 
 @dataclass
@@ -237,25 +242,22 @@ def run_profile(config: StudyConfig, corpus: Any, device: Any, steps: int = 5, w
 
     The wall is searched where a wall exists: on a GPU, or under a memory cap (``max_memory_gib``) on
     CPU. ``wall=None`` decides that; ``on_row`` sees each attempt as it finishes (progress)."""
-    from bptt_harness.trainer import warm_up
+    from bptt_harness.trainer import WARM_UP_STEPS
 
     if wall is None:
-        wall = getattr(device, "type", "cpu") == "cuda" or config.train.memory_cap_mib is not None
+        wall = getattr(device, "type", "cpu") == "cuda" or config.memory_cap_mib is not None
     rows: list[ProfileRow] = []
 
     def run(bptt: int, bs: int, phase: str) -> ProfileRow:
-        row = measure(config, corpus, device, bptt, bs, phase, steps=steps)
+        # The first attempt carries the process's warm-up: start-up is not the first cell's.
+        row = measure(config, corpus, device, bptt, bs, phase, steps=steps,
+                      warm_up_steps=0 if rows else WARM_UP_STEPS)
         rows.append(row)
         if on_row:
             on_row(row)
         return row
 
-    grid = cells(config)
-    if grid:
-        bptt0, bs0 = grid[0]
-        warm_up(_spec(config, bptt0, bs0), short_corpus(corpus, bptt0, bs0, 3, config.train.eval_batch_size,
-                                                         config.train.eval_bptt), device)
-    for bptt, bs in grid:
+    for bptt, bs in cells(config):
         run(bptt, bs, "grid")
     rows.append(time_validation(config, corpus, device))
     if on_row:

@@ -125,6 +125,8 @@ class TrialResult:
     clipped_frac: float | None = col(None, "fraction of steps whose gradient was clipped")
     n_params: int = col(0, "model parameters")
     flops_per_token: float = col(0.0, "estimated training FLOPs per token", "FLOP")
+    evaluation: str | None = col(None, "how validation was made fair (the model family's rule): carried (the state "
+                                       "carried through the split) or sliding (overlapping windows of eval_bptt)")
     achieved_flops: float | None = col(None, "tokens_per_s x flops_per_token", "FLOP/s", name="achieved_flops_per_s")
     final_lr: float | None = col(None, "learning rate at the end (after annealing)")
     joules_per_ktok: float | None = col(None, "training energy per 1,000 training tokens (validation excluded)", "J",
@@ -170,7 +172,9 @@ class TrialConfig:
     emsize: int | None = col(None, "embedding size")
     layers: int | None = col(None, "recurrent layers")
     dropout: float | None = col(None, "dropout probability")
-    model: str | None = col(None, "lstm or gru")
+    model: str | None = col(None, "the model family (lstm, gru, ...), or a factory's module:function; the shape columns "
+                                  "(nhid, emsize, layers, dropout) are those the family reads (a factory's: only the "
+                                  "searched ones; n_params says its size)")
     optimizer: str | None = col(None, "sgd or adamw")
     variable_bptt: bool | None = col(None, "variable-length windows (AWD-LSTM style)")
     clip: float | None = col(None, "gradient-norm clipping threshold (0: off)")

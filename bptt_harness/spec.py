@@ -1,19 +1,166 @@
 """What a trial is asked to do: the corpus, the model, how it trains, and the (bptt, batch size) cell.
 
 Plain frozen dataclasses that validate themselves, with no torch import, so that parsing a study
-file stays light (``python -c "import bptt_harness.config"`` loads no torch).
+file stays light (``python -c "import bptt_harness.config"`` loads no torch). The model families are
+declared here too (:class:`FamilyInfo`: what the config layer, the record and the report know of a
+family); their torch side (build, state, FLOPs, evaluation) is :class:`bptt_harness.model.ModelFamily`.
 """
 
 from __future__ import annotations
 
+import difflib
 import math
 import re
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from bptt_harness.errors import HarnessError
 
 FACTORY_RE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")
+FACTORY = "factory"   # the family of a model built by ``[model] factory``
+EVALUATIONS = ("carried", "sliding")
+
+
+# --------------------------------------------------------------------------- model families
+
+@dataclass(frozen=True)
+class MemoryTerm:
+    """One term of a family's memory law ``peak = a + b_1 x_1 + b_2 x_2 + ...``:
+    ``x = window ** window_power x batch_size ** bs_power`` (window: the longest training window)."""
+
+    window_power: int = 1
+    bs_power: int = 1
+
+    @property
+    def name(self) -> str:
+        def power(symbol: str, p: int) -> str:
+            return "" if p == 0 else symbol if p == 1 else f"{symbol}{'²' if p == 2 else '³' if p == 3 else f'^{p}'}"
+        return " × ".join(t for t in (power("window", self.window_power), power("bs", self.bs_power)) if t) or "1"
+
+    def of(self, window: Any, bs: Any) -> Any:
+        """``x`` for numbers, numpy arrays or pandas Series."""
+        return window ** self.window_power * bs ** self.bs_power
+
+
+# Activations saved for backward and the logits: linear in the tokens of a step.
+WINDOW_X_BS = MemoryTerm(1, 1)
+# Attention scores without a fused kernel: a window x window matrix per sequence (and head).
+WINDOW2_X_BS = MemoryTerm(2, 1)
+
+
+@dataclass(frozen=True)
+class FamilyInfo:
+    """A model family as the config layer, the trial record and the report know it (no torch).
+
+    Attributes:
+        name: the study file's ``[model] type`` (``"factory"`` for a model built by ``[model] factory``).
+        keys: the ``[model]`` keys this family reads: they describe its shape in the trial record.
+        shape: the shape label, formatted from those keys, e.g. ``"{layers}x{nhid}"`` -> ``lstm 2x200``.
+        carries_state: whether a state flows from one training window to the next (truncated BPTT);
+            False for a model that sees each window alone (``reset_every`` means nothing to it). A function
+            of the ``ModelConfig`` where it depends on a key (a Transformer with ``mem_len`` > 0 carries one).
+        evaluation: how validation is made fair across shapes: ``"carried"`` (fixed windows, the state
+            carried through the whole split: every target sees all the text before it) or ``"sliding"``
+            (overlapping windows, each target scored once with about ``eval_bptt`` tokens of context); or a
+            function of the ``ModelConfig`` returning one of them.
+        memory_terms: the memory law's terms, fitted by the report (``window × bs`` for a recurrent model;
+            attention without a fused kernel adds ``window² × bs``).
+        check: further validation of a ``ModelConfig`` of this family (one-line ``HarnessError``).
+    """
+
+    name: str
+    keys: tuple[str, ...] = ()
+    shape: str = ""
+    carries_state: bool | Callable[[ModelConfig], bool] = True
+    evaluation: str | Callable[[ModelConfig], str] = "carried"
+    memory_terms: tuple[MemoryTerm, ...] = (WINDOW_X_BS,)
+    check: Callable[[ModelConfig], None] | None = None
+
+    def __post_init__(self) -> None:
+        if not re.match(r"^[a-z][a-z0-9_-]*$", self.name or ""):
+            raise HarnessError(f"model family name {self.name!r} must be lower-case letters, digits, '-' or '_'")
+        if not callable(self.evaluation) and self.evaluation not in EVALUATIONS:
+            raise HarnessError(f"model family {self.name!r}: evaluation {self.evaluation!r} is not known; use "
+                               f"one of {', '.join(EVALUATIONS)}")
+        if not self.memory_terms or any(
+                not isinstance(m, MemoryTerm) or min(m.window_power, m.bs_power) < 0 or m.window_power + m.bs_power == 0
+                for m in self.memory_terms):
+            raise HarnessError(f"model family {self.name!r}: memory_terms must be MemoryTerm(window_power, bs_power) "
+                               "with powers >= 0, not both 0 (the intercept is always fitted), e.g. (WINDOW_X_BS,)")
+
+    def carries(self, cfg: ModelConfig) -> bool:
+        """Whether ``cfg``'s model carries a state from window to window."""
+        return bool(self.carries_state(cfg)) if callable(self.carries_state) else self.carries_state
+
+    def evaluation_of(self, cfg: ModelConfig) -> str:
+        """``cfg``'s evaluation rule: ``carried`` or ``sliding``."""
+        rule = self.evaluation(cfg) if callable(self.evaluation) else self.evaluation
+        if rule not in EVALUATIONS:
+            raise HarnessError(f"model family {self.name!r}: evaluation {rule!r} is not known; use one of "
+                               f"{', '.join(EVALUATIONS)}")
+        return rule
+
+    def describe(self, values: Mapping[str, Any]) -> str:
+        """``lstm 2x200`` from a config's (or a trials.csv row's) keys; the name alone if one is missing."""
+        try:
+            shape = self.shape.format(**{k: _plain(values.get(k)) for k in self.keys})
+        except (KeyError, TypeError, ValueError):
+            return self.name
+        return f"{self.name} {shape}" if shape else self.name
+
+
+def _plain(v: Any) -> Any:
+    """A float that holds an integer (pandas reads integer columns with gaps as floats) as that integer."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        raise ValueError("missing")
+    return int(v) if isinstance(v, float) and v.is_integer() else v
+
+
+_FAMILIES: dict[str, FamilyInfo] = {}
+_RNN_KEYS = ("emsize", "nhid", "layers", "dropout", "tied")
+LSTM = FamilyInfo("lstm", keys=_RNN_KEYS, shape="{layers}x{nhid}")
+GRU = FamilyInfo("gru", keys=_RNN_KEYS, shape="{layers}x{nhid}")
+# A user's model: its shape is its own; the record names the factory and counts its parameters.
+FACTORY_FAMILY = FamilyInfo(FACTORY)
+
+
+def declare_family(info: FamilyInfo) -> None:
+    """Make a family known to the config layer, the record and the report (a family's torch side registers
+    it through :func:`bptt_harness.model.register_family`, which calls this)."""
+    _FAMILIES[info.name] = info
+
+
+def forget_family(name: str) -> None:
+    """Undo :func:`declare_family` (tests that declare a family of their own)."""
+    _FAMILIES.pop(name, None)
+
+
+def family_names() -> tuple[str, ...]:
+    """The ``[model] type`` values a study may use."""
+    return tuple(n for n in _FAMILIES if n != FACTORY)
+
+
+def family_info(name: str) -> FamilyInfo:
+    """The declared family ``name``, or one line naming the known ones."""
+    if name in _FAMILIES:
+        return _FAMILIES[name]
+    match = difflib.get_close_matches(str(name), family_names(), n=1, cutoff=0.5)
+    hint = f" (did you mean {match[0]!r}?)" if match else ""
+    raise HarnessError(f"model type {name!r} is not known{hint}; use one of {', '.join(family_names())}, or "
+                       "factory = 'module:function' for your own model")
+
+
+def find_family(name: Any) -> FamilyInfo | None:
+    """The declared family of a stored ``model`` value (a family name, or a factory's ``module:function``);
+    None for a name this process does not know (a family declared by code that is not loaded)."""
+    if isinstance(name, str) and FACTORY_RE.match(name):
+        return _FAMILIES.get(FACTORY)
+    return _FAMILIES.get(name) if isinstance(name, str) else None
+
+
+for _info in (LSTM, GRU, FACTORY_FAMILY):
+    declare_family(_info)
 
 
 @dataclass(frozen=True)
@@ -46,7 +193,8 @@ class ModelConfig:
     """The language model.
 
     Attributes:
-        type: ``"lstm"`` or ``"gru"``.
+        type: the model family: ``"lstm"`` or ``"gru"`` (``bptt_harness.spec.family_names()`` lists those
+            declared; each family reads the keys its ``FamilyInfo.keys`` names).
         emsize: embedding size.
         nhid: hidden units per layer.
         layers: number of recurrent layers.
@@ -58,7 +206,7 @@ class ModelConfig:
             ``init_hidden(bs)``. The other keys are passed to it in ``model_config`` (and searched as usual).
     """
 
-    type: Literal["lstm", "gru"] = "lstm"
+    type: str = "lstm"
     emsize: int = 200
     nhid: int = 200
     layers: int = 2
@@ -67,8 +215,10 @@ class ModelConfig:
     factory: str | None = None
 
     def __post_init__(self) -> None:
-        if self.type not in ("lstm", "gru"):
-            raise HarnessError(f"model type {self.type!r} is not known; use 'lstm' or 'gru'")
+        if not isinstance(self.type, str) or self.type == FACTORY:
+            raise HarnessError(f"model type {self.type!r} is not a family; use one of {', '.join(family_names())}, "
+                               "or factory = 'module:function' for your own model")
+        info = family_info(self.type) if self.factory is None else None
         for name in ("emsize", "nhid", "layers"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -80,6 +230,27 @@ class ModelConfig:
                                "returning your nn.Module, e.g. 'mymodels:small_lstm'")
         if self.tied and self.emsize != self.nhid:
             raise HarnessError(f"tied weights need emsize == nhid; got emsize={self.emsize}, nhid={self.nhid}")
+        if info is not None and info.check is not None:
+            info.check(self)
+
+    @property
+    def family(self) -> str:
+        """The family that builds this model: ``type``, or ``"factory"`` when ``factory`` is set."""
+        return FACTORY if self.factory is not None else self.type
+
+    @property
+    def info(self) -> FamilyInfo:
+        return family_info(self.family)
+
+    def describe(self) -> str:
+        """What the model is, for people: ``lstm 2x200``, or a factory's ``module:function``."""
+        return self.factory if self.factory is not None else self.info.describe(vars(self))
+
+    def recorded(self, searched: Iterable[str] = ()) -> dict[str, Any]:
+        """The model keys a trial record keeps: those the family reads (a factory's: only the keys the study
+        searches, which reach it in its ``model_config``); the rest are None rather than unused defaults."""
+        keep = set(self.info.keys) | set(searched)
+        return {k: getattr(self, k) if k in keep else None for k in ("nhid", "emsize", "layers", "dropout")}
 
 
 @dataclass(frozen=True)
@@ -104,12 +275,10 @@ class TrainConfig:
             step end nearest each multiple), the same grid for every configuration, so that an equal-time
             comparison reads measurements instead of interpolating. Observation only: these points never
             anneal the lr, prune or end a trial.
-        time_grid_until_s: set by the study, not a study-file key: no time-grid point past this many seconds.
-            An equal-time comparison reads the latest grid time every run reached, never later than the
-            shortest run of the study so far, so points past that would only cost validation time.
         spike_factor: a logged training loss above ``spike_factor`` x its running minimum is divergence
             (so is a loss clearly above a uniform guess once the model had learned; see ``DivergenceGuard``).
-        timeout_s: wall-clock limit for the whole trial; past it the trial ends as ``timeout``.
+        timeout_s: wall-clock limit for the trial's training and evaluation; past it the trial ends as
+            ``timeout`` (building the model and a process's warm-up come before it).
         seed: seeds the model initialisation, dropout and variable-length windows.
         eval_batch_size: columns used for validation and test (fixed, so every configuration is
             evaluated the same way; the state is carried through the whole split).
@@ -121,9 +290,6 @@ class TrainConfig:
         amp: ``"bf16"`` autocast on CUDA, or ``None``.
         tf32: allow TF32 matmuls on CUDA.
         compile: wrap the model in ``torch.compile``.
-        memory_cap_mib: a memory budget for the trial. On CUDA it is the allocator's hard limit; on
-            CPU parameters, gradients, optimiser state and saved activations are counted against it.
-            Exceeding it ends the trial as ``oom``.
         log_every: steps between reads of the device-side accumulators (divergence checks, curve points).
         warmup_steps: first steps of every trial excluded from the tokens/s measurement (at least 1: the
             first step allocates and, on a GPU, autotunes). A trial with no more steps than this is timed
@@ -140,7 +306,6 @@ class TrainConfig:
     seconds: float = 60.0
     checkpoints: int = 4
     time_grid_s: float | None = None
-    time_grid_until_s: float | None = None
     spike_factor: float = 3.0
     timeout_s: float | None = None
     seed: int = 0
@@ -153,7 +318,6 @@ class TrainConfig:
     amp: Literal["bf16"] | None = None
     tf32: bool = True
     compile: bool = False
-    memory_cap_mib: float | None = None
     log_every: int = 25
     warmup_steps: int = 5
 
@@ -180,15 +344,10 @@ class TrainConfig:
             raise bad("epochs", "it must be a number > 0")
         if self.time_grid_s is not None and (not _finite_number(self.time_grid_s) or self.time_grid_s <= 0):
             raise bad("time_grid_s", "it must be a number of training seconds > 0 (or left out)")
-        if self.time_grid_until_s is not None and (not _finite_number(self.time_grid_until_s)
-                                                   or self.time_grid_until_s < 0):
-            raise bad("time_grid_until_s", "it must be a number of training seconds >= 0")
         if self.timeout_s is not None and (not _finite_number(self.timeout_s) or self.timeout_s <= 0):
             raise bad("timeout_s", "it must be a number of seconds > 0")
         if self.amp not in (None, "bf16"):
             raise bad("amp", "use 'bf16' or leave it out")
-        if self.memory_cap_mib is not None and (not _finite_number(self.memory_cap_mib) or self.memory_cap_mib <= 0):
-            raise bad("memory_cap_mib", "it must be a number of MiB > 0")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**32:
             raise bad("seed", "it must be an integer in [0, 2**32)")
         if not _finite_number(self.anneal) or self.anneal < 1:
@@ -200,6 +359,49 @@ class TrainConfig:
         if self.reset_every is not None and (not isinstance(self.reset_every, int) or isinstance(
                 self.reset_every, bool) or self.reset_every < 1):
             raise bad("reset_every", "it must be an integer >= 1 (or left out to carry the state)")
+
+    def short(self, tokens: int | None = None, *, seconds: float | None = None) -> TrainConfig:
+        """This training cut to a quick run (a warm-up, an lr ladder's rung, a profile cell): exactly ``tokens``
+        training tokens, or ``seconds`` of training, then one validation; no test split, no time grid."""
+        if (tokens is None) == (seconds is None):
+            raise HarnessError("TrainConfig.short needs exactly one of tokens or seconds")
+        quick = replace(self, epochs=None, checkpoints=1, test=False, time_grid_s=None)
+        if tokens is not None:
+            return replace(quick, budget="tokens", tokens=tokens)
+        return replace(quick, budget="seconds", seconds=seconds)
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """What the caller of :func:`bptt_harness.trainer.run_trial` decides for a run, beside the study file's
+    ``[train]`` keys: the study sets these from its own state, a user of the Python API may set them.
+
+    Attributes:
+        memory_cap_mib: a memory budget (the study's ``max_memory_gib`` x 1024). On CUDA it is the
+            allocator's hard limit; on CPU parameters, gradients, optimiser state and saved activations are
+            counted against it. Exceeding it ends the trial as ``oom``.
+        time_grid_until_s: no time-grid point past this many training seconds. An equal-time comparison
+            reads the latest grid time every run reached, never later than the shortest run of the study so
+            far, so points past that would only cost validation time.
+        warm_up_steps: before training, this many untimed steps of the trial's own model and shape and one
+            validation window, after which the model is put back exactly as built (the trial trains as it
+            would have without them): the first trial of a process then does not pay for start-up (imports,
+            thread pools, the CUDA context, cuDNN's first kernels). 0: none.
+    """
+
+    memory_cap_mib: float | None = None
+    time_grid_until_s: float | None = None
+    warm_up_steps: int = 0
+
+    def __post_init__(self) -> None:
+        if self.memory_cap_mib is not None and (not _finite_number(self.memory_cap_mib) or self.memory_cap_mib <= 0):
+            raise HarnessError(f"memory_cap_mib={self.memory_cap_mib!r} must be a number of MiB > 0 (or None)")
+        if self.time_grid_until_s is not None and (not _finite_number(self.time_grid_until_s)
+                                                   or self.time_grid_until_s < 0):
+            raise HarnessError(f"time_grid_until_s={self.time_grid_until_s!r} must be a number of training "
+                               "seconds >= 0 (or None)")
+        if not isinstance(self.warm_up_steps, int) or isinstance(self.warm_up_steps, bool) or self.warm_up_steps < 0:
+            raise HarnessError(f"warm_up_steps={self.warm_up_steps!r} must be an integer >= 0")
 
 
 def _finite_number(v: Any) -> bool:
@@ -220,8 +422,9 @@ class TrialSpec:
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise HarnessError(f"{key}={value!r} must be an integer >= 1")
-
-
+        if self.train.reset_every is not None and not self.model.info.carries(self.model):
+            raise HarnessError(f"train reset_every={self.train.reset_every} resets a state that the "
+                               f"{self.model.family} family does not carry; leave reset_every out")
 
 
 def resolve_budget_tokens(t: TrainConfig, train_split_tokens: int) -> int | None:

@@ -1,50 +1,50 @@
 """One trial: build a model, train it with truncated BPTT under a declared budget, evaluate it.
 
-The loop reads like the canonical example (``batchify``, windows, ``repackage_hidden``); the parts
-around it are small named pieces, each tested alone: :class:`Budget` (exactly how many tokens, when
-to validate), :class:`DivergenceGuard` (when a loss means the trial blew up), :class:`_Meter`
-(device-side accumulators: the step loop never reads a value back to the host) and
-:class:`TrainClock` (training seconds without validation, warm-up excluded from throughput).
-Every way a trial can end (ok, diverged, oom, pruned, timeout, failed) is a :class:`TrialResult`,
-never an exception for the caller.
+:class:`TrialLoop` reads like the canonical example (``batchify``, windows, ``repackage_hidden``, forward,
+loss, backward, clip, step); the parts around it are small named pieces, each tested alone:
+:class:`Budget` (exactly how many tokens, when to validate), :class:`DivergenceGuard` (when a loss means
+the trial blew up), :class:`_Meter` (device-side accumulators: the step loop never reads a value back to
+the host) and :class:`TrainClock` (training seconds without validation, warm-up excluded from
+throughput). The model comes from its family (:func:`bptt_harness.model.family_of`), which also says how
+it is evaluated. What watches the trial (the probe's phases, the time grid, the CPU memory counter, a
+user's own measurement) is an observer (:mod:`bptt_harness.observers`). Every way a trial can end (ok,
+diverged, oom, pruned, timeout, failed) is a :class:`TrialResult`, never an exception for the caller,
+and a trial leaves the process's RNG states and backend flags as it found them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import ctypes
 import ctypes.util
 import functools
 import gc
+import itertools
 import logging
 import math
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bptt_harness.batching import VariableBptt, batchify, epoch_windows, get_batch, windows
+from bptt_harness.batching import VariableBptt, batchify, epoch_windows, get_batch
 from bptt_harness.corpus import Corpus, check_fits
-from bptt_harness.errors import HarnessError
 from bptt_harness.hardware import resolve_device
-from bptt_harness.model import (
-    build_model,
-    count_params,
-    estimated_flops_per_token,
-    flops_per_token,
-    repackage_hidden,
-)
-from bptt_harness.record import ProbeReport, TrialResult, derive
-from bptt_harness.spec import ModelConfig, TrainConfig, TrialSpec, resolve_budget_tokens
+from bptt_harness.model import count_params, family_of, repackage_hidden
+from bptt_harness.observers import CpuMemoryCounter, ProbePhases, TimeGrid, TrialObserver, oom_error_type
+from bptt_harness.record import TrialResult, derive
+from bptt_harness.spec import ModelConfig, RunOptions, TrainConfig, TrialSpec, resolve_budget_tokens
 
-__all__ = ["ModelConfig", "TrainConfig", "TrialSpec", "TrialResult", "Budget", "DivergenceGuard", "TrainClock",
-           "run_trial", "warm_up", "evaluate", "is_oom", "release_memory", "resolve_device"]
+__all__ = ["ModelConfig", "TrainConfig", "TrialSpec", "RunOptions", "TrialResult", "TrialLoop", "TrialObserver",
+           "Budget", "DivergenceGuard", "TrainClock", "run_trial", "is_oom", "release_memory", "resolve_device",
+           "tf32_flags", "WARM_UP_STEPS"]
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,9 @@ log = logging.getLogger(__name__)
 # loss this far above the uniform guess is a blow-up, even if it stays finite.
 LEARNED_NATS = 1.0
 ABOVE_UNIFORM_NATS = 0.5
+# Untimed steps before a process's first trial (RunOptions.warm_up_steps): enough for the allocator, the
+# thread pools and cuDNN's first kernels.
+WARM_UP_STEPS = 3
 
 
 class Diverged(Exception):
@@ -75,13 +78,6 @@ _OOM_MARKERS = ("out of memory", "can't allocate memory", "CUDNN_STATUS_ALLOC_FA
                 "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_NOT_ENOUGH")
 
 
-def oom_error_type() -> type[Exception]:
-    """torch's out-of-memory exception: ``torch.OutOfMemoryError`` from torch 2.5, before that only
-    ``torch.cuda.OutOfMemoryError`` (the same class where both exist)."""
-    found = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", None)
-    return found if isinstance(found, type) else MemoryError
-
-
 def is_oom(e: BaseException) -> bool:
     return isinstance(e, (oom_error_type(), MemoryError)) or (
         isinstance(e, RuntimeError) and any(m in str(e) for m in _OOM_MARKERS))
@@ -100,23 +96,19 @@ class Budget:
 
     A token budget is exact: :meth:`cut` shortens the last window so that the trial trains on exactly
     ``tokens`` target tokens, whatever its shape. Checkpoint ``k`` of ``n`` is due when progress
-    reaches ``k / n``; the last is the end of the budget. Apart from them, a time grid (``time_grid_s``)
-    asks for a validation point near every multiple of that many training seconds.
+    reaches ``k / n``; the last is the end of the budget. (The time grid is an observer:
+    :class:`bptt_harness.observers.TimeGrid`.)
     """
 
     tokens: int | None          # exact target tokens, or None for a time budget
     seconds: float | None
     checkpoints: int
     next_checkpoint: int = 1
-    time_grid_s: float | None = None
-    time_grid_until_s: float | None = None
-    next_time_point: int = 1
 
     @classmethod
     def of(cls, t: TrainConfig, train_split_tokens: int) -> Budget:
         tokens = resolve_budget_tokens(t, train_split_tokens)
-        return cls(tokens=tokens, seconds=t.seconds if tokens is None else None, checkpoints=t.checkpoints,
-                   time_grid_s=t.time_grid_s, time_grid_until_s=t.time_grid_until_s)
+        return cls(tokens=tokens, seconds=t.seconds if tokens is None else None, checkpoints=t.checkpoints)
 
     def cut(self, seq_len: int, bs: int, tokens_done: int) -> tuple[int, int | None]:
         """-> (rows to run, targets to keep or None for all) for a window of ``seq_len`` rows."""
@@ -141,22 +133,6 @@ class Budget:
             self.next_checkpoint += 1
             due = True
         return due
-
-    def time_point_due(self, seconds: float, step_s: float) -> float | None:
-        """The grid time to take a point for at a step that ended at ``seconds`` after ``step_s`` seconds,
-        or None. A grid time is due at the step end nearest to it: the next step (assumed as long as this
-        one) would end further past it than this one ends short of it. A step longer than the grid
-        crosses several grid times; the point goes to the nearest, and the others get none."""
-        if not self.time_grid_s:
-            return None
-        last = math.floor((seconds + step_s / 2) / self.time_grid_s)
-        if last < self.next_time_point:
-            return None
-        nearest = min(max(round(seconds / self.time_grid_s), self.next_time_point), last)
-        self.next_time_point = last + 1
-        if self.time_grid_until_s is not None and nearest * self.time_grid_s > self.time_grid_until_s + 1e-9:
-            return None
-        return round(nearest * self.time_grid_s, 9)
 
     @property
     def done(self) -> bool:
@@ -214,29 +190,34 @@ class DivergenceGuard:
 # --------------------------------------------------------------------------- time
 
 class TrainClock:
-    """Training seconds with validation taken out, and the warm-up excluded from throughput.
+    """Training seconds with validation (and whatever else is measured apart) taken out, and the warm-up
+    steps excluded from throughput.
 
-    The warm-up mark and the end are taken after a device synchronisation, so queued GPU work is
-    counted where it ran.
+    The warm-up mark, each pause and the end are taken after a device synchronisation, so queued GPU work
+    is counted where it ran. Pauses are added up by name (``"eval"``: validation).
     """
 
     def __init__(self, device: torch.device, warmup_steps: int) -> None:
         self.device, self.warmup_steps = device, warmup_steps
         self.started = time.perf_counter()
-        self.paused_s = 0.0
+        self.paused_by: dict[str, float] = {}
         self.warm_at: tuple[float, int] | None = None   # (training seconds, tokens) when warm-up ended
+
+    @property
+    def paused_s(self) -> float:
+        return sum(self.paused_by.values())
 
     def seconds(self) -> float:
         return time.perf_counter() - self.started - self.paused_s
 
     @contextlib.contextmanager
-    def paused(self) -> Iterator[None]:
+    def paused(self, name: str = "eval") -> Iterator[None]:
         _sync(self.device)
         t0 = time.perf_counter()
         try:
             yield
         finally:
-            self.paused_s += time.perf_counter() - t0
+            self.paused_by[name] = self.paused_by.get(name, 0.0) + time.perf_counter() - t0
 
     def after_step(self, steps: int, tokens: int) -> None:
         if steps == self.warmup_steps:
@@ -280,42 +261,6 @@ def _deadline(seconds: float | None) -> Iterator[None]:
             signal.setitimer(signal.ITIMER_REAL, left, outer_interval)
 
 
-class _CpuMemoryCap:
-    """Counts what a training step keeps alive on CPU and, with a cap, raises the real OOM type past it.
-
-    CPU has no allocator statistics like CUDA's, and RSS is blurred by malloc's reuse, so we count
-    bytes exactly: static (parameters, gradients, optimiser state) plus the activations autograd saves.
-    """
-
-    def __init__(self, cap_bytes: int | None, static_bytes: int, param_ptrs: Iterable[int] = ()) -> None:
-        self.cap, self.static = cap_bytes, static_bytes
-        # Autograd saves the weights too; they are already in ``static``, so never count them twice.
-        self.param_ptrs = set(param_ptrs)
-        self.saved = 0
-        self.seen: set[int] = set(self.param_ptrs)
-        self.peak = static_bytes
-
-    def step_start(self) -> None:
-        self.saved, self.seen = 0, set(self.param_ptrs)
-
-    def pack(self, t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in self.seen:
-            self.seen.add(storage.data_ptr())
-            self.saved += storage.nbytes()
-            total = self.static + self.saved
-            self.peak = max(self.peak, total)
-            if self.cap is not None and total > self.cap:
-                raise oom_error_type()(
-                    f"CPU memory budget exceeded: step needs more than {total / 2**20:.1f} MiB, "
-                    f"cap is {self.cap / 2**20:.1f} MiB")
-        return t
-
-    @staticmethod
-    def unpack(t: torch.Tensor) -> torch.Tensor:
-        return t
-
-
 class _Meter:
     """Device-side accumulators between host reads: no sync inside the step loop."""
 
@@ -347,21 +292,6 @@ class _Meter:
         return (loss_sum / count if count else float("nan")), int(first_bad), int(count)
 
 
-def evaluate(model: torch.nn.Module, matrix: torch.Tensor, bptt: int, bs: int, amp: bool) -> float:
-    """Mean cross-entropy over a split with fixed windows and the state carried through it."""
-    model.eval()
-    total = torch.zeros((), device=matrix.device, dtype=torch.float64)
-    count = 0
-    hidden = model.init_hidden(bs)  # type: ignore[operator]  # the model interface: any module with init_hidden
-    with torch.inference_mode(), torch.autocast(matrix.device.type, dtype=torch.bfloat16, enabled=amp):
-        for x, y in windows(matrix, bptt):
-            logits, hidden = model(x, hidden)
-            total += F.cross_entropy(logits.float(), y, reduction="sum").double()
-            count += y.numel()
-    model.train()
-    return total.item() / count
-
-
 def _make_optimizer(model: torch.nn.Module, t: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
     if t.optimizer == "sgd":
         return torch.optim.SGD(model.parameters(), lr=t.lr)
@@ -373,12 +303,309 @@ def _make_optimizer(model: torch.nn.Module, t: TrainConfig, device: torch.device
         return torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
 
 
-def _static_bytes(model: torch.nn.Module, t: TrainConfig) -> int:
-    params = sum(p.numel() * p.element_size() for p in model.parameters())
-    # weights + gradients (+ AdamW's two moments)
-    return params * (4 if t.optimizer == "adamw" else 2)
+# --------------------------------------------------------------------------- the loop
+
+class TrialLoop:
+    """One trial's model, optimiser and progress, and the loop that trains it.
+
+    :meth:`build` builds the model (its family's) and optionally warms up; :meth:`run` trains and
+    evaluates it: :meth:`train` is the canonical truncated-BPTT loop, :meth:`step` per window,
+    :meth:`validate` at each checkpoint, and every observer's ``on_step`` after each step. Observers read
+    the attributes below and measure inside :meth:`measuring`.
+    """
+
+    def __init__(self, spec: TrialSpec, corpus: Corpus, device: torch.device, result: TrialResult, *,
+                 options: RunOptions, observers: Sequence[TrialObserver] = (), probe: Any = None,
+                 on_checkpoint: CheckpointCallback | None = None) -> None:
+        t = spec.train
+        self.spec, self.corpus, self.device, self.result, self.options = spec, corpus, device, result, options
+        self.observers, self.probe, self.on_checkpoint = observers, probe, on_checkpoint
+        self.deadline: float | None = None   # perf_counter time past which training ends as a timeout
+        self.family = family_of(spec.model)
+        self.amp = t.amp == "bf16" and device.type == "cuda"
+        self.budget = Budget.of(t, corpus.train.numel())
+        self.guard = DivergenceGuard(corpus.vocab_size, t.spike_factor)
+        self.meter = _Meter(device, t.clip)
+        self.clock = TrainClock(device, t.warmup_steps)
+        self.lr, self.best_val = t.lr, math.inf
+        self.steps = self.tokens = self.longest = 0
+        self.state: Any = None   # the model's state, carried from window to window (detached at each start)
+
+    # ..................................................................... what observers use
+
+    def seconds(self) -> float:
+        """Training seconds so far (validation and other measurements taken out)."""
+        return self.clock.seconds()
+
+    @contextlib.contextmanager
+    def measuring(self, name: str) -> Iterator[None]:
+        """Work on the model that is not training (``"eval"``: validation; a diagnostic: its own name): the
+        training clock is paused and every observer (the probe) books it as phase ``name``."""
+        with self.clock.paused(name), _each(o.phase(name) for o in self.observers):
+            yield
+
+    def evaluate(self) -> float:
+        """Validation loss of the model now, by its family's fair rule."""
+        t = self.spec.train
+        return self.family.evaluate(self.model, self.spec.model, self.valid, t.eval_bptt, self.amp)
+
+    # ..................................................................... the trial
+
+    def build(self) -> None:
+        """The data on the device, the family's model, and the process's warm-up (``options.warm_up_steps``)."""
+        t, model_cfg, vocab = self.spec.train, self.spec.model, self.corpus.vocab_size
+        # Data goes to the device once; windows are views of these matrices.
+        self.train_data = batchify(self.corpus.train, self.spec.batch_size).to(self.device)
+        self.valid = batchify(self.corpus.valid, t.eval_batch_size).to(self.device)
+        self.model = self.family.build(model_cfg, vocab).to(self.device)
+        self.result.n_params = count_params(self.model)
+        self.result.flops_per_token = self.family.flops_per_token(model_cfg, vocab, self.model)
+        self.result.evaluation = self.family.info.evaluation_of(model_cfg)
+        self.forward = torch.compile(self.model) if t.compile else self.model
+        if self.options.warm_up_steps:
+            self.warm_up(self.options.warm_up_steps)
+
+    def run(self) -> None:
+        """Train to the budget (timed from here, and limited by ``timeout_s``), then evaluate."""
+        t = self.spec.train
+        self.deadline = time.perf_counter() + t.timeout_s if t.timeout_s else None
+        self.opt = _make_optimizer(self.model, t, self.device)
+        for o in self.observers:
+            o.on_start(self)
+        self.clock = TrainClock(self.device, t.warmup_steps)   # training time starts here
+        try:
+            with _each(o.training(self) for o in self.observers):
+                self.train()
+                for o in self.observers:
+                    o.after_training(self)
+        finally:
+            self._record_training()
+        _summarise_validation(self.result)
+        if t.test:
+            t0 = time.perf_counter()
+            test = batchify(self.corpus.test, t.eval_batch_size).to(self.device)
+            self.result.test_ppl = _ppl(self.family.evaluate(self.model, self.spec.model, test, t.eval_bptt, self.amp))
+            self.result.eval_s += time.perf_counter() - t0
+
+    def train(self) -> None:
+        """Truncated BPTT over the train split, pass after pass, until the budget is spent."""
+        t, bs = self.spec.train, self.spec.batch_size
+        variable = VariableBptt.around(self.spec.bptt) if t.variable_bptt else None
+        rng = np.random.default_rng(t.seed)
+        while not self.budget.done:
+            for n_window, (i, seq_len) in enumerate(epoch_windows(self.train_data.size(0), self.spec.bptt, variable,
+                                                                  rng)):
+                if n_window == 0 or (t.reset_every and n_window % t.reset_every == 0):
+                    self.state = self.family.init_state(self.model, bs)   # each pass (and reset_every) starts afresh
+                seq_len, keep = self.budget.cut(seq_len, bs, self.tokens)
+                self.step(i, seq_len, keep, self.lr * (variable.lr_factor(seq_len) if variable else 1.0))
+                due = self.budget.checkpoint_due(self.budget.progress(self.tokens, self.clock.seconds()))
+                if self.steps % t.log_every == 0 or due:
+                    self.read_losses()
+                if due:
+                    self.validate()
+                for o in self.observers:
+                    o.on_step(self)
+                if self.budget.done:
+                    break
+                if self.deadline is not None and time.perf_counter() > self.deadline:
+                    raise TrialTimeout(f"trial exceeded its timeout of {t.timeout_s:g} s")
+
+    def step(self, i: int, seq_len: int, keep: int | None, lr: float) -> None:
+        """One window at row ``i``: forward, loss, backward, clip, update. Nothing is read back to the host."""
+        x, y = get_batch(self.train_data, i, seq_len)
+        self.state = repackage_hidden(self.state)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        with _each(o.around_step(self, seq_len) for o in self.observers):
+            loss = self._loss(x, y, keep)
+        norm = self._update(loss, self.opt)
+        self.meter.update(loss, norm)
+        self.steps += 1
+        self.tokens += y.numel() if keep is None else keep
+        self.longest = max(self.longest, seq_len)
+        self.clock.after_step(self.steps, self.tokens)
+
+    def _loss(self, x: torch.Tensor, y: torch.Tensor, keep: int | None) -> torch.Tensor:
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            logits, self.state = self.forward(x, self.state)
+            if keep is not None:  # the budget's last window: only its first `keep` targets
+                # (slicing every step would cost a full-size gradient copy in backward)
+                logits, y = logits[:keep], y[:keep]
+            return F.cross_entropy(logits.float(), y)
+
+    def _update(self, loss: torch.Tensor, opt: torch.optim.Optimizer) -> torch.Tensor:
+        """Backward, clip, step; the gradient norm before clipping (a device tensor)."""
+        clip = self.spec.train.clip
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else math.inf)
+        opt.step()
+        return norm
+
+    def read_losses(self) -> None:
+        """The mean training loss since the last read (one host read), as a curve point and a divergence check."""
+        mean, first_bad, n = self.meter.read_interval()
+        if n:
+            self.result.train_curve.append({"step": self.steps, "tokens": self.tokens,
+                                            "seconds": round(self.clock.seconds(), 4),
+                                            "loss": mean if math.isfinite(mean) else None})
+            self.guard.check_train(mean, first_bad, self.steps)
+
+    def validate(self) -> None:
+        """A checkpoint: validation loss, the divergence check, SGD's annealing, the caller's pruning."""
+        t = self.spec.train
+        with self.measuring("eval"):
+            val = self.evaluate()
+        point = {"step": self.steps, "tokens": self.tokens, "seconds": round(self.clock.seconds(), 4), "loss": val,
+                 "ppl": _ppl(val)}
+        self.result.val_curve.append(point)
+        self.guard.check_val(val, self.steps)
+        if val < self.best_val:
+            self.best_val = val
+        elif t.optimizer == "sgd":
+            self.lr /= t.anneal  # the canonical recipe: anneal when validation stops improving
+        for o in self.observers:
+            o.on_validate(self, point)
+        # The caller's callback (storage round-trips for pruning) is not training either.
+        with self.clock.paused("eval"):
+            prune = self.on_checkpoint is not None and self.on_checkpoint(len(self.result.val_curve) - 1, point)
+        if prune:
+            raise Pruned(f"pruned at checkpoint {len(self.result.val_curve)} (val ppl {point['ppl']:.4g})")
+
+    def warm_up(self, steps: int) -> None:
+        """``steps`` untimed training steps of this trial's own shape and one validation window, then the
+        model exactly as built again (weights and buffers restored, a throwaway optimiser, the RNG draws
+        put back): start-up costs leave the trial without changing how it trains."""
+        t = self.spec.train
+        # Kept on the host: a copy on the device could be what does not fit.
+        built = {k: v.detach().to("cpu", copy=True) if isinstance(v, torch.Tensor) else copy.deepcopy(v)
+                 for k, v in self.model.state_dict().items()}
+        opt = _make_optimizer(self.model, t, self.device)
+        with torch.random.fork_rng(devices=_rng_devices(self.device)):
+            self.state = self.family.init_state(self.model, self.spec.batch_size)
+            for i, seq_len in itertools.islice(epoch_windows(self.train_data.size(0), self.spec.bptt), steps):
+                x, y = get_batch(self.train_data, i, seq_len)
+                self.state = repackage_hidden(self.state)
+                self._update(self._loss(x, y, None), opt)
+            self.family.evaluate(self.model, self.spec.model, self.valid[: t.eval_bptt + 1], t.eval_bptt, self.amp)
+        self.model.load_state_dict(built)
+        del built, opt
+        self.state = None
+        release_memory(self.device)
+
+    def _record_training(self) -> None:
+        """What the loop itself measured, whatever stopped it."""
+        _sync(self.device)
+        r, t = self.result, self.spec.train
+        r.train_s = self.clock.seconds()
+        r.eval_s = self.clock.paused_by.get("eval", 0.0)
+        r.steps, r.train_tokens, r.max_window = self.steps, self.tokens, self.longest or None
+        r.budget_tokens = self.budget.tokens
+        r.warmup_steps = min(t.warmup_steps, self.steps)
+        r.final_lr = self.lr
+        if self.steps:
+            r.max_grad_norm = float(self.meter.max_norm.item())
+            r.clipped_frac = float(self.meter.clipped.item()) / self.steps if t.clip > 0 else 0.0
+        r.tokens_per_s, r.timing_includes_warmup = self.clock.throughput(r.train_s, self.tokens)
+        if r.tokens_per_s is not None:
+            r.achieved_flops = r.tokens_per_s * r.flops_per_token
 
 
+@contextlib.contextmanager
+def _each(contexts: Iterable[contextlib.AbstractContextManager[Any] | None]) -> Iterator[None]:
+    """Enter every context given (an observer's None: none), innermost last."""
+    with contextlib.ExitStack() as stack:
+        for context in contexts:
+            if context is not None:
+                stack.enter_context(context)
+        yield
+
+
+# --------------------------------------------------------------------------- process-wide state
+
+def _rng_devices(device: torch.device) -> list[int]:
+    """The CUDA devices whose generator a trial on ``device`` draws from (none on CPU)."""
+    if device.type != "cuda":
+        return []
+    return [device.index if device.index is not None else torch.cuda.current_device()]
+
+
+_UNREADABLE = object()
+
+
+def _read(get: Callable[[], Any]) -> Any:
+    try:
+        return get()
+    except RuntimeError:   # torch refuses to read a legacy flag that disagrees with the new setting
+        return _UNREADABLE
+
+
+def _precision_state() -> tuple[list[tuple[Callable[[Any], None], Any]], list[tuple[Any, str]]]:
+    """Every setting through which torch keeps float32 matmul and cuDNN precision: the legacy flags (with
+    their setters) where they can be read, and the ``fp32_precision`` strings of torch 2.9+."""
+    cuda, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    legacy: list[tuple[Callable[[], Any], Callable[[Any], None]]] = [
+        (lambda: cuda.allow_tf32, lambda v: setattr(cuda, "allow_tf32", v)),
+        (lambda: cudnn.allow_tf32, lambda v: setattr(cudnn, "allow_tf32", v)),
+        (torch.get_float32_matmul_precision, torch.set_float32_matmul_precision)]
+    objects = [torch.backends, cuda, cudnn, getattr(cudnn, "conv", None), getattr(cudnn, "rnn", None)]
+    return ([(set_, value) for get, set_ in legacy if (value := _read(get)) is not _UNREADABLE],
+            [(o, o.fp32_precision) for o in objects if o is not None and hasattr(o, "fp32_precision")])
+
+
+def _restore_precision(state: tuple[list[tuple[Callable[[Any], None], Any]], list[tuple[Any, str]]]) -> None:
+    legacy, strings = state
+    for set_, value in legacy:
+        set_(value)
+    for o, value in strings:
+        o.fp32_precision = value
+
+
+@contextlib.contextmanager
+def tf32_flags(allow: bool) -> Iterator[None]:
+    """TF32 allowed (or not) in CUDA matmuls and cuDNN inside; every precision setting as it was, after.
+
+    torch 2.9+ keeps the setting twice, in the legacy flags and in the ``fp32_precision`` strings, and
+    refuses to read a flag when the two disagree. The legacy setters write both consistently, so the
+    trial sets through them; afterwards the legacy values go back first and the strings last, exactly."""
+    saved = _precision_state()
+    torch.backends.cuda.matmul.allow_tf32 = allow
+    torch.backends.cudnn.allow_tf32 = allow
+    try:
+        yield
+    finally:
+        _restore_precision(saved)
+
+
+@contextlib.contextmanager
+def _trial_state(device: torch.device, t: TrainConfig) -> Iterator[None]:
+    """The trial's seed (model initialisation, dropout) and, on CUDA, its TF32 setting, inside; the
+    process's RNG states and flags as the caller had them, after (``torch.rand`` after a trial draws what it
+    would have drawn without it)."""
+    with torch.random.fork_rng(devices=_rng_devices(device)), \
+            (tf32_flags(t.tf32) if device.type == "cuda" else contextlib.nullcontext()):
+        torch.random.default_generator.manual_seed(t.seed)
+        for index in _rng_devices(device):
+            torch.cuda.default_generators[index].manual_seed(t.seed)
+        yield
+
+
+@contextlib.contextmanager
+def _cuda_memory_cap(device: torch.device, cap_mib: float | None) -> Iterator[None]:
+    """``memory_cap_mib`` as the CUDA allocator's hard limit for the trial; the caller's limit after."""
+    if device.type != "cuda" or cap_mib is None:
+        yield
+        return
+    free, total = torch.cuda.mem_get_info(device)
+    outside = max(0, total - free - torch.cuda.memory_reserved(device))
+    get = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+    before = get(device) if get is not None else 1.0
+    torch.cuda.set_per_process_memory_fraction(cuda_pool_fraction(cap_mib, total, outside), device)
+    try:
+        yield
+    finally:
+        torch.cuda.set_per_process_memory_fraction(before, device)
 
 
 # --------------------------------------------------------------------------- memory
@@ -415,39 +642,41 @@ def cuda_pool_fraction(cap_mib: float, total_bytes: int, outside_pool_bytes: int
 
 
 def run_trial(spec: TrialSpec, corpus: Corpus, device: torch.device | str | None = None,
-              probe: Any | None = None, on_checkpoint: CheckpointCallback | None = None) -> TrialResult:
+              probe: Any | None = None, on_checkpoint: CheckpointCallback | None = None, *,
+              options: RunOptions | None = None, observers: Sequence[TrialObserver] = ()) -> TrialResult:
     """Train and evaluate one configuration. Never raises for a trial outcome; see ``TrialResult.status``.
 
     ``spec`` is the configuration (bptt, batch size, :class:`ModelConfig` with an optional ``factory`` for
-    your own model, :class:`TrainConfig`); ``corpus`` comes from :func:`bptt_harness.corpus.load` (``bptt_harness.load_corpus``);
-    ``device`` is ``"auto"`` (None), ``"cpu"``, ``"cuda"`` or a ``torch.device``.
+    your own model, :class:`TrainConfig`); ``corpus`` comes from :func:`bptt_harness.corpus.load`
+    (``bptt_harness.load_corpus``); ``device`` is ``"auto"`` (None), ``"cpu"``, ``"cuda"`` or a ``torch.device``.
 
     ``probe`` is a :class:`bptt_harness.probe.Probe` (or anything with ``__enter__``/``__exit__`` and a
     ``report()``) wrapped around the training part; its ``phase("eval")`` marks the checkpoint
     validations, so training's costs leave them out. ``on_checkpoint(index, point)`` is called at each
-    validation checkpoint and returns True to prune the trial.
+    validation checkpoint and returns True to prune the trial. ``options`` are what the caller decides
+    beside the study file (a memory cap, the time grid's end, warm-up steps: :class:`RunOptions`);
+    ``observers`` measure more (:class:`bptt_harness.observers.TrialObserver`), after the built-in ones.
 
-    Raises :class:`HarnessError` only for a configuration that cannot run at all on this corpus
-    (e.g. a split too short for one window), before anything is trained.
+    The process's RNG states and TF32 flags are as they were afterwards. Raises :class:`HarnessError` only
+    for a configuration that cannot run at all on this corpus (e.g. a split too short for one window),
+    before anything is trained.
     """
     device = resolve_device(device) if not isinstance(device, torch.device) else device
+    options = options if options is not None else RunOptions()
     t = spec.train
     check_fits(corpus, spec.batch_size, spec.bptt, t.eval_batch_size)
     result = TrialResult(bptt=spec.bptt, batch_size=spec.batch_size, seed=t.seed, device=str(device))
     release_memory(device)
-    if probe is not None and hasattr(probe, "mark_trial_start"):
-        probe.mark_trial_start()
+    watching = [*_builtin_observers(device, t, options, probe), *observers]
     start = time.perf_counter()
     status, error = "ok", None
-    cuda_cap = False
+    loop = TrialLoop(spec, corpus, device, result, options=options, observers=watching, probe=probe,
+                     on_checkpoint=on_checkpoint)
     try:
-        with _deadline(t.timeout_s):
-            if device.type == "cuda" and t.memory_cap_mib is not None:
-                free, total = torch.cuda.mem_get_info(device)
-                outside = max(0, total - free - torch.cuda.memory_reserved(device))
-                torch.cuda.set_per_process_memory_fraction(cuda_pool_fraction(t.memory_cap_mib, total, outside), device)
-                cuda_cap = True
-            _train_and_eval(spec, corpus, device, probe, on_checkpoint, result, start)
+        with _trial_state(device, t), _cuda_memory_cap(device, options.memory_cap_mib):
+            loop.build()   # the process's start-up (a warm-up) is not charged to the trial's timeout
+            with _deadline(t.timeout_s):
+                loop.run()
     except Diverged as e:
         status, error, result.diverged_step = "diverged", str(e), e.step
     except TrialTimeout as e:
@@ -461,204 +690,35 @@ def run_trial(spec: TrialSpec, corpus: Corpus, device: torch.device | str | None
             status, error = "failed", f"{type(e).__name__}: {e}"[:2000]
             log.debug("trial failed", exc_info=True)
     # Released here, outside every except block: a live traceback would keep the step's tensors.
-    if cuda_cap:
-        torch.cuda.set_per_process_memory_fraction(1.0, device)
+    del loop
     release_memory(device)
     result.status, result.error = status, error  # type: ignore[assignment]
     if status in ("pruned", "timeout") and result.val_loss is None:
         _summarise_validation(result)  # stopped early but measured: keep the checkpoints' perplexity
     result.wall_s = time.perf_counter() - start
-    if probe is not None and hasattr(probe, "report"):
+    for o in watching:
         try:
-            measured = probe.report()
-            measured = measured if isinstance(measured, ProbeReport) else ProbeReport(**measured)
-            if result.probe.peak_mem_mib is not None:  # counted on CPU: exact, whatever ran before
-                measured.peak_mem_mib = result.probe.peak_mem_mib
-            result.probe = measured
-        except Exception as e:  # noqa: BLE001 - a broken probe must not lose the trial
-            log.warning("probe report failed: %s", e)
+            o.fill(result)
+        except Exception as e:  # noqa: BLE001 - a broken observer (or probe) must not lose the trial
+            log.warning("%s could not record its measurement: %s", type(o).__name__, e)
     derive(result)
     return result
 
 
-def _train_and_eval(spec: TrialSpec, corpus: Corpus, device: torch.device, probe: Any | None,
-                    on_checkpoint: CheckpointCallback | None, result: TrialResult, start: float) -> None:
-    t, bs = spec.train, spec.batch_size
-    torch.manual_seed(t.seed)
-    rng = np.random.default_rng(t.seed)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = t.tf32
-        torch.backends.cudnn.allow_tf32 = t.tf32
-    amp = t.amp == "bf16" and device.type == "cuda"
-
-    # Data goes to the device once; windows are views of these matrices.
-    train = batchify(corpus.train, bs).to(device)
-    valid = batchify(corpus.valid, t.eval_batch_size).to(device)
-    model = build_model(spec.model, corpus.vocab_size).to(device)
-    result.n_params = count_params(model)
-    result.flops_per_token = (flops_per_token(spec.model, corpus.vocab_size) if spec.model.factory is None
-                              else estimated_flops_per_token(model))
-    forward = torch.compile(model) if t.compile else model
-    opt = _make_optimizer(model, t, device)
-    variable = VariableBptt.around(spec.bptt) if t.variable_bptt else None
-    cap = _cpu_cap(model, t, device)   # on CPU: the count behind peak_mem_mib, and the cap if one is set
-    counted = 0   # the longest window counted so far: a window no longer than it holds no more memory
-
-    budget = Budget.of(t, corpus.train.numel())
-    result.budget_tokens = budget.tokens
-    guard = DivergenceGuard(corpus.vocab_size, t.spike_factor)
-    meter = _Meter(device, t.clip)
-    deadline = start + t.timeout_s if t.timeout_s else None
-    lr, best_val = t.lr, math.inf
-    tokens = steps = longest = 0
-    last_end = 0.0   # training seconds at the end of the previous step
-
-    def read_and_check() -> None:
-        mean, first_bad, n = meter.read_interval()
-        if n:
-            result.train_curve.append({"step": steps, "tokens": tokens, "seconds": round(clock.seconds(), 4),
-                                       "loss": mean if math.isfinite(mean) else None})
-            guard.check_train(mean, first_bad, steps)
-
-    def validate() -> None:
-        nonlocal lr, best_val
-        with clock.paused(), _phase(probe, "eval"):
-            val = evaluate(model, valid, t.eval_bptt, t.eval_batch_size, amp)
-        point = {"step": steps, "tokens": tokens, "seconds": round(clock.seconds(), 4), "loss": val,
-                 "ppl": _ppl(val)}
-        result.val_curve.append(point)
-        guard.check_val(val, steps)
-        if val < best_val:
-            best_val = val
-        elif t.optimizer == "sgd":
-            lr /= t.anneal  # the canonical recipe: anneal when validation stops improving
-        # The caller's callback (storage round-trips for pruning) is not training either.
-        with clock.paused():
-            prune = on_checkpoint is not None and on_checkpoint(len(result.val_curve) - 1, point)
-        if prune:
-            raise Pruned(f"pruned at checkpoint {len(result.val_curve)} (val ppl {point['ppl']:.4g})")
-
-    def observe(grid_s: float, at_checkpoint: bool) -> None:
-        """A point of the time grid: it reads validation loss and nothing else (no annealing, divergence
-        check or pruning), so observing never changes how the trial trains."""
-        if at_checkpoint:  # this step was just validated
-            val = result.val_curve[-1]["loss"]
-        else:
-            with clock.paused(), _phase(probe, "eval"):
-                val = evaluate(model, valid, t.eval_bptt, t.eval_batch_size, amp)
-        result.time_curve.append({"grid_s": grid_s, "seconds": round(clock.seconds(), 4), "step": steps,
-                                  "tokens": tokens, "loss": val, "ppl": _ppl(val)})
-
-    clock = TrainClock(device, t.warmup_steps)
-    init_hidden: Callable[[int], Any] = model.init_hidden  # type: ignore[assignment]  # the model interface
-    try:
-        with probe if probe is not None else contextlib.nullcontext():
-            hidden = init_hidden(bs)
-            while not budget.done:
-                for n_window, (i, seq_len) in enumerate(epoch_windows(train.size(0), spec.bptt, variable, rng)):
-                    if n_window == 0 or (t.reset_every and n_window % t.reset_every == 0):
-                        hidden = init_hidden(bs)   # each pass (and reset_every) starts from zeros
-                    seq_len, keep = budget.cut(seq_len, bs, tokens)
-                    longest = max(longest, seq_len)
-                    x, y = get_batch(train, i, seq_len)
-                    hidden = repackage_hidden(hidden)
-                    step_lr = lr * (variable.lr_factor(seq_len) if variable else 1.0)
-                    for group in opt.param_groups:
-                        group["lr"] = step_lr
-                    # Saved activations are counted on a window longer than any counted before (and every
-                    # window under a cap): the same shape holds the same bytes, and a Python hook per
-                    # saved tensor costs about 1% of a CPU step.
-                    count = cap is not None and (cap.cap is not None or seq_len > counted)
-                    if count:
-                        cap.step_start()
-                        counted = max(counted, seq_len)
-                    hooks = torch.autograd.graph.saved_tensors_hooks(cap.pack, cap.unpack) if count else \
-                        contextlib.nullcontext()
-                    with hooks, torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                        logits, hidden = forward(x, hidden)
-                        if keep is not None:  # the budget's last window: only its first `keep` targets
-                            # (slicing every step would cost a full-size gradient copy in backward)
-                            logits, y = logits[:keep], y[:keep]
-                        loss = F.cross_entropy(logits.float(), y)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip if t.clip > 0 else math.inf)
-                    opt.step()
-                    meter.update(loss, norm)
-                    steps += 1
-                    tokens += y.numel()
-                    clock.after_step(steps, tokens)
-
-                    now = clock.seconds()
-                    due = budget.checkpoint_due(budget.progress(tokens, now))
-                    if steps % t.log_every == 0 or due:
-                        read_and_check()
-                    if due:
-                        validate()
-                    grid_s = budget.time_point_due(now, now - last_end)
-                    if grid_s is not None:
-                        observe(grid_s, due)
-                    last_end = clock.seconds()
-                    if budget.done:
-                        break
-                    if deadline is not None and time.perf_counter() > deadline:
-                        raise TrialTimeout(f"trial exceeded its timeout of {t.timeout_s:g} s")
-    finally:
-        _sync(device)
-        result.train_s = clock.seconds()
-        result.eval_s = clock.paused_s
-        result.steps, result.train_tokens, result.max_window = steps, tokens, longest or None
-        result.warmup_steps = min(t.warmup_steps, steps)
-        result.final_lr = lr
-        if steps:
-            result.max_grad_norm = float(meter.max_norm.item())
-            result.clipped_frac = float(meter.clipped.item()) / steps if t.clip > 0 else 0.0
-        result.tokens_per_s, result.timing_includes_warmup = clock.throughput(result.train_s, tokens)
-        if result.tokens_per_s is not None:
-            result.achieved_flops = result.tokens_per_s * result.flops_per_token
-        if cap:
-            result.probe.peak_mem_mib = cap.peak / 2**20
-
-    _summarise_validation(result)
-    if t.test:
-        t0 = time.perf_counter()
-        test = batchify(corpus.test, t.eval_batch_size).to(device)
-        result.test_ppl = _ppl(evaluate(model, test, t.eval_bptt, t.eval_batch_size, amp))
-        result.eval_s += time.perf_counter() - t0
-
-
-def _phase(probe: Any | None, name: str) -> contextlib.AbstractContextManager:
-    """The probe's phase marker, or nothing for a probe without phases."""
-    phase = getattr(probe, "phase", None)
-    return phase(name) if phase is not None else contextlib.nullcontext()
-
-
-def _cpu_cap(model: torch.nn.Module, t: TrainConfig, device: torch.device) -> _CpuMemoryCap | None:
-    """On CPU every trial counts its memory (a hook per saved tensor: no measurable cost); with
-    ``memory_cap_mib`` the count is also the cap."""
-    if device.type != "cpu":
-        return None
-    cap = int(t.memory_cap_mib * 2**20) if t.memory_cap_mib is not None else None
-    return _CpuMemoryCap(cap, _static_bytes(model, t), {p.untyped_storage().data_ptr() for p in model.parameters()})
-
-
-def warm_up(spec: TrialSpec, corpus: Corpus, device: torch.device | str | None = None, steps: int = 3) -> float:
-    """A few untimed training steps and one validation window of ``spec``'s model, once per process
-    before its first timed trial: imports, thread pools, the CUDA context and cuDNN's first kernels
-    are then not charged to whichever configuration happens to run first. Returns the seconds it took."""
-    device = resolve_device(device) if not isinstance(device, torch.device) else device
-    t0 = time.perf_counter()
-    short = replace(spec.train, budget="tokens", tokens=steps * spec.bptt * spec.batch_size, epochs=None,
-                    checkpoints=1, test=False, timeout_s=None, memory_cap_mib=None, warmup_steps=1, time_grid_s=None)
-    # The validation checkpoint runs over one window of the valid split, not all of it.
-    one_window = (spec.train.eval_bptt + 1) * spec.train.eval_batch_size
-    head = replace(corpus, valid=corpus.valid[:one_window]) if corpus.valid.numel() > one_window else corpus
-    try:
-        run_trial(replace(spec, train=short), head, device)
-    except HarnessError:
-        pass   # a configuration that cannot run here is reported by the real trial
-    release_memory(device)
-    return time.perf_counter() - t0
+def _builtin_observers(device: torch.device, t: TrainConfig, options: RunOptions, probe: Any) -> list[TrialObserver]:
+    """The probe's phases (first: it marks the trial's start), the time grid, and on CPU the memory counter
+    (last: its exact count replaces the probe's resident-set estimate)."""
+    out: list[TrialObserver] = []
+    if probe is not None:
+        out.append(ProbePhases(probe))
+    if t.time_grid_s:
+        out.append(TimeGrid(t.time_grid_s, options.time_grid_until_s))
+    if device.type == "cpu":
+        # On CPU every trial counts its memory (a hook per saved tensor: no measurable cost); with a
+        # memory cap the count is also the cap.
+        cap = options.memory_cap_mib
+        out.append(CpuMemoryCounter(int(cap * 2**20) if cap is not None else None))
+    return out
 
 
 def _summarise_validation(result: TrialResult) -> None:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from bptt_harness.errors import HarnessError
-from bptt_harness.spec import CorpusSpec, ModelConfig, TrainConfig, TrialSpec
+from bptt_harness.spec import CorpusSpec, ModelConfig, RunOptions, TrainConfig, TrialSpec
 
 # Old option names kept working (the study key's name comes first in --help).
 ALIASES = {"corpus:source": ("--corpus",), "model:type": ("--model",), "train:timeout_s": ("--timeout",)}
@@ -32,6 +32,7 @@ class TrialSetup:
     corpus: CorpusSpec
     spec: TrialSpec
     device: str
+    options: RunOptions = RunOptions()   # the memory cap (--max-memory-gib, or the study's max_memory_gib)
     repeats: int = 1
     study: Any = None         # with --from: the study's trials (bptt_harness.report.source.LoadedTrials)
     config_key: str | None = None
@@ -96,7 +97,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=None, help="batch size (default: 20, or --config's)")
     _add_section(p, "corpus", CorpusSpec)
     _add_section(p, "model", ModelConfig)
-    _add_section(p, "train", TrainConfig, skip=("memory_cap_mib",))
+    _add_section(p, "train", TrainConfig)
     p.add_argument("--repeats", type=int, default=1,
                    help="[train] repeats: run the configuration this many times, with seeds seed, seed+1, ...")
     p.add_argument("--max-memory-gib", type=float, default=None,
@@ -182,7 +183,7 @@ def setup(args: argparse.Namespace) -> TrialSetup:
     given = {k: getattr(args, k) for k in DEFAULT_CELL if getattr(args, k) is not None}
     required = tuple(k for k in (*(study.search if study else ()), *DEFAULT_CELL) if k not in given)
     params = {**(parse_config(args.config, required) if args.config else DEFAULT_CELL), **given}
-    key = None
+    key, cap = None, study.memory_cap_mib if study is not None else None
     if study is not None:
         from bptt_harness.study import config_key, trial_spec
 
@@ -200,11 +201,11 @@ def setup(args: argparse.Namespace) -> TrialSetup:
     if args.max_memory_gib is not None:
         if not args.max_memory_gib > 0 or args.max_memory_gib == float("inf"):
             raise HarnessError(f"--max-memory-gib {args.max_memory_gib} must be a number of GiB > 0")
-        train["memory_cap_mib"] = args.max_memory_gib * 1024
+        cap = args.max_memory_gib * 1024
     spec = replace(spec, model=replace(spec.model, **_given(args, "model")), train=replace(spec.train, **train))
     return TrialSetup(corpus=replace(corpus, **_given(args, "corpus")), spec=spec,
-                      device=args.device if args.device is not None else device, repeats=args.repeats, study=loaded,
-                      config_key=key)
+                      device=args.device if args.device is not None else device, options=RunOptions(memory_cap_mib=cap),
+                      repeats=args.repeats, study=loaded, config_key=key)
 
 
 def study_measured(ts: TrialSetup) -> str | None:

@@ -75,7 +75,7 @@ def test_repeats_multiply_grid_trials() -> None:
 
 def test_max_memory_sets_the_trainer_cap() -> None:
     config = parse_study(with_change(("max_memory_gib",), 2))
-    assert config.train.memory_cap_mib == 2048
+    assert config.memory_cap_mib == 2048 and parse_study(with_change(("seed",), 1)).memory_cap_mib is None
 
 
 BAD = [

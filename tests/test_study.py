@@ -112,16 +112,16 @@ def test_canonical_configuration_runs_first(tmp_path: Path) -> None:
 def test_unexpected_exception_and_timeout_do_not_stop_the_sweep(tmp_path: Path, monkeypatch) -> None:
     import bptt_harness.trainer as trainer
 
-    real = trainer._train_and_eval
+    real = trainer.TrialLoop.run
 
-    def faulty(spec, *args, **kwargs):
-        if spec.bptt == 4:
+    def faulty(loop: trainer.TrialLoop) -> None:
+        if loop.spec.bptt == 4:
             raise ValueError("injected fault")
-        if spec.bptt == 6:
+        if loop.spec.bptt == 6:
             time.sleep(120)  # hangs: the trial's SIGALRM deadline must end it
-        return real(spec, *args, **kwargs)
+        return real(loop)
 
-    monkeypatch.setattr(trainer, "_train_and_eval", faulty)
+    monkeypatch.setattr(trainer.TrialLoop, "run", faulty)
     # 2 s: a tiny trial takes a fraction of that; the hung one is ended by its deadline, not by 120 s.
     study_file = write_study(tmp_path, "faults", train="timeout_s = 2", search="bptt = [4, 6, 8]\nbatch_size = [4]")
     results = tmp_path / "results"

@@ -22,7 +22,8 @@ import torch
 from bptt_harness.corpus import Corpus, CorpusSpec, load
 from bptt_harness.errors import HarnessError
 from bptt_harness.model import ModelConfig, RNNModel, count_params
-from bptt_harness.trainer import TrainConfig, TrialResult, TrialSpec, run_trial
+from bptt_harness.observers import CpuMemoryCounter
+from bptt_harness.trainer import RunOptions, TrainConfig, TrialResult, TrialSpec, run_trial
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ModelConfig(emsize=16, nhid=16, layers=1, dropout=0.0)
@@ -32,10 +33,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def trial(corpus: Corpus, bptt: int = 10, bs: int = 8, model: ModelConfig = TINY,
-          on_checkpoint: Callable[[int, dict], bool] | None = None, **train: Any) -> TrialResult:
+          on_checkpoint: Callable[[int, dict], bool] | None = None, options: RunOptions | None = None,
+          observers: tuple = (), **train: Any) -> TrialResult:
     train = {"optimizer": "adamw", "lr": 1e-2, "tokens": 4_000, "checkpoints": 1, **train}
     return run_trial(TrialSpec(bptt=bptt, batch_size=bs, model=model, train=TrainConfig(**train)), corpus, "cpu",
-                     on_checkpoint=on_checkpoint)
+                     on_checkpoint=on_checkpoint, options=options, observers=observers)
 
 
 Hook = Callable[[int, RNNModel], None]
@@ -138,11 +140,11 @@ def test_non_finite_loss_reports_its_step(syn: Corpus, patch_forward: Callable) 
 
 
 def test_cpu_memory_cap_ends_the_trial_as_oom_and_the_next_trial_runs(syn: Corpus) -> None:
-    r = trial(syn, memory_cap_mib=0.01)
+    r = trial(syn, options=RunOptions(memory_cap_mib=0.01))
     assert r.status == "oom"
     assert "memory budget exceeded" in r.error and "cap is" in r.error
     assert r.val_ppl is None
-    fits = trial(syn, memory_cap_mib=64)
+    fits = trial(syn, options=RunOptions(memory_cap_mib=64))
     assert fits.status == "ok" and 0 < fits.probe.peak_mem_mib < 64
     assert trial(syn).status == "ok"
 
@@ -479,17 +481,15 @@ def test_checkpoint_callback_time_is_not_training_time(syn: Corpus) -> None:
 
 
 def test_cpu_memory_cap_does_not_count_the_weights_twice(syn: Corpus) -> None:
-    from bptt_harness.trainer import _CpuMemoryCap
-
     model = RNNModel(TINY, syn.vocab_size)
     ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
 
-    def saved(cap: _CpuMemoryCap) -> int:
+    def saved(cap: CpuMemoryCounter) -> int:
         cap.step_start()
         with torch.autograd.graph.saved_tensors_hooks(cap.pack, cap.unpack):
             model(torch.zeros(3, 2, dtype=torch.long), model.init_hidden(2))
         return cap.saved
 
-    naive, exact = saved(_CpuMemoryCap(10**9, 0)), saved(_CpuMemoryCap(10**9, 0, ptrs))
+    naive, exact = saved(CpuMemoryCounter(10**9, 0)), saved(CpuMemoryCounter(10**9, 0, ptrs))
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     assert 0 < naive - exact <= weights  # autograd saved some weights; they are counted in static already

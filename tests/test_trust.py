@@ -27,7 +27,7 @@ from bptt_harness.model import RNNModel
 from bptt_harness.probe import Probe, Sample
 from bptt_harness.record import (STATUSES, ProbeReport, StudyInfo, TrialRecord, TrialResult, columns_markdown, flatten,
                             trial_columns)
-from bptt_harness.spec import ModelConfig, TrainConfig, TrialSpec
+from bptt_harness.spec import ModelConfig, RunOptions, TrainConfig, TrialSpec
 from bptt_harness.trainer import Budget, DivergenceGuard, Diverged, is_oom, run_trial
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,10 +48,10 @@ def tiny_study(path: Path, name: str, corpus_tokens: int, train: str, search: st
 
 
 def trial(corpus: Corpus, bptt: int = 10, bs: int = 8, model: ModelConfig = TINY, probe: Any = None,
-          **train: Any):
+          options: RunOptions | None = None, **train: Any):
     train = {"optimizer": "adamw", "lr": 1e-2, "tokens": 4_000, "checkpoints": 1, **train}
     return run_trial(TrialSpec(bptt=bptt, batch_size=bs, model=model, train=TrainConfig(**train)), corpus, "cpu",
-                     probe=probe)
+                     probe=probe, options=options)
 
 
 # --------------------------------------------------------------------------- 1. exact token budgets
@@ -106,8 +106,8 @@ MEMORY_SCRIPT = textwrap.dedent("""
     import torch
     from bptt_harness.corpus import CorpusSpec, load
     from bptt_harness.probe import make_probe
-    from bptt_harness.spec import ModelConfig, TrainConfig, TrialSpec
-    from bptt_harness.trainer import run_trial, warm_up
+    from bptt_harness.spec import ModelConfig, RunOptions, TrainConfig, TrialSpec
+    from bptt_harness.trainer import WARM_UP_STEPS, run_trial
 
     torch.set_num_threads(1)
     corpus = load(CorpusSpec("default", lower=True, split_punct=True, max_vocab=5000))
@@ -117,9 +117,8 @@ MEMORY_SCRIPT = textwrap.dedent("""
         bptt, bs = map(int, cell.split("x"))
         spec = TrialSpec(bptt=bptt, batch_size=bs, model=model,
                          train=TrainConfig(tokens=6 * bptt * bs, checkpoints=1, eval_bptt=140))
-        if i == 0:
-            warm_up(spec, corpus, "cpu")
-        r = run_trial(spec, corpus, "cpu", probe=make_probe("cpu"))
+        options = RunOptions(warm_up_steps=WARM_UP_STEPS if i == 0 else 0)
+        r = run_trial(spec, corpus, "cpu", probe=make_probe("cpu"), options=options)
         assert r.status == "ok", r.error
         out.append(r.probe.peak_mem_mib)
     print(json.dumps(out))
@@ -175,7 +174,7 @@ def test_memory_peaks_are_split_between_training_and_validation(syn):
     """A validation that allocates 150 MiB shows in the validation's peak, not in training's."""
     import bptt_harness.trainer
 
-    original = bptt_harness.trainer.evaluate
+    original = bptt_harness.trainer.TrialLoop.evaluate
 
     def hungry(*args: Any, **kwargs: Any) -> float:
         block = np.ones(150 * 2**20 // 8)
@@ -187,7 +186,7 @@ def test_memory_peaks_are_split_between_training_and_validation(syn):
     from bptt_harness.probe import make_probe
 
     mp = pytest.MonkeyPatch()
-    mp.setattr(bptt_harness.trainer, "evaluate", hungry)
+    mp.setattr(bptt_harness.trainer.TrialLoop, "evaluate", hungry)
     try:
         r = trial(syn, tokens=2_000, checkpoints=2, probe=make_probe("cpu"))
     finally:
@@ -225,8 +224,13 @@ def test_each_worker_process_warms_up_once_before_its_first_trial(tmp_path, monk
     import bptt_harness.trainer
 
     calls: list[int] = []
-    original = bptt_harness.trainer.warm_up
-    monkeypatch.setattr(bptt_harness.trainer, "warm_up", lambda *a, **k: calls.append(1) or original(*a, **k))
+    original = bptt_harness.trainer.TrialLoop.warm_up
+
+    def counted(self: Any, steps: int) -> None:
+        calls.append(steps)
+        original(self, steps)
+
+    monkeypatch.setattr(bptt_harness.trainer.TrialLoop, "warm_up", counted)
     study = tiny_study(tmp_path, "w", 5_000, """
         tokens = 500
         checkpoints = 1""", """
@@ -235,7 +239,7 @@ def test_each_worker_process_warms_up_once_before_its_first_trial(tmp_path, monk
     from bptt_harness.cli import main
 
     assert main(["sweep", str(study), "--results-dir", str(tmp_path / "results"), "--no-report"]) == 0
-    assert calls == [1]
+    assert calls == [bptt_harness.trainer.WARM_UP_STEPS]   # the first of the three trials, and only it
 
 
 # --------------------------------------------------------------------------- 5. finite blow-ups
@@ -284,7 +288,7 @@ def test_oom_detection_and_the_cpu_cap_without_torch_OutOfMemoryError(syn, monke
     monkeypatch.delattr(torch, "OutOfMemoryError")  # torch 2.3 / 2.4 have only torch.cuda.OutOfMemoryError
     assert is_oom(cuda_oom("CUDA out of memory")) and is_oom(MemoryError())
     assert not is_oom(ValueError("x"))
-    r = trial(syn, memory_cap_mib=0.05)
+    r = trial(syn, options=RunOptions(memory_cap_mib=0.05))
     assert r.status == "oom" and "budget exceeded" in r.error
 
 
@@ -368,9 +372,9 @@ def test_the_cpu_probe_runs_no_sampler_thread_while_training(syn):
     seen: list[int] = []
     import bptt_harness.trainer
 
-    original = bptt_harness.trainer.evaluate
+    original = bptt_harness.trainer.TrialLoop.evaluate
     mp = pytest.MonkeyPatch()
-    mp.setattr(bptt_harness.trainer, "evaluate",
+    mp.setattr(bptt_harness.trainer.TrialLoop, "evaluate",
                lambda *a, **k: seen.append(sum(t.name == "harness-probe" for t in threading.enumerate()))
                or original(*a, **k))
     try:

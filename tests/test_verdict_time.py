@@ -14,25 +14,25 @@ from bptt_harness.report.html import render
 from bptt_harness.report.rank import equal_time_ranking, rank_configs
 from bptt_harness.spec import ModelConfig, TrainConfig, TrialSpec
 from bptt_harness.study import _observe_until
-from bptt_harness.trainer import Budget, run_trial
+from bptt_harness.observers import TimeGrid
+from bptt_harness.trainer import run_trial
 
 
 def test_a_time_point_goes_to_the_step_end_nearest_its_grid_time() -> None:
-    b = Budget(tokens=1000, seconds=None, checkpoints=1, time_grid_s=1.0)
-    assert b.time_point_due(0.4, 0.4) is None            # the next end (~0.8) is still short of 1 s
-    assert b.time_point_due(0.8, 0.4) == 1.0             # 0.8 is 0.2 short; the next end would be 0.2 past
-    assert b.time_point_due(1.2, 0.4) is None            # 1.0 was taken; 2.0 is far away
-    assert b.time_point_due(1.55, 0.35) is None          # 1.55 + 0.175 < 2
-    assert b.time_point_due(1.9, 0.35) == 2.0
+    b = TimeGrid(1.0)
+    assert b.due(0.4, 0.4) is None            # the next end (~0.8) is still short of 1 s
+    assert b.due(0.8, 0.4) == 1.0             # 0.8 is 0.2 short; the next end would be 0.2 past
+    assert b.due(1.2, 0.4) is None            # 1.0 was taken; 2.0 is far away
+    assert b.due(1.55, 0.35) is None          # 1.55 + 0.175 < 2
+    assert b.due(1.9, 0.35) == 2.0
     # A step longer than the grid crosses several grid times: one point, for the nearest; 3 and 4 get none.
-    assert b.time_point_due(5.1, 3.2) == 5.0
-    assert b.time_point_due(5.5, 0.4) is None
-    assert Budget(tokens=1000, seconds=None, checkpoints=1).time_point_due(99.0, 1.0) is None
+    assert b.due(5.1, 3.2) == 5.0
+    assert b.due(5.5, 0.4) is None
 
 
 def test_no_time_point_past_the_shortest_finished_run() -> None:
-    b = Budget(tokens=1000, seconds=None, checkpoints=1, time_grid_s=1.0, time_grid_until_s=2.0)
-    assert [b.time_point_due(s, 0.1) for s in (0.98, 1.98, 2.98, 3.98)] == [1.0, 2.0, None, None]
+    b = TimeGrid(1.0, until_s=2.0)
+    assert [b.due(s, 0.1) for s in (0.98, 1.98, 2.98, 3.98)] == [1.0, 2.0, None, None]
 
     def trial(status: str, grid: list[float]) -> SimpleNamespace:
         curve = [{"grid_s": g, "loss": 1.0} for g in grid]
@@ -41,9 +41,9 @@ def test_no_time_point_past_the_shortest_finished_run() -> None:
     study = SimpleNamespace(get_trials=lambda deepcopy=False: [
         trial("ok", [3.0, 6.0, 9.0]), trial("ok", [3.0, 6.0]), trial("diverged", [3.0]), trial("ok", []),
         SimpleNamespace(user_attrs={})])
-    assert _observe_until(study, _spec(3.0)).train.time_grid_until_s == 6.0
-    assert _observe_until(study, _spec(None)).train.time_grid_until_s is None
-    assert _observe_until(SimpleNamespace(get_trials=lambda deepcopy=False: []), _spec(3.0)).train.time_grid_until_s is None
+    assert _observe_until(study, _spec(3.0)) == 6.0
+    assert _observe_until(study, _spec(None)) is None
+    assert _observe_until(SimpleNamespace(get_trials=lambda deepcopy=False: []), _spec(3.0)) is None
 
 
 def _spec(grid: float | None) -> TrialSpec:

@@ -315,15 +315,17 @@ def _memory(wall: MemoryWall, fits: list[MemoryFit], extra: list[str]) -> Findin
         f = fits[0]
         err = f" (fit error: RMS {f.rmse_mib:,.0f} MiB, R² {f.r2:.3f})" if math.isfinite(f.rmse_mib) else \
             " (fitted through two points: no error estimate)"
-        parts.append(f"Fitted memory model: peak ≈ {f.intercept_mib:,.1f} MiB + {f.slope_mib:.4g} MiB × the longest "
-                     f"window × bs{err}.")
+        law = f"{f.intercept_mib:,.1f} MiB + {f.slope_mib:.4g} MiB × the longest window × bs" if f.linear else \
+            f"{f.law()} MiB, window being the longest window"
+        parts.append(f"Fitted memory model: peak ≈ {law}{err}.")
         if not f.gpu:
             parts.append("Measured on CPU as the bytes a training step holds (no allocator caches or CUDA context), "
                          "so it is a lower bound for a GPU, not a prediction of one.")
         if f.gpu and wall.card_mib and f.slope_mib > 0:
             x = f.max_tokens_per_step(wall.card_mib)
+            at = "" if f.linear else f" at batch size {f.bs_ref:g}"
             if x > 0:
-                parts.append(f"Predicted to fit this card: bptt × bs up to about {x:,.0f} (a prediction).")
+                parts.append(f"Predicted to fit this card: bptt × bs up to about {x:,.0f}{at} (a prediction).")
     if not parts:
         return Finding("memory", title, "No configuration finished, so there is no memory measurement.")
     return Finding("memory", title, " ".join(parts))

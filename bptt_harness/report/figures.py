@@ -371,7 +371,8 @@ def memory(trials: pd.DataFrame, fit: MemoryFit | None, card_mib: float | None,
                                      fill="toself", fillcolor="rgba(255,127,14,0.15)", line=dict(width=0),
                                      name="95% prediction interval", hoverinfo="skip"))
         fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", line=dict(color="#ff7f0e"),
-                                 name=f"fit: {numbers.num(fit.intercept_mib, 3)} + {numbers.num(fit.slope_mib, 4)} × bptt × bs"))
+                                 name=f"fit: {numbers.num(fit.intercept_mib, 3)} + {numbers.num(fit.slope_mib, 4)} × bptt × bs"
+                                 if fit.linear else f"fit at bs {numbers.num(fit.bs_ref, 3)}: {fit.law()}"))
         fitted_name = sources[0][0] if sources[0][2] else fit.source
         caption.append(f"The line is fitted on the {fit.n_points} {fitted_name} (filled points)"
                        + (" with its 95% prediction interval" if fit.margin_mib else "")

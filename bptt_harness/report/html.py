@@ -318,9 +318,10 @@ def _memory_section(rep: Report) -> str:
            f"slope ± {numbers.num(f.slope_se, 2)} MiB" if math.isfinite(f.rmse_mib)
            else "exact through two points, no error estimate")
     what = "profile cells" if f.source == "profile" else "trials"
-    text = (f"<p>Fitted on {f.n_points} {what} of the {esc(f.shape)} model: peak memory ≈ "
-            f"{esc(numbers.mib(f.intercept_mib))} + {esc(numbers.num(f.slope_mib, 4))} MiB × the longest window × "
-            f"batch size ({esc(err)}); measured range {numbers.count(f.x_min)}–{numbers.count(f.x_max)} tokens per "
+    law = (f"{esc(numbers.mib(f.intercept_mib))} + {esc(numbers.num(f.slope_mib, 4))} MiB × the longest window × "
+           "batch size" if f.linear else f"{esc(f.law())} MiB (window: the longest window; the terms its family declares)")
+    text = (f"<p>Fitted on {f.n_points} {what} of the {esc(f.shape)} model: peak memory ≈ {law} ({esc(err)}); "
+            f"measured range {numbers.count(f.x_min)}–{numbers.count(f.x_max)} tokens per "
             "step.</p>")
     if math.isfinite(f.loo_max_pct):
         verdict = "within the 5% goal" if f.loo_max_pct <= 5 else "above the 5% goal: treat predictions with care"

@@ -24,7 +24,7 @@ from bptt_harness.record import (
     from_dict,
     user_attrs,
 )
-from bptt_harness.spec import ModelConfig, TrialSpec, resolve_budget_tokens
+from bptt_harness.spec import ModelConfig, RunOptions, TrialSpec, resolve_budget_tokens
 from bptt_harness.study.common import CANONICAL, TrialFailed
 from bptt_harness.study.queue import _has_repeats, _now, worker_id
 
@@ -89,8 +89,8 @@ def study_info(config: StudyConfig, corpus: Corpus, host_workers: int = 1) -> St
 def make_record(info: StudyInfo, spec: TrialSpec, params: dict, repeat: int, result: TrialResult,
                 hardware: dict, started: str, lr_choice: LrChoice | None = None) -> TrialRecord:
     """The stored measurement of one trial; ``bptt_harness.report`` reads exactly this."""
-    config = TrialConfig(bptt=spec.bptt, batch_size=spec.batch_size, lr=spec.train.lr, nhid=spec.model.nhid,
-                         emsize=spec.model.emsize, layers=spec.model.layers, dropout=spec.model.dropout,
+    # The model's own keys (a factory's: only the searched ones; n_params in the result says the rest).
+    config = TrialConfig(bptt=spec.bptt, batch_size=spec.batch_size, lr=spec.train.lr, **spec.model.recorded(params),
                          model=spec.model.factory or spec.model.type, optimizer=spec.train.optimizer,
                          variable_bptt=spec.train.variable_bptt, clip=spec.train.clip, seed=spec.train.seed,
                          repeat=repeat)
@@ -116,18 +116,18 @@ def store_record(trial: optuna.Trial, record: TrialRecord) -> dict:
 
 
 
-def _observe_until(study: optuna.Study, spec: TrialSpec) -> TrialSpec:
+def _observe_until(study: optuna.Study, spec: TrialSpec) -> float | None:
     """With a time grid, no points past the latest grid time of the shortest finished run: the equal-time
-    comparison never reads later than that (see ``TrainConfig.time_grid_until_s``)."""
+    comparison never reads later than that (see ``RunOptions.time_grid_until_s``)."""
     if spec.train.time_grid_s is None:
-        return spec
+        return None
     ends = []
     for t in study.get_trials(deepcopy=False):
         rec = t.user_attrs.get("record") or {}
         curve = (rec.get("result") or {}).get("time_curve") or []
         if rec.get("status") == "ok" and curve:
             ends.append(max(p["grid_s"] for p in curve))
-    return replace(spec, train=replace(spec.train, time_grid_until_s=min(ends))) if ends else spec
+    return min(ends) if ends else None
 
 
 @dataclass
@@ -141,7 +141,7 @@ class Objective:
     on_result: Callable[[optuna.Trial, dict], None] | None = None
     on_start: Callable[[optuna.Trial, dict], None] | None = None
     host_workers: int = 1
-    warmed: bool = False   # this process has run its untimed warm-up (see bptt_harness.trainer.warm_up)
+    warmed: bool = False   # this process's first trial ran with RunOptions.warm_up_steps
     profile: Any = None    # the study's profile.csv (bptt_harness.profile): cells it saw run out of memory are skipped
     # Called at each validation checkpoint with the trial and the point (index, of, tokens, seconds, ppl).
     on_checkpoint: Callable[[optuna.Trial, dict], None] | None = None
@@ -149,7 +149,7 @@ class Objective:
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
         from bptt_harness.probe import make_probe
-        from bptt_harness.trainer import run_trial, warm_up
+        from bptt_harness.trainer import WARM_UP_STEPS, run_trial
 
         trial.set_user_attr("worker", worker_id())
         skip = self._spurious(trial)
@@ -180,14 +180,16 @@ class Objective:
         try:
             result = self._known_oom(spec)
             if result is None:
-                if not self.warmed:
-                    warm_up(spec, self.corpus, self.device)
-                    self.warmed = True
+                # The process's first run (a ladder's or the trial) warms up: start-up is not a trial's.
+                options = RunOptions(memory_cap_mib=self.config.memory_cap_mib,
+                                     warm_up_steps=0 if self.warmed else WARM_UP_STEPS)
+                self.warmed = True
                 if self.config.lr_rule.rule == "tuned":
-                    spec = self._tuned(trial, spec, config_key(params), choice)
-                spec = _observe_until(trial.study, spec)
+                    spec = self._tuned(trial, spec, config_key(params), choice, options)
+                    options = replace(options, warm_up_steps=0)
+                options = replace(options, time_grid_until_s=_observe_until(trial.study, spec))
                 result = run_trial(spec, self.corpus, self.device, probe=make_probe(self.device),
-                                   on_checkpoint=on_checkpoint)
+                                   on_checkpoint=on_checkpoint, options=options)
         except KeyboardInterrupt:
             interrupted = TrialResult(status="failed", error="interrupted (SIGINT); retried on resume",
                                       bptt=spec.bptt, batch_size=spec.batch_size, seed=spec.train.seed)
@@ -212,14 +214,15 @@ class Objective:
         """An ``oom`` result without training when the study's profile shows the cell cannot fit."""
         from bptt_harness.profile import PROFILE_CSV, doesnt_fit
 
-        if not doesnt_fit(self.profile, spec.train.memory_cap_mib, spec.bptt, spec.batch_size):
+        if not doesnt_fit(self.profile, self.config.memory_cap_mib, spec.bptt, spec.batch_size):
             return None
         return TrialResult(status="oom", bptt=spec.bptt, batch_size=spec.batch_size, seed=spec.train.seed,
                            device=str(self.device),
                            error=f"does not fit: {PROFILE_CSV} ran out of memory at this bptt and batch size or "
                                  "below both, under the same memory cap (not trained)")
 
-    def _tuned(self, trial: optuna.Trial, spec: TrialSpec, key: str, choice: LrChoice) -> TrialSpec:
+    def _tuned(self, trial: optuna.Trial, spec: TrialSpec, key: str, choice: LrChoice,
+               options: RunOptions) -> TrialSpec:
         """``[lr] rule = "tuned"``: the configuration's lr from its ladder, run by the first trial of the
         configuration and stored with the study, so its repeats reuse it (and its cost is counted once)."""
         from bptt_harness.lr import tune
@@ -228,7 +231,7 @@ class Objective:
         stored = trial.study.user_attrs.get(attr)
         choice.tune_tokens, choice.tune_s = 0, 0.0
         if stored is None:
-            tuned = tune(spec, self.corpus, self.device, self.config.lr_rule)
+            tuned = tune(spec, self.corpus, self.device, self.config.lr_rule, options)
             stored = finite_or_none({"lr": tuned.lr, "ladder": tuned.ladder})
             trial.study.set_user_attr(attr, stored)
             choice.tune_tokens, choice.tune_s = tuned.tokens, tuned.seconds

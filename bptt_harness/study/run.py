@@ -109,7 +109,7 @@ def plan_budget(config: StudyConfig, storage_url: str, max_seconds: float) -> tu
         tokens, planned = stored, False
     else:
         df = load_profile(config.results_dir)
-        fit = [c for c in cells(config) if not doesnt_fit(df, config.train.memory_cap_mib, *c)]
+        fit = [c for c in cells(config) if not doesnt_fit(df, config.memory_cap_mib, *c)]
         tokens = plan_tokens(df, fit, max_seconds, config.train.checkpoints, config.repeats)
         planned = True
     train = replace(config.train, budget="tokens", tokens=tokens, epochs=None)
