@@ -15,6 +15,7 @@ import optuna
 from bptt_harness.config import StudyConfig
 from bptt_harness.corpus import Corpus, check_fits, load
 from bptt_harness.errors import HarnessError
+from bptt_harness.interrupt import StopRequest
 from bptt_harness.study.common import RACE_POLL_S, TrialFailed
 from bptt_harness.study.objective import Objective
 from bptt_harness.study.queue import create_study, enqueue_grid, progress, reap
@@ -53,18 +54,22 @@ def check_cost_measurable(config: StudyConfig, device: Any) -> None:
 def run_worker(study: optuna.Study, config: StudyConfig, corpus: Corpus, device: Any, n_target: int,
                on_result: Callable[[optuna.Trial, dict], None] | None = None,
                on_start: Callable[[optuna.Trial, dict], None] | None = None, host_workers: int = 1,
-               on_checkpoint: Callable[[optuna.Trial, dict], None] | None = None) -> None:
+               on_checkpoint: Callable[[optuna.Trial, dict], None] | None = None,
+               stop: StopRequest | None = None) -> None:
     """Run trials until the study holds ``n_target`` finished ones (counting every worker's).
 
     ``host_workers``: how many workers run on this host at once (recorded with each trial: on CPU they
-    share the machine, so their timings are marked)."""
+    share the machine, so their timings are marked). ``stop``: a recorded Ctrl-C or SIGTERM
+    (:func:`bptt_harness.interrupt.deferred_signals`), acted on after every training step and between trials."""
     from bptt_harness.hardware import fingerprint
     from bptt_harness.profile import load_profile
     from bptt_harness.race import race_round, raced
 
     objective = Objective(config, corpus, device, fingerprint(device), on_result, on_start, host_workers,
-                          profile=load_profile(config.results_dir), on_checkpoint=on_checkpoint)
+                          profile=load_profile(config.results_dir), on_checkpoint=on_checkpoint, stop=stop)
     while True:
+        if stop is not None:
+            stop.check()
         reap(study)
         p = progress(study)
         target = n_target + (raced(study) if config.race else 0)
