@@ -330,7 +330,7 @@ def _run_pool(config: Any, storage_url: str, workers: int, device: Any, n_target
 
 def cmd_worker(args: argparse.Namespace) -> int:
     from bptt_harness.hardware import resolve_device
-    from bptt_harness.study import config_from_storage, load_corpus, progress, run_worker
+    from bptt_harness.study import check_same_corpus, config_from_storage, load_corpus, progress, run_worker
 
     storage_url = _given_storage(args)
     if storage_url is None:
@@ -352,6 +352,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
             config = replace(config, trials=args.trials)
         device = resolve_device(args.device or config.device)
         corpus = load_corpus(config)
+        check_same_corpus(study, config, corpus)
         n_target = config.n_trials()
         display = Display(n_target, quiet=args.quiet)
         try:

@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -60,24 +61,30 @@ def waiting_study(path: Path) -> Path:
     return path
 
 
-def interrupt_when_waiting(proc: subprocess.Popen[str], folder: Path, signum: int = signal.SIGINT,
-                           limit_s: float = 300) -> tuple[str, str]:
-    """Send ``signum`` to ``proc`` once its trial waits (see :func:`waiting_gru`), let the trial go on, and
-    return its (stdout, stderr). ``limit_s`` only bounds a test that went wrong."""
+def release_when_waiting(proc: subprocess.Popen[str], folder: Path, action: Callable[[], None],
+                         limit_s: float = 300) -> tuple[str, str]:
+    """Once ``proc``'s trial waits (see :func:`waiting_gru`), do ``action`` (send a signal, take the database
+    away), let the trial go on, and return ``proc``'s (stdout, stderr). ``limit_s`` only bounds a test that
+    went wrong."""
     deadline = time.monotonic() + limit_s
     try:
         while not (folder / "waiting").exists():
             if proc.poll() is not None:
                 raise AssertionError(f"the sweep ended before its trial waited: {proc.communicate()}")
             if time.monotonic() > deadline:
-                raise AssertionError("the trial never waited for the signal")
+                raise AssertionError("the trial never waited")
             time.sleep(0.05)
-        proc.send_signal(signum)
+        action()
         (folder / "sent").write_text("")
         return proc.communicate(timeout=limit_s)
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def interrupt_when_waiting(proc: subprocess.Popen[str], folder: Path, signum: int = signal.SIGINT) -> tuple[str, str]:
+    """:func:`release_when_waiting` with ``signum`` sent to ``proc``."""
+    return release_when_waiting(proc, folder, lambda: proc.send_signal(signum))
 
 
 def waiting_env(folder: Path, at: int = 3) -> dict[str, str]:

@@ -14,6 +14,7 @@ from bptt_harness.config import ParamSpace, StudyConfig
 from bptt_harness.corpus import Corpus
 from bptt_harness.interrupt import StopRequest
 from bptt_harness.record import (
+    FAIL_STATUSES,
     INFEASIBLE,
     Hardware,
     LrChoice,
@@ -77,7 +78,8 @@ def cost_value(result: TrialResult, cost: str, per_ktok: bool = True) -> float |
 def study_info(config: StudyConfig, corpus: Corpus, host_workers: int = 1) -> StudyInfo:
     t = config.train
     return StudyInfo(name=config.name, corpus=corpus.name, corpus_source=corpus.source,
-                     corpus_licence=corpus.licence, vocab_size=corpus.vocab_size, budget=t.budget,
+                     corpus_licence=corpus.licence, vocab_size=corpus.vocab_size,
+                     corpus_hash=corpus.content_hash or None, budget=t.budget,
                      budget_tokens=resolve_budget_tokens(t, corpus.train.numel()),
                      budget_epochs=t.epochs if t.budget == "tokens" else None,
                      budget_seconds=t.seconds if t.budget == "seconds" else None,
@@ -269,7 +271,7 @@ class Objective:
         status, result = record.status, record.result
         if status == "pruned":
             raise optuna.TrialPruned(record.error)
-        if status in ("timeout", "failed"):
+        if status in FAIL_STATUSES:
             raise TrialFailed(record.error)
         budget_mib = self.config.max_memory_gib * 1024 if self.config.max_memory_gib else None
         peak = result.probe.peak_mem_mib

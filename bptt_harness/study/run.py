@@ -43,6 +43,30 @@ def load_corpus(config: StudyConfig) -> Corpus:
     return load(config.corpus, check=lambda corpus: check_corpus_fits(config, corpus))
 
 
+CORPUS_HASH_ATTR = "corpus_hash"
+
+
+def check_same_corpus(study: optuna.Study, config: StudyConfig, corpus: Corpus) -> None:
+    """A study measures one corpus: refuse to add trials on other data (a corpus file edited, replaced or
+    regenerated since the study started), as a changed study file is refused. The first run records the
+    corpus's content hash in the study; a study from before that is checked against its trials' records."""
+    if not corpus.content_hash:
+        return
+    stored = study.user_attrs.get(CORPUS_HASH_ATTR)
+    if stored is None:
+        hashes = {((t.user_attrs.get("record") or {}).get("study") or {}).get("corpus_hash")
+                  for t in study.get_trials(deepcopy=False)} - {None}
+        stored = next(iter(hashes)) if len(hashes) == 1 else None
+    if stored is None:
+        study.set_user_attr(CORPUS_HASH_ATTR, corpus.content_hash)
+    elif stored != corpus.content_hash:
+        raise HarnessError(
+            f"study {config.name!r} measured corpus {corpus.source or corpus.name} with content hash {stored[:12]}, "
+            f"but it now hashes to {corpus.content_hash[:12]}: the data changed, and its trials would not be "
+            f"comparable. Restore the data it measured, or use a new study name, or delete {config.results_dir} "
+            "to start over")
+
+
 def check_cost_measurable(config: StudyConfig, device: Any) -> None:
     if config.cost == "joules_per_token" and len(config.objectives) > 1 and device.type != "cuda":
         readable = [p for p in glob.glob("/sys/class/powercap/intel-rapl:*/energy_uj") if os.access(p, os.R_OK)]
@@ -134,6 +158,7 @@ def prepare(config: StudyConfig, storage_url: str, device_name: str | None) -> t
 
     check_model(config.model, corpus.vocab_size)  # a user's model factory: one line now, not a failed trial later
     study = create_study(config, open_storage(storage_url))
+    check_same_corpus(study, config, corpus)
     if config.sampler == "grid":
         enqueue_grid(study, config)
     write_study_json(config, storage_url)
