@@ -23,6 +23,10 @@ Status = Literal["ok", "diverged", "oom", "pruned", "timeout", "failed"]
 STATUSES: tuple[str, ...] = get_args(Status)
 # Trials the sampler is told are infeasible (Optuna constraints): the memory and stability walls.
 INFEASIBLE: tuple[str, ...] = ("oom", "diverged")
+# The statuses of trials Optuna records as FAIL. A FAIL trial whose record says otherwise (ok, oom, ...) lost
+# its completion (its worker died, or a torn journal was cut back, between the record and the state): it
+# did not finish, and runs again.
+FAIL_STATUSES: tuple[str, ...] = ("timeout", "failed")
 SCHEMA_VERSION = 2
 
 
@@ -227,6 +231,8 @@ class StudyInfo:
     corpus_source: str | None = col(None, "where the corpus came from", csv=False)
     corpus_licence: str | None = col(None, "licence of the corpus", csv=False)
     vocab_size: int | None = col(None, "vocabulary size")
+    corpus_hash: str | None = col(None, "sha256 of the corpus's text: the data the trial measured (a study "
+                                        "refuses to resume on other data)")
     budget: str | None = col(None, "tokens or seconds: what every trial was given the same amount of")
     budget_tokens: int | None = col(None, "training-token budget of the study as declared", "tokens")
     budget_epochs: float | None = col(None, "the study's budget in passes over the train split (when declared so)")
