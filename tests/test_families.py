@@ -12,6 +12,7 @@ import math
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
@@ -21,6 +22,7 @@ from bptt_harness.batching import batchify, windows
 from bptt_harness.corpus import Corpus, load
 from bptt_harness.errors import HarnessError
 from bptt_harness.model import family_of
+from bptt_harness.report.advice import evaluation_note
 from bptt_harness.report.memory import make_fit
 from bptt_harness.spec import ModelConfig, TrainConfig, TrialSpec
 from bptt_harness.trainer import run_trial
@@ -223,3 +225,17 @@ def test_each_familys_memory_law_predicts_held_out_cells_on_cpu(k8: Corpus, mode
                    fitted[:, 1])
     for b, bs in HELD_OUT:
         assert float(fit.predict_at(b, bs)) == pytest.approx(peak(b, bs), rel=0.05), (b, bs, fit.law())
+
+
+# --------------------------------------------------------------------------- the report names the rule
+
+def test_the_report_names_each_familys_evaluation_rule_only_where_trials_used_it() -> None:
+    carried = pd.DataFrame({"model": ["lstm", "awd-lstm"], "evaluation": ["carried", "carried"]})
+    note = evaluation_note(carried)
+    assert note is not None and "awd-lstm, lstm: fixed windows" in note and "sliding" not in note
+    assert "overlapping windows" not in note
+    both = pd.DataFrame({"model": ["lstm", "transformer"], "evaluation": ["carried", "sliding"]})
+    note = evaluation_note(both)
+    assert note is not None and "transformer: overlapping windows of eval_bptt" in note and "lstm: fixed" in note
+    assert evaluation_note(pd.DataFrame({"model": ["lstm"], "evaluation": [None]})) is None
+    assert evaluation_note(pd.DataFrame({"model": ["lstm"]})) is None   # records from before the rule was stored
