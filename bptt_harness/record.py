@@ -175,7 +175,14 @@ class TrialConfig:
     nhid: int | None = col(None, "hidden units per layer")
     emsize: int | None = col(None, "embedding size")
     layers: int | None = col(None, "recurrent layers")
-    dropout: float | None = col(None, "dropout probability")
+    dropout: float | None = col(None, "dropout probability (awd-lstm: on the last layer's output)")
+    heads: int | None = col(None, "transformer: attention heads")
+    mem_len: int | None = col(None, "transformer: carried memory of previous tokens' keys and values (0: none)",
+                              "tokens")
+    embed_dropout: float | None = col(None, "awd-lstm: embedding (whole-word) dropout")
+    input_dropout: float | None = col(None, "awd-lstm: locked dropout on the embedding output")
+    hidden_dropout: float | None = col(None, "awd-lstm: locked dropout between recurrent layers")
+    weight_dropout: float | None = col(None, "awd-lstm: DropConnect on the hidden-to-hidden weights")
     model: str | None = col(None, "the model family (lstm, gru, ...), or a factory's module:function; the shape columns "
                                   "(nhid, emsize, layers, dropout) are those the family reads (a factory's: only the "
                                   "searched ones; n_params says its size)")

@@ -211,8 +211,30 @@ def _most_common_error(trials: pd.DataFrame) -> str:
     return f" Most common error: {status} ({len(of_kind)} of {len(trials)} trials){example}."
 
 
+# How each evaluation rule (a model family's, stored per trial as ``evaluation``) scores validation.
+EVALUATION_TEXT = {
+    "carried": "fixed windows of eval_bptt with the state carried through the whole split, so every target "
+               "sees all the text before it whatever bptt the model trained with",
+    "sliding": "overlapping windows of eval_bptt tokens moving by half a window, each target scored once with "
+               "no state carried: every target gets the same context, the span the model trained on (for a "
+               "model that carries nothing, bptt is its whole context)",
+}
+
+
+def evaluation_note(trials: pd.DataFrame) -> str | None:
+    """Which rule scored validation, per model family, from the trials' ``evaluation`` column (None when no
+    trial recorded one)."""
+    if "evaluation" not in trials or "model" not in trials:
+        return None
+    known = trials[trials["evaluation"].isin(list(EVALUATION_TEXT))]
+    parts = [f"{', '.join(sorted(map(str, g['model'].dropna().unique()))) or 'the model'}: {EVALUATION_TEXT[rule]}"
+             for rule, g in known.groupby("evaluation", sort=True)]
+    return ("Validation perplexity is scored by each model family's rule; " + "; ".join(parts) + ".") if parts \
+        else None
+
+
 def _data_notes(trials: pd.DataFrame, n_running: int) -> list[str]:
-    notes = []
+    notes = [n for n in (evaluation_note(trials),) if n]
     if n_running:
         notes.append(f"{n_running} trial(s) were still running and are not in this report.")
     ok = trials[trials["status"] == "ok"]

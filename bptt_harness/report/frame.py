@@ -36,8 +36,8 @@ AGG_METRICS = ("val_ppl", "best_val_ppl", "test_ppl", "tokens_per_s", "seconds_p
                "eval_energy_j", "eval_peak_mem_mib", "train_s", "eval_s", "wall_s", "steps", "max_grad_norm",
                "clipped_frac")
 # Columns that are the same for every repeat of a configuration.
-CONFIG_FIELDS = ("config_key", "bptt", "batch_size", "tokens_per_step", "lr", "lr_rule", "nhid", "emsize", "layers",
-                 "dropout", "model", "optimizer", "variable_bptt", "clip")
+CONFIG_FIELDS = ("config_key", "bptt", "batch_size", "tokens_per_step", "lr", "lr_rule", "nhid", "emsize", "layers", "heads",
+                 "mem_len", "dropout", "model", "optimizer", "variable_bptt", "clip")
 
 CONFIG_COLUMNS: dict[str, str] = {
     **{k: TRIAL_COLUMNS[k] for k in ("study", "machine") if k in TRIAL_COLUMNS},

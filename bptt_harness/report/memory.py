@@ -37,7 +37,7 @@ CARDS_MIB: dict[str, float] = {
 }
 # A CUDA context with cuDNN and cuBLAS loaded, where the study measured none (MiB).
 DEFAULT_CONTEXT_MIB = 500.0
-SHAPE = ("model", "layers", "nhid", "emsize")
+SHAPE = ("model", "layers", "nhid", "emsize", "heads", "mem_len")
 # Statuses whose peak memory is a real measurement of the configuration (an oom trial's is not).
 _MEASURED = ("ok", "pruned", "timeout", "diverged")
 # Two-sided 95% Student t quantiles by degrees of freedom; 1.96 beyond the table.
