@@ -21,7 +21,7 @@ from bptt_harness.report.build import Report
 from bptt_harness.report.crosscheck import DISAGREE
 from bptt_harness.report.frame import COST_LABELS, label, varying_fields
 from bptt_harness.report.page import Column, Drawn, esc, figure_block, meta_line, page, table
-from bptt_harness.seeds import Z
+from bptt_harness.stats import COVERAGE
 
 __all__ = ["render"]
 
@@ -105,8 +105,9 @@ def _ranking_section(rep: Report, limit: int = 40) -> str:
         ("", "Pareto rank", lambda x: str(int(x["pareto_rank"]))),
         ("", "val ppl (mean ± sd)", _cell("val_ppl", PPL_DIGITS)),
         ("", "n", lambda x: str(int(x["n"])) + (" (single-seed)" if str(x.get("single_seed")) == "True" else "")),
-        ("", f"interval (mean ± {Z:g} SE)",
-         lambda x: numbers.interval(x.get("val_ppl_lo"), x.get("val_ppl_hi"), PPL_DIGITS)),
+        ("", f"{COVERAGE:.0%} t interval (df)",
+         lambda x: numbers.interval(x.get("val_ppl_lo"), x.get("val_ppl_hi"), PPL_DIGITS)
+         + (f" ({x.get('val_ppl_dof'):.0f})" if pd.notna(x.get("val_ppl_dof")) else "")),
         ("", f"{COST_LABELS.get(cost, cost)} (mean ± sd)", _cell(cost)),
     ]
     for col, head in (("tokens_per_s", "tokens/s"), ("peak_mem_mib", "peak MiB"), ("joules_per_ktok", "J / 1k tok")):
@@ -126,12 +127,13 @@ def _ranking_intro(rep: Report, shown: pd.DataFrame) -> str:
     r = rep.ranking
     text = (f"From the trials: each configuration's mean over its seeds that finished. Pareto rank 1 = no other "
             f"configuration is better on both perplexity and {r.cost_label}; within a rank, lower perplexity first. "
-            "“± sd” is the standard deviation over seeds (the spread of single runs); the interval is the mean ± "
-            f"{Z:g} standard errors of the mean, the study's seed noise over √n")
-    text += ("; a single-seed configuration borrows the study's pooled seed noise." if (shown["n"] == 1).any() else ".")
+            "“± sd” is the standard deviation over seeds (the spread of single runs); the interval is the "
+            f"{COVERAGE:.0%} Student t interval of the mean on its degrees of freedom (df = n - 1 from its own seeds)")
+    text += ("; a single-seed configuration borrows the study's pooled seed noise and its degrees of freedom."
+             if (shown["n"] == 1).any() else ".")
     if shown["tie"].any():
-        text += (" Places marked “=” are ties: the configurations differ by less than "
-                 f"{Z:g} standard errors of the difference in perplexity and by less than the spread of repeats in cost.")
+        text += (" Places marked “=” are ties: Welch's test does not separate the perplexity from the row above at "
+                 f"{COVERAGE:.0%} (Holm-adjusted over the neighbouring pairs), and the cost is within the spread of repeats.")
     if rep.advice.recommended is not None and (shown["config_key"] == rep.advice.recommended).any():
         text += " The highlighted row is the recommendation."
     return f'<p class="small">{esc(text)}</p>'
