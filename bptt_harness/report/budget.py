@@ -146,7 +146,8 @@ def _sentence(leg: Leg | None, names: dict[str, str]) -> str | None:
                 f"{prev['at']:.3g} s and {last['at']:.3g} s of training")
         return (f"{where} the best changed between {span} "
                 f"(from {names.get(prev['best'], prev['best'])} to {final}): a longer run may change it again{noise}.")
-    if leg.since == float(t.iloc[0]["at"]):
-        return f"{where} {final} led (or tied for the lead) at every point, from {at_text(leg, leg.since)} on{noise}."
-    return (f"{where} {final} has led (or tied for the lead) since {at_text(leg, leg.since)}: the verdict was not "
+    since = leg.since if leg.since is not None else float(last["at"])
+    if since == float(t.iloc[0]["at"]):
+        return f"{where} {final} led (or tied for the lead) at every point, from {at_text(leg, since)} on{noise}."
+    return (f"{where} {final} has led (or tied for the lead) since {at_text(leg, since)}: the verdict was not "
             f"moving at the end{noise}.")
