@@ -81,6 +81,7 @@ def test_a_ranking_explained_by_steps_is_named_with_its_numbers() -> None:
     steps = rep.confounds.as_dict()["steps"]
     assert steps["applies"] and steps["spearman"] < -0.9 and steps["ratio"] == pytest.approx(16.0, rel=1e-2)
     assert "the ranking follows optimiser steps" in answers(rep)["confounds"]
+    assert "Caution: the ranking is confounded (optimiser steps" in rep.advice.headline
     data = json.loads(summary_json(rep))
     assert data["confounds"]["steps"]["steps_max"] == pytest.approx(2_000_000 // 350)
     # Where the compared configurations took the same steps, it is not said.
@@ -104,6 +105,7 @@ def test_an_edge_optimum_says_try_beyond_and_makes_the_bptt_verdict_inconclusive
     rep = report(slice_runs({10: (100.0, 101.0), 20: (120.0, 121.0), 40: (140.0, 141.0)}))
     edge = rep.confounds.as_dict()["grid_edge"]
     assert edge["bptt"] == {"best": 10, "edge": "lowest", "searched": [10, 20, 40], "try": "5 and below"}
+    assert "batch_size" not in edge   # at one tokens per step the batch size follows bptt
     bptt = answers(rep)["bptt"]
     assert bptt.startswith("Inconclusive at this budget: the best (bptt 10 × bs 40) has the lowest bptt searched "
                            "(10 to 40): try bptt 5 and below")
@@ -115,6 +117,7 @@ def test_an_edge_optimum_says_try_beyond_and_makes_the_bptt_verdict_inconclusive
     assert answers(mid)["bptt"].startswith("bptt 20 is best: shorter and longer windows are worse beyond the seed "
                                            "noise (Welch tests at 95%, Holm-adjusted over 2 comparisons)")
     assert summary(mid)["bptt_verdict"]["conclusive"] is True
+    assert "Caution" not in mid.advice.headline and "confounded" not in mid.advice.headline
     assert summary(rep)["bptt_verdict"]["conclusive"] is False
 
 

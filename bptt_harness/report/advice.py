@@ -114,6 +114,8 @@ def advise(trials: pd.DataFrame, configs: pd.DataFrame, ranking: Ranking, equal_
                 headline += (" Within the measured spread it ties with "
                              + ", ".join(label(r, extra) for _, r in tied.head(3).iterrows()) + ".")
     headline += _failed_seeds(rec) + _test_clause(rec, best, extra)
+    if confounds is not None and len(table) > 1:
+        headline += confounds.caution()
     findings = [f for f in (
         _cheapest(table, cost, best, cheap, extra),
         _bptt_helps(evidence),

@@ -33,7 +33,7 @@ from bptt_harness.report.frame import label
 from bptt_harness.report.noise import table_means
 from bptt_harness.seeds import Leaders, leaders
 
-__all__ = ["CONTEXT_COLUMN", "CONTROL_FIELDS", "BpttEvidence", "Confound", "Confounds", "annealed", "bptt_evidence",
+__all__ = ["CONTEXT_COLUMN", "CONTROL_FIELDS", "WORDS", "BpttEvidence", "Confound", "Confounds", "annealed", "bptt_evidence",
            "controlled_slice", "detect", "scope_text", "spearman"]
 
 CONTEXT_COLUMN = "effective_context_tokens"
@@ -41,6 +41,10 @@ CONTEXT_COLUMN = "effective_context_tokens"
 # equal token budget; steps are checked as well, as they are what the lr schedule and the optimiser see).
 CONTROL_FIELDS = ("tokens_per_step", "lr", "nhid", "emsize", "layers", "dropout", "model", "optimizer",
                   "variable_bptt", "clip")
+# Each confound in a few words, for the headline's caution.
+WORDS = {"steps": "optimiser steps", "lr": "learning rate", "schedule": "lr schedule", "data_seen": "text seen",
+         "grid_edge": "the best is at the edge of the searched values", "unused_context": "context the models use",
+         "not_settled": "the leader was still changing at the end"}
 STEPS_RHO = -0.8     # a ranking "follows the steps" at this rank correlation or stronger
 STEPS_SPREAD = 1.05  # steps "differ" when the most exceeds the fewest by more than 5%
 
@@ -69,6 +73,14 @@ class Confounds:
 
     def names(self) -> list[str]:
         return [c.name for c in self.found()]
+
+    def caution(self) -> str:
+        """`` Caution: ...`` for a headline when something besides the searched knobs may explain the ranking."""
+        found = self.names()
+        if not found:
+            return ""
+        return (" Caution: the ranking is confounded (" + "; ".join(WORDS.get(n, n) for n in found)
+                + "), see “What else differs between the compared configurations?”.")
 
     def as_dict(self) -> dict[str, dict[str, Any]]:
         """``name -> {applies, text, numbers...}``: what ``summary.json`` lists under ``confounds``."""
@@ -198,7 +210,10 @@ def _grid_edge(table: pd.DataFrame, all_configs: pd.DataFrame) -> Confound | Non
     best = table.loc[table["val_ppl"].idxmin()]
     found: dict[str, Any] = {}
     texts = []
-    for col, word in (("bptt", "bptt"), ("batch_size", "batch size")):
+    knobs = [("bptt", "bptt"), ("batch_size", "batch size")]
+    if table["tokens_per_step"].nunique() == 1:
+        knobs = knobs[:1]  # at one tokens per step the batch size follows bptt: its edge is bptt's
+    for col, word in knobs:
         searched = sorted({int(v) for v in pd.concat([table[col], all_configs[col]]).dropna()})
         compared = sorted({int(v) for v in table[col].dropna()})
         if len(compared) < 2:

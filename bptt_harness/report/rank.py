@@ -182,7 +182,7 @@ def rank_configs(configs: pd.DataFrame, cost: str = "seconds_per_ktok") -> Ranki
 
 
 def _ppl_spread(table: pd.DataFrame) -> str:
-    """The perplexity tolerance column: Z standard errors over seeds (bptt_harness.report.noise), or for a
+    """The perplexity tolerance column: the half-width of the 95% t interval (bptt_harness.report.noise), or for a
     frame built without them the standard deviation of the repeats."""
     return PPL_TOL if PPL_TOL in table else "val_ppl_std"
 
