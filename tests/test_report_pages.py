@@ -233,7 +233,7 @@ def test_ranking_legends_promise_only_marks_that_are_printed(tmp_path: Path) -> 
     et.loc[:1, "place_time"] = 1.0  # two configurations tie at equal time
     rep.equal_time.table = et
     section = html._equal_time_section(rep)
-    assert ">1=<" in section and "Places marked “=” tie" in section
+    assert ">1=<" in section and "Places marked “=” are not separated from the row above by the seed noise" in section
 
 
 def test_every_table_scrolls_instead_of_being_clipped(tmp_path: Path) -> None:

@@ -158,16 +158,19 @@ def _equal_time_section(rep: Report, limit: int = 12) -> str:
         ("l", "configuration", lambda x: label(x, extra)),
         ("", f"ppl at {numbers.seconds(et.seconds)} (mean ± sd)",
          lambda x: numbers.pm(x["ppl_at_time"], x["ppl_at_time_std"], PPL_DIGITS)),
+        ("l", "noise there", lambda x: x.get("ppl_at_time_interval") or "not measured"),
         ("", "ppl at the budget", lambda x: numbers.num(x["val_ppl"], PPL_DIGITS)),
         ("", "place at the budget", lambda x: _place(x, "place", budget_ties)),
     ]
-    verdict = ("The two rankings disagree." if et.disagree else
+    verdict = ("The two rankings disagree: the budget's best is separated from the best at that time, with the seed "
+               "noise measured there." if et.disagree else
                "The two rankings agree on the best configuration." if et.comparable else
                "The study's best had no validation checkpoint by then, so the two cannot be compared.")
     how = ("measured on the study's common time grid" + (f" (each point within {numbers.seconds(et.max_offset_s, 2)} of it)"
                                                        if et.max_offset_s is not None else "")
            if et.on_grid else "interpolated between validation checkpoints (the study has no time grid)")
-    ties = " Places marked “=” tie within the seed noise." if time_ties or budget_ties else ""
+    ties = (" Places marked “=” are not separated from the row above by the seed noise (Welch, Holm-adjusted; at "
+            "that time, the noise measured there)." if time_ties or budget_ties else "")
     return (f"<section id=\"equal-time-section\"><h2>Ranking at equal training time</h2><p>From the trials: perplexity "
             f"of each configuration after {esc(numbers.seconds(et.seconds))} of training — the latest time every "
             f"configuration reached — {esc(how)}; a configuration without a point there is not measured and not "
@@ -191,6 +194,8 @@ def _budget_section(rep: Report) -> str:
             ("l", "runner-up", lambda x: names.get(x["runner"], x["runner"] or "")),
             ("", "ppl ", lambda x: numbers.num(x["runner_ppl"], PPL_DIGITS)),
             ("", "tie", lambda x: "yes" if x["tie"] else ""),
+            ("", "best separated from all", lambda x: ("yes" if x["separated"] else "no") if x["noise_known"]
+             else "noise unknown"),
             ("", "measured", lambda x: str(int(x["measured"]))),
         ]
         title = "at equal tokens" if leg.axis == "tokens" else "at equal training time (time grid)"
