@@ -147,8 +147,9 @@ def test_the_schedule_and_the_text_seen_are_confounds_when_they_differ() -> None
     annealed = report(slice_runs({10: (100.0, 101.0)}) + slice_runs({20: (110.0, 111.0)}, final_lr=5.0)
                       + slice_runs({40: (90.0, 91.0)}))
     assert annealed.confounds.as_dict()["schedule"]["annealed"] == ["bptt 20 × bs 20"]
-    # Annealing splits the slice: the configurations no longer differ only in bptt.
-    assert len(controlled_slice(annealed.ranking.table, annealed.trials)) == 2
+    # Annealing is an outcome of the same schedule rule: the slice keeps all three, and says it is confounded.
+    assert len(controlled_slice(annealed.ranking.table, annealed.trials)) == 3
+    assert answers(annealed)["bptt"].startswith("Inconclusive at this budget: 1 of 3 compared configurations annealed")
     plain = report(slice_runs({10: (100.0, 101.0), 20: (110.0, 111.0)}))
     assert "schedule" not in plain.confounds.names()
     short = report(slice_runs({10: (100.0, 101.0), 20: (110.0, 111.0)}, epochs=0.15))
@@ -235,3 +236,15 @@ def test_equal_time_uses_the_noise_measured_at_that_time() -> None:
     rep = report(recs)
     assert rep.equal_time.disagree and answers(rep)["equal_time"].startswith("No. At the study's budget the best is "
                                                                              "bptt 10 × bs 40")
+
+
+def test_a_slice_the_study_declared_is_the_one_compared() -> None:
+    # Two groups that each differ only in bptt; the study declared the 800 one as its slice (issue 20 item 2).
+    recs = slice_runs({10: (120.0, 121.0), 20: (100.0, 101.0), 40: (130.0, 131.0)}) + \
+        slice_runs({10: (90.0, 91.0), 20: (95.0, 96.0)}, tokens_per_step=800)
+    rep = report(recs)
+    found = controlled_slice(rep.ranking.table, rep.trials)
+    assert found is not None and set(found["tokens_per_step"]) == {400}     # found: the one with most bptt values
+    trials = rep.trials.assign(slices=["bptt-640" if t == 800 else "" for t in rep.trials["tokens_per_step"]])
+    declared = controlled_slice(rep.ranking.table, trials)
+    assert declared is not None and set(declared["tokens_per_step"]) == {800} and list(declared["bptt"]) == [10, 20]

@@ -33,10 +33,11 @@ from bptt_harness.report.frame import label
 from bptt_harness.report.noise import table_means
 from bptt_harness.seeds import Leaders, leaders
 
-__all__ = ["CONTEXT_COLUMN", "CONTROL_FIELDS", "WORDS", "BpttEvidence", "Confound", "Confounds", "annealed", "bptt_evidence",
+__all__ = ["CONTEXT_COLUMN", "CONTROL_FIELDS", "SLICES_COLUMN", "WORDS", "BpttEvidence", "Confound", "Confounds", "annealed", "bptt_evidence",
            "controlled_slice", "detect", "scope_text", "spearman"]
 
 CONTEXT_COLUMN = "effective_context_tokens"
+SLICES_COLUMN = "slices"  # the study's named slices a trial belongs to (comma-separated), when it declared any
 # What must be equal for two configurations to differ only in bptt (tokens per step fixes the steps at an
 # equal token budget; steps are checked as well, as they are what the lr schedule and the optimiser see).
 CONTROL_FIELDS = ("tokens_per_step", "lr", "nhid", "emsize", "layers", "dropout", "model", "optimizer",
@@ -105,26 +106,42 @@ def annealed(trials: pd.DataFrame) -> pd.Series:
     return (ok["final_lr"] < ok["lr"] * (1 - 1e-9)).groupby(ok["config_key"]).mean()
 
 
-def _control_key(row: pd.Series, anneal: pd.Series) -> tuple:
+def _control_key(row: pd.Series) -> tuple:
     parts = [str(row[f]) if f in row.index and pd.notna(row[f]) else "" for f in CONTROL_FIELDS]
     steps = row.get("steps")
     parts.append(f"{float(steps):.4g}" if steps is not None and pd.notna(steps) else "")
-    parts.append(str(anneal.get(row["config_key"], "")))
     return tuple(parts)
 
 
+def _declared(table: pd.DataFrame, trials: pd.DataFrame) -> list[pd.DataFrame]:
+    """The study's own slices (the trials' ``slices`` column, when the study declared ``[slices]``)."""
+    if SLICES_COLUMN not in trials or trials[SLICES_COLUMN].dropna().astype(str).str.strip().eq("").all():
+        return []
+    member: dict[str, set[str]] = {}
+    for key, names in zip(trials["config_key"].astype(str), trials[SLICES_COLUMN]):
+        if isinstance(names, str):
+            member.setdefault(key, set()).update(n.strip() for n in names.split(",") if n.strip())
+    names = sorted({n for v in member.values() for n in v})
+    keys = table["config_key"].astype(str)
+    return [table[[name in member.get(k, set()) for k in keys]].assign(_slice=name) for name in names]
+
+
 def controlled_slice(table: pd.DataFrame, trials: pd.DataFrame) -> pd.DataFrame | None:
-    """The ranked configurations that differ only in bptt, sorted by bptt: the group with the most bptt
-    values (ties: the one holding the lowest perplexity); None when no group has two."""
+    """The ranked configurations that differ only in bptt, sorted by bptt: a slice the study declared
+    (``[slices]``) when it has one that varies bptt, else found in the records (the same tokens per step, lr,
+    steps, model and optimiser settings); among several, the one with the most bptt values (ties: the one
+    holding the lowest perplexity). None when no group has two bptt values. Whatever still differs inside
+    the slice (an lr rule, annealing, ...) is for :func:`detect` to name."""
     if table.empty:
         return None
-    anneal = annealed(trials)
-    keys = [_control_key(r, anneal) for _, r in table.iterrows()]
-    groups = [g for _, g in table.assign(_ctl=keys).groupby("_ctl", sort=False) if g["bptt"].nunique() >= 2]
+    groups = [g for g in _declared(table, trials) if g["bptt"].nunique() >= 2]
+    if not groups:
+        keyed = table.assign(_ctl=[_control_key(r) for _, r in table.iterrows()])
+        groups = [g.drop(columns="_ctl") for _, g in keyed.groupby("_ctl", sort=False) if g["bptt"].nunique() >= 2]
     if not groups:
         return None
     best = max(groups, key=lambda g: (g["bptt"].nunique(), -float(g["val_ppl"].min())))
-    return best.drop(columns="_ctl").sort_values("bptt").reset_index(drop=True)
+    return best.sort_values("bptt").reset_index(drop=True)
 
 
 def detect(table: pd.DataFrame, trials: pd.DataFrame, all_configs: pd.DataFrame, budget: BudgetVerdict | None,
@@ -270,10 +287,11 @@ def scope_text(slice_table: pd.DataFrame | None) -> str:
     if slice_table is None or slice_table.empty:
         return "every ranked configuration"
     r = slice_table.iloc[0]
+    name = f"slice {r['_slice']!r}: " if "_slice" in r.index and isinstance(r["_slice"], str) else ""
     lr = f", lr {numbers.num(r['lr'], 3)}" if "lr" in r.index and pd.notna(r["lr"]) else ""
     steps = f", {float(r['steps']):,.0f} steps" if "steps" in r.index and pd.notna(r["steps"]) and \
         math.isfinite(float(r["steps"])) else ""
-    return (f"the configurations that differ only in bptt ({int(r['tokens_per_step']):,} tokens per step{lr}{steps}: "
+    return (f"the configurations that differ only in bptt ({name}{int(r['tokens_per_step']):,} tokens per step{lr}{steps}: "
             + ", ".join(label(x) for _, x in slice_table.iterrows()) + ")")
 
 
@@ -293,7 +311,12 @@ def bptt_evidence(table: pd.DataFrame, trials: pd.DataFrame, configs: pd.DataFra
     piece = controlled_slice(table, trials)
     if piece is None:
         return BpttEvidence(None, ranking_confounds)
-    same = configs[configs["tokens_per_step"] == piece["tokens_per_step"].iloc[0]]
+    if "_slice" in piece:   # a declared slice: its configurations, any status
+        name = str(piece["_slice"].iloc[0])
+        runs = trials[trials[SLICES_COLUMN].astype(str).str.split(",").map(lambda v: name in [x.strip() for x in v])]
+        same = configs[configs["config_key"].isin(set(runs["config_key"]))]
+    else:
+        same = configs[configs["tokens_per_step"] == piece["tokens_per_step"].iloc[0]]
     budget = verdict_by_budget(trials, piece, None)
     conf = detect(piece, trials, same, budget, scope_text(piece))
     lead = leaders(table_means(piece)) if "val_ppl_se" in piece else None
