@@ -248,3 +248,30 @@ def test_a_slice_the_study_declared_is_the_one_compared() -> None:
     trials = rep.trials.assign(slices=["bptt-640" if t == 800 else "" for t in rep.trials["tokens_per_step"]])
     declared = controlled_slice(rep.ranking.table, trials)
     assert declared is not None and set(declared["tokens_per_step"]) == {800} and list(declared["bptt"]) == [10, 20]
+
+
+def test_a_slice_of_single_seeds_gives_no_verdict_and_a_clean_one_says_nothing_differs() -> None:
+    singles = report(slice_runs({10: (120.0,), 20: (100.0,), 40: (130.0,)}))
+    text = answers(singles)["bptt"]
+    assert text.startswith("Cannot tell yet: bptt 20 had the lowest perplexity, but with one seed each the seed "
+                           "noise is unknown")
+    assert "is best" not in text
+    clean = report(slice_runs({10: (120.0, 121.0), 20: (100.0, 101.0), 40: (130.0, 131.0)}))
+    assert answers(clean)["confounds"].startswith("Nothing found besides the searched knobs")
+    edge = report(slice_runs({10: (100.0, 101.0), 20: (120.0, 121.0)}))
+    assert "Nothing found" not in answers(edge)["confounds"] and "grid_edge: " in answers(edge)["confounds"]
+
+
+def test_equal_time_still_best_and_separated_only_when_it_is() -> None:
+    # A is best at the budget and at the common time, far beyond its seeds' spread there.
+    recs = [rec(10, 40, p, s, tps=10_000) for s, p in enumerate((100.0, 101.0))]
+    recs += [rec(20, 20, p, s, tps=10_000) for s, p in enumerate((150.0, 151.0))]
+    text = answers(report(recs))["equal_time"]
+    assert text.startswith("Yes. At equal training time")
+    assert "is still best and separated from every other configuration (perplexity 100.5) with the seed noise " \
+        "measured at that time (Welch tests at 95%, Holm-adjusted over 1 comparison)" in text
+    # The same order within the noise: still best, but not called separated.
+    recs = [rec(10, 40, p, s, tps=10_000) for s, p in enumerate((100.0, 104.0))]
+    recs += [rec(20, 20, p, s, tps=10_000) for s, p in enumerate((101.0, 105.0))]
+    text = answers(report(recs))["equal_time"]
+    assert "is still best (perplexity" in text and "separated" not in text
