@@ -136,14 +136,16 @@ def controlled_slice(table: pd.DataFrame, trials: pd.DataFrame) -> pd.DataFrame 
     if table.empty:
         return None
     groups = [g for g in _declared(table, trials) if g["bptt"].nunique() >= 2]
-    if not groups:
-        keyed = table.assign(_ctl=_control_keys(table))
-        keyed = keyed[keyed.groupby("_ctl")["bptt"].transform("nunique") >= 2]
-        groups = [g.drop(columns="_ctl") for _, g in keyed.groupby("_ctl", sort=False)]
-    if not groups:
+    if groups:
+        best = max(groups, key=lambda g: (g["bptt"].nunique(), -float(g["val_ppl"].min())))
+        return best.sort_values("bptt").reset_index(drop=True)
+    keyed = table.assign(_ctl=_control_keys(table))
+    sizes = keyed.groupby("_ctl", sort=False).agg(values=("bptt", "nunique"), best=("val_ppl", "min"))
+    sizes = sizes[sizes["values"] >= 2]
+    if sizes.empty:
         return None
-    best = max(groups, key=lambda g: (g["bptt"].nunique(), -float(g["val_ppl"].min())))
-    return best.sort_values("bptt").reset_index(drop=True)
+    pick = sizes.sort_values(["values", "best"], ascending=[False, True], kind="mergesort").index[0]
+    return keyed[keyed["_ctl"] == pick].drop(columns="_ctl").sort_values("bptt").reset_index(drop=True)
 
 
 def detect(table: pd.DataFrame, trials: pd.DataFrame, all_configs: pd.DataFrame, budget: BudgetVerdict | None,
