@@ -278,7 +278,7 @@ def _bptt_helps(evidence: BpttEvidence | None) -> Finding | None:
     piece = evidence.slice
     if piece is None:
         return Finding("bptt", title, "Cannot tell: no configurations of this study differ only in bptt (the same "
-                       "tokens per step, lr, steps, schedule and model), so nothing here says what bptt does."
+                       "tokens per step, lr, steps and model settings), so nothing here says what bptt does."
                        + (" Between the configurations compared, " + "; ".join(c.text for c in found) + "."
                           if found else ""))
     cells = ", ".join(f"bptt {int(r['bptt'])}: {g(r['val_ppl'])} [{interval_text(r)}]" for _, r in piece.iterrows())
