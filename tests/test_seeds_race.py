@@ -185,7 +185,7 @@ def test_a_difference_below_the_seed_noise_is_a_tie_and_the_recommendation_says_
     rep = build(records_to_frame(recs), study_name="s")
     t = rep.ranking.table.set_index("config_key")
     assert t.at["bptt=35,batch_size=5", "n"] == 3 and not t.at["bptt=35,batch_size=5", "single_seed"]
-    # 100.7 against 102: 1.3 apart, well inside 2 standard errors (each about 1.8): a tie on perplexity.
+    # 100.7 against 102: 1.3 apart, far inside the 95% t intervals (df = 2 each): a tie on perplexity.
     assert t.at["bptt=35,batch_size=5", "val_ppl_lo"] < t.at["bptt=10,batch_size=5", "val_ppl"] < \
         t.at["bptt=35,batch_size=5", "val_ppl_hi"]
     h = rep.advice.headline
