@@ -142,7 +142,11 @@ def _lr_note(row: pd.Series) -> str:
 
 def _tests_text(lead: Leaders) -> str:
     k = lead.comparisons
-    return f"Welch tests at {COVERAGE:.0%}, Holm-adjusted over {k} comparison{'s' if k != 1 else ''}"
+    text = f"Welch tests at {COVERAGE:.0%}, Holm-adjusted over {k} comparison{'s' if k != 1 else ''}"
+    if lead.borrowed:
+        text += (f"; {lead.borrowed} single-seed configuration{'s' if lead.borrowed > 1 else ''} borrow"
+                 f"{'' if lead.borrowed > 1 else 's'} the pooled seed noise of the others")
+    return text
 
 
 def _seed_noise_clause(table: pd.DataFrame, rec: pd.Series, extra: list[str]) -> str:
