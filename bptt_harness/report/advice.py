@@ -142,7 +142,11 @@ def _lr_note(row: pd.Series) -> str:
 
 def _tests_text(lead: Leaders) -> str:
     k = lead.comparisons
-    return f"Welch tests at {COVERAGE:.0%}, Holm-adjusted over {k} comparison{'s' if k != 1 else ''}"
+    text = f"Welch tests at {COVERAGE:.0%}, Holm-adjusted over {k} comparison{'s' if k != 1 else ''}"
+    if lead.borrowed:
+        text += (f"; {lead.borrowed} single-seed configuration{'s' if lead.borrowed > 1 else ''} borrow"
+                 f"{'' if lead.borrowed > 1 else 's'} the pooled seed noise of the others")
+    return text
 
 
 def _seed_noise_clause(table: pd.DataFrame, rec: pd.Series, extra: list[str]) -> str:
@@ -300,7 +304,7 @@ def _bptt_helps(evidence: BpttEvidence | None) -> Finding | None:
     piece = evidence.slice
     if piece is None:
         return Finding("bptt", title, "Cannot tell: no configurations of this study differ only in bptt (the same "
-                       "tokens per step, lr, steps, schedule and model), so nothing here says what bptt does."
+                       "tokens per step, lr, steps and model settings), so nothing here says what bptt does."
                        + (" Between the configurations compared, " + "; ".join(c.text for c in found) + "."
                           if found else ""))
     cells = ", ".join(f"bptt {int(r['bptt'])}: {g(r['val_ppl'])} [{interval_text(r)}]" for _, r in piece.iterrows())
