@@ -66,10 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default: the study's)")
     p.add_argument("--results-dir", default="results", help="where results/<study>/profile.csv goes")
 
-    from bptt_harness import study_cli
+    from bptt_harness import diagnose_cli, study_cli
     from bptt_harness.report import cli as report_cli
 
     study_cli.add_commands(sub)
+    diagnose_cli.add_commands(sub)
     report_cli.add_commands(sub)
     return parser
 
@@ -222,10 +223,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     _quiet_libraries(args.verbose)
-    from bptt_harness import study_cli
+    from bptt_harness import diagnose_cli, study_cli
     from bptt_harness.report import cli as report_cli
 
-    handler = COMMANDS.get(args.command) or study_cli.COMMANDS.get(args.command) or report_cli.COMMANDS[args.command]
+    handler = (COMMANDS.get(args.command) or study_cli.COMMANDS.get(args.command)
+               or diagnose_cli.COMMANDS.get(args.command) or report_cli.COMMANDS[args.command])
     try:
         return handler(args)
     except HarnessError as e:

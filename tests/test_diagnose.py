@@ -112,7 +112,9 @@ def test_context_use_steps_down_at_the_dependency(learned: tuple[WindowModel, An
     curve = use.curve(values)
     assert curve[K - 2] > use.carried_loss(values) + 1.0      # n = 7: the key is replaced, the value is wrong
     assert curve[K - 1] < use.carried_loss(values) + 0.05     # n = 8: the key is real
-    assert use.effective_context(values) == K
+    # The value tokens' loss is near 0 with the key: within 1% of the carried loss needs more than the
+    # key's distance. Over all targets the step decides.
+    assert use.effective_context() == K
     others = use.curve(~values & ~torch.tensor([corpus.vocab[t] == "<mark>" for t in use.targets.tolist()]))
     assert max(others) - min(others) < 0.1                   # noise and keys depend on nothing before them
 
@@ -191,7 +193,7 @@ def test_diagnose_leaves_the_model_and_the_process_as_found(learned: tuple[Windo
     before = [p.detach().clone() for p in model.parameters()]
     rng = torch.random.get_rng_state()
     out = diagnose(model, family("window"), corpus.valid, 4, 4,
-                   DiagnoseOptions(positions=16, warm_tokens=8, draws=1, noise_big=8, bias_columns=4), period=K + 1)
+                   DiagnoseOptions(positions=16, warm_tokens=8, bias_draws=1, noise_draws=1, noise_big=8, bias_columns=4), period=K + 1)
     assert torch.equal(torch.random.get_rng_state(), rng)
     assert model.training and all(p.grad is None for p in model.parameters())
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))

@@ -12,6 +12,7 @@ import optuna
 
 from bptt_harness.config import ParamSpace, StudyConfig
 from bptt_harness.corpus import Corpus
+from bptt_harness.diagnose import DiagnosticsObserver, text_period
 from bptt_harness.record import (
     INFEASIBLE,
     Hardware,
@@ -189,7 +190,7 @@ class Objective:
                     options = replace(options, warm_up_steps=0)
                 options = replace(options, time_grid_until_s=_observe_until(trial.study, spec))
                 result = run_trial(spec, self.corpus, self.device, probe=make_probe(self.device),
-                                   on_checkpoint=on_checkpoint, options=options)
+                                   on_checkpoint=on_checkpoint, options=options, observers=self.observers())
         except KeyboardInterrupt:
             interrupted = TrialResult(status="failed", error="interrupted (SIGINT); retried on resume",
                                       bptt=spec.bptt, batch_size=spec.batch_size, seed=spec.train.seed)
@@ -209,6 +210,14 @@ class Objective:
         # Optuna's constraints API: TPE and NSGA-II learn the memory and stability walls from this.
         trial.set_user_attr("constraint", constraint)
         return values
+
+    def observers(self) -> list[DiagnosticsObserver]:
+        """The study's per-trial measurements beyond the built-in ones: the diagnostics, when it asks for them."""
+        d = self.config.diagnostics
+        if d is None:
+            return []
+        return [DiagnosticsObserver(d, int(self.config.search["bptt"].max_value()),
+                                    period=text_period(self.corpus.extra), model_dir=self.config.results_dir / "models")]
 
     def _known_oom(self, spec: TrialSpec) -> TrialResult | None:
         """An ``oom`` result without training when the study's profile shows the cell cannot fit."""
