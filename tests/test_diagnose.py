@@ -3,19 +3,37 @@ recurrence of known weight, and a unigram model whose gradient noise scale has a
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from bptt_harness.batching import batchify, get_batch
+from bptt_harness.cli import main
+from bptt_harness.config import parse_study
 from bptt_harness.corpus import load
-from bptt_harness.diagnose import DiagnoseOptions, context_ladder, context_use, diagnose, gradient_reach, noise_estimates, noise_scale, truncation_bias
+from bptt_harness.diagnose import (
+    COLUMNS,
+    DiagnoseOptions,
+    DiagnosticsObserver,
+    context_ladder,
+    context_use,
+    diagnose,
+    gradient_reach,
+    noise_estimates,
+    noise_scale,
+    truncation_bias,
+)
 from bptt_harness.errors import HarnessError
 from bptt_harness.model import ModelFamily, RNNModel, family_of, repackage_hidden
-from bptt_harness.spec import FamilyInfo, ModelConfig
+from bptt_harness.record import TrialRecord, flatten
+from bptt_harness.report.diagnostics import diagnostics_sentences, load_diagnostics, section
+from bptt_harness.spec import FamilyInfo, ModelConfig, TrainConfig, TrialSpec
+from bptt_harness.trainer import run_trial
 
 K = 8
 
@@ -230,3 +248,99 @@ def test_options_are_checked(bad: dict, match: str) -> None:
 
 def test_ladder_reaches_the_factor() -> None:
     assert context_ladder(35) == [1, 2, 4, 8, 16, 32, 64, 128, 140]
+
+
+# --------------------------------------------------------------------------- the sentences
+
+ROW = {"bptt": 35, "batch_size": 20, "effective_context_tokens": 64, "gradient_reach_tokens": 40,
+       "truncation_bias_k": 32, "noise_scale_tokens": 2400.0, "bias_tolerance": 0.05}
+
+
+def test_each_sentence_is_said_from_its_number() -> None:
+    (text,) = diagnostics_sentences([ROW])
+    assert text == ("Trained with bptt 35, the model uses about 64 tokens of context; gradients reach about 40 tokens "
+                    "back; a bptt above 32 changes the gradient by less than 5%; batches above "
+                    "about 2,400 tokens per step gain little per token at this loss.")
+
+
+@pytest.mark.parametrize("missing, absent", [
+    ("effective_context_tokens", "tokens of context"), ("gradient_reach_tokens", "reach about"),
+    ("truncation_bias_k", "changes the gradient"), ("noise_scale_tokens", "gain little per token")])
+@pytest.mark.parametrize("value", [None, float("nan"), float("inf"), 0, "x"])
+def test_a_sentence_is_not_said_without_its_number(missing: str, absent: str, value: Any) -> None:
+    (text,) = diagnostics_sentences([{**ROW, missing: value}])
+    assert absent not in text
+    assert text.startswith("Trained with bptt 35")
+
+
+def test_nothing_measured_says_nothing() -> None:
+    assert diagnostics_sentences([{"bptt": 35, "batch_size": 20}]) == []
+    assert diagnostics_sentences([]) == []
+
+
+# --------------------------------------------------------------------------- the study file
+
+def test_an_empty_diagnostics_table_is_every_measurement_with_the_defaults() -> None:
+    base = {"name": "d", "search": {"bptt": [4], "batch_size": [2]}}
+    assert parse_study(base).diagnostics is None
+    assert parse_study({**base, "diagnostics": {}}).diagnostics == DiagnoseOptions()
+    picked = parse_study({**base, "diagnostics": {"measure": ["noise"], "every": 2}}).diagnostics
+    assert picked is not None and picked.measure == ("noise",) and picked.every == 2
+
+
+@pytest.mark.parametrize("table, match", [
+    ({"positons": 3}, "unknown key \\[diagnostics\\] 'positons' \\(did you mean 'positions'\\?\\)"),
+    ({"measure": "noise"}, "must be a list"), ({"measure": ["nose"]}, "measure"),
+    ({"every": 0}, "every=0"), ({"bias_tolerance": "x"}, "must be a number"), ({"save_model": 1}, "true or false")])
+def test_a_bad_diagnostics_key_is_one_line(table: dict, match: str) -> None:
+    with pytest.raises(HarnessError, match=match) as e:
+        parse_study({"name": "d", "search": {"bptt": [4], "batch_size": [2]}, "diagnostics": table})
+    assert "\n" not in str(e.value)
+
+
+# --------------------------------------------------------------------------- per trial, and the command
+
+def test_a_trial_records_its_diagnostics_apart_from_training(tmp_path: Path, one_thread: None) -> None:
+    corpus = load("synthetic:k=4,vocab=8,noise=4,tokens=6000")
+    spec = TrialSpec(bptt=8, batch_size=4, model=ModelConfig(emsize=8, nhid=8, layers=1, dropout=0.0),
+                     train=TrainConfig(optimizer="adamw", lr=0.01, tokens=1200, checkpoints=2, eval_bptt=16))
+    options = DiagnoseOptions(positions=8, warm_tokens=4, bias_columns=2, noise_big=8, save_model=True)
+    seen: list[float] = []
+
+    class Clock(DiagnosticsObserver):
+        def after_training(self, loop: Any) -> None:
+            super().after_training(loop)
+            seen.append(loop.clock.paused_by.get("diagnose", 0.0))
+
+    result = run_trial(spec, corpus, "cpu", observers=[Clock(options, 8, period=5, model_dir=tmp_path)])
+    assert result.status == "ok", result.error
+    assert [p["phase"] for p in result.diagnostics] == ["checkpoint", "end"]   # the last checkpoint is the end
+    assert result.effective_context_tokens == result.diagnostics[-1]["effective_context_tokens"]
+    assert result.noise_scale_tokens == result.diagnostics[-1]["noise_scale_tokens"]
+    assert result.diagnose_s is not None and seen and seen[0] > 0   # the training clock was paused for them
+    assert result.diagnose_s == pytest.approx(seen[0], rel=0.5)
+    saved = torch.load(result.model_path, weights_only=False)
+    assert saved["bptt"] == 8 and set(saved["state_dict"]) == set(RNNModel(spec.model, corpus.vocab_size).state_dict())
+    row = flatten(TrialRecord(result=result))
+    assert {"effective_context_tokens", "noise_scale_tokens", "diagnose_s"} <= set(row)
+
+
+def test_the_diagnose_command_writes_a_row_per_shape_and_phase(tmp_path: Path, capsys: Any) -> None:
+    study = tmp_path / "s.toml"
+    study.write_text('name = "s"\n[corpus]\nsource = "synthetic:k=4,vocab=8,noise=2,tokens=6000"\n'
+                     '[model]\nemsize = 8\nnhid = 8\nlayers = 1\ndropout = 0.0\n'
+                     '[train]\noptimizer = "adamw"\nlr = 0.01\neval_bptt = 16\n'
+                     '[search]\nbptt = [4, 8]\nbatch_size = [4]\n'
+                     '[diagnostics]\npositions = 8\nwarm_tokens = 4\nbias_columns = 2\nnoise_big = 8\n')
+    assert main(["diagnose", str(study), "--tokens", "800", "--results-dir", str(tmp_path / "r")]) == 0
+    out = capsys.readouterr()
+    assert "diagnostics:" in out.out and "bptt     8" in out.err
+    frame = pd.read_csv(tmp_path / "r" / "s" / "diagnostics.csv")
+    assert list(zip(frame["bptt"], frame["phase"])) == [(4, "init"), (4, "trained"), (8, "init"), (8, "trained")]
+    assert set(COLUMNS) <= set(frame.columns)
+    doc = load_diagnostics(tmp_path / "r" / "s")
+    assert doc is not None
+    html = section(doc, None, [4])
+    assert "What bptt does to the model" in html and html.count("<figure>") == 4
+    assert section(None, None) == ""
+    assert main(["diagnose", str(study), "--tokens", "0", "--results-dir", str(tmp_path / "r")]) == 2
