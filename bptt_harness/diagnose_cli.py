@@ -17,7 +17,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                                         "truncation bias and gradient noise scale, at initialisation and after a "
                                         "short training run (writes results/<study>/diagnostics.csv)")
     p.add_argument("study", help="a study file, e.g. studies/default.toml")
-    p.add_argument("--tokens", type=int, default=20_000, help="training tokens of the short run per shape")
+    p.add_argument("--tokens", type=int, default=40_000, help="training tokens of the short run per shape")
     p.add_argument("--batch-size", type=int, default=None, help="the shapes' batch size (default: the median of "
                                                                   "the study's)")
     p.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default: the study's)")

@@ -344,3 +344,9 @@ def test_the_diagnose_command_writes_a_row_per_shape_and_phase(tmp_path: Path, c
     assert "What bptt does to the model" in html and html.count("<figure>") == 4
     assert section(None, None) == ""
     assert main(["diagnose", str(study), "--tokens", "0", "--results-dir", str(tmp_path / "r")]) == 2
+
+
+def test_shapes_that_share_a_bptt_are_told_apart_by_batch_size() -> None:
+    texts = diagnostics_sentences([ROW, {**ROW, "batch_size": 80}, {**ROW, "bptt": 70}])
+    assert [t.split(",")[0] for t in texts] == ["Trained with bptt 35 and batch size 20",
+                                               "Trained with bptt 35 and batch size 80", "Trained with bptt 70"]

@@ -28,6 +28,7 @@ __all__ = ["DiagnosticsRow", "StudyDiagnostics", "diagnose_study", "write_diagno
            "CSV_NAME", "JSON_NAME"]
 
 CSV_NAME, JSON_NAME = "diagnostics.csv", "diagnostics.json"
+SHARED_AT_INIT = ("effective_context_tokens", "gradient_reach_tokens", "truncation_bias_k")
 
 
 @dataclass
@@ -81,13 +82,14 @@ def _shape_batch(config: StudyConfig, batch_size: int | None) -> int:
     return int(statistics.median_low(sizes))
 
 
-def diagnose_study(config: StudyConfig, corpus: Corpus, device: torch.device, *, tokens: int = 20_000,
+def diagnose_study(config: StudyConfig, corpus: Corpus, device: torch.device, *, tokens: int = 40_000,
                    batch_size: int | None = None,
                    on_row: Callable[[DiagnosticsRow], None] | None = None) -> StudyDiagnostics:
     """For each of the study's bptt values (at ``batch_size``, default the median of the study's): the
     diagnostics of the model as built and after training it on ``tokens`` tokens (the study's training,
     cut short, its lr by the study's rule). The model as built is the same for every bptt (one seed), so
-    its context use and reach are measured once, for the first shape, and shared."""
+    its context use, reach and truncation bias are measured once, for the first shape, and shared; its
+    noise scale is measured at every bptt."""
     if tokens < 1:
         raise HarnessError(f"--tokens {tokens} must be >= 1")
     options = config.diagnostics or DiagnoseOptions()
@@ -97,8 +99,9 @@ def diagnose_study(config: StudyConfig, corpus: Corpus, device: torch.device, *,
     for i, bptt in enumerate(bptts):
         spec = trial_spec(config, {"bptt": bptt, "batch_size": bs}, 0)
         spec = TrialSpec(bptt=bptt, batch_size=bs, model=spec.model, train=spec.train.short(tokens=tokens))
-        at_start = options if i == 0 else replace(options, measure=tuple(m for m in options.measure
-                                                                         if m in ("bias", "noise")) or ("noise",))
+        # As built, the model is the same for every bptt (one seed): only the noise scale, a function of the
+        # bptt, is measured again; the first shape's other measurements are shared.
+        at_start = options if i == 0 else replace(options, measure=("noise",))
         observer = DiagnosticsObserver(options, max(bptts), period=text_period(corpus.extra), start_options=at_start)
         result = run_trial(spec, corpus, device, observers=[observer])
         for phase, point in (("init", observer.start), ("trained", observer.end)):
@@ -107,8 +110,8 @@ def diagnose_study(config: StudyConfig, corpus: Corpus, device: torch.device, *,
             if phase == "init":
                 point = {**shared, **{k: v for k, v in point.items() if v is not None or k not in shared}}
                 if i == 0:
-                    shared = {k: point[k] for k in ("effective_context_tokens", "gradient_reach_tokens")}
-                    shared["curves"] = {k: v for k, v in point["curves"].items() if k in ("context", "reach")}
+                    shared = {k: point[k] for k in SHARED_AT_INIT}
+                    shared["curves"] = {k: v for k, v in point["curves"].items() if k != "noise"}
                 else:
                     point["curves"] = {**shared.get("curves", {}), **point["curves"]}
             row = DiagnosticsRow(

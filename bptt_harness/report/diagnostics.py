@@ -64,10 +64,14 @@ def diagnostics_sentences(rows: Iterable[Mapping[str, Any]], options: DiagnoseOp
     """The four sentences for each row (a trained shape: bptt, batch_size and the four columns), each only
     where its number was measured; the tolerance is the row's (``bias_tolerance``) or ``options``'."""
     o = options or DiagnoseOptions()
+    rows = list(rows)
+    seen = [r.get("bptt") for r in rows]
     out: list[str] = []
     for r in rows:
-        bptt = _number(r.get("bptt"))
+        bptt, bs = _number(r.get("bptt")), _number(r.get("batch_size"))
         prefix = f"trained with bptt {numbers.count(bptt)}" if bptt else ""
+        if prefix and bs and seen.count(r.get("bptt")) > 1:   # shapes that differ in batch size alone
+            prefix += f" and batch size {numbers.count(bs)}"
         parts = []
         context = _number(r.get("effective_context_tokens"))
         if context is not None:
