@@ -151,7 +151,8 @@ def test_gradient_reach_of_values_peaks_at_lag_k_minus_1(learned: tuple[WindowMo
     values = value_mask(reach.targets, corpus)
     assert reach.peak_lag(values) == K - 1
     assert reach.profile()[10:] == pytest.approx([0.0] * 7)   # the window model sees 10 tokens, no more
-    assert reach.reach() <= 9
+    reach_tokens = reach.reach()
+    assert reach_tokens is not None and reach_tokens <= 9
 
 
 def test_linear_rnn_gradient_is_a_to_the_k(one_thread: None) -> None:
@@ -231,6 +232,15 @@ def test_lstm_and_the_embedding_hook(one_thread: None) -> None:
         model = RNNModel(cfg, corpus.vocab_size)
     reach = gradient_reach(model, family_of(cfg), corpus.valid, 12, positions=8, warm=4)
     assert reach.norms.shape == (13, 8) and reach.norms[0].min() > 0
+
+
+def test_no_reach_when_the_output_ignores_the_input(one_thread: None) -> None:
+    model = LinearRNN(10, 0.5)
+    with torch.no_grad():
+        model.decoder.weight.zero_()   # the loss no longer depends on the input at all
+    split = torch.randint(0, 10, (200,), generator=torch.Generator().manual_seed(0))
+    reach = gradient_reach(model, family("linear"), split, 5, positions=4, warm=2)
+    assert reach.reach() is None and not reach.censored()
 
 
 def test_a_model_without_embedding_is_one_line_error(one_thread: None) -> None:

@@ -8,6 +8,7 @@ function, but differentiable in eval mode)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,11 +50,14 @@ class GradientReach:
         p = self.profile(mask)
         return max(range(len(p)), key=p.__getitem__)
 
-    def reach(self, mask: torch.Tensor | None = None) -> int:
-        """The largest lag (tokens back) whose mean norm is at least ``fraction`` x the largest."""
+    def reach(self, mask: torch.Tensor | None = None) -> int | None:
+        """The largest lag (tokens back) whose mean norm is at least ``fraction`` x the largest; None when no
+        gradient reaches the input (all zero: the model ignores it) or a norm is not finite."""
         p = self.profile(mask)
         top = max(p)
-        return max((k for k, v in enumerate(p) if v >= self.fraction * top), default=0)
+        if not all(math.isfinite(v) for v in p) or top <= 0:
+            return None
+        return max(k for k, v in enumerate(p) if v >= self.fraction * top)
 
     def censored(self, mask: torch.Tensor | None = None) -> bool:
         """True when the reach is the last lag measured: the gradient reaches at least that far."""
