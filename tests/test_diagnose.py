@@ -3,6 +3,7 @@ recurrence of known weight, and a unigram model whose gradient noise scale has a
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -360,3 +361,35 @@ def test_shapes_that_share_a_bptt_are_told_apart_by_batch_size() -> None:
     texts = diagnostics_sentences([ROW, {**ROW, "batch_size": 80}, {**ROW, "bptt": 70}])
     assert [t.split(",")[0] for t in texts] == ["Trained with bptt 35 and batch size 20",
                                                "Trained with bptt 35 and batch size 80", "Trained with bptt 70"]
+
+
+def _doc() -> dict:
+    curves = {"context": {"n": [1, 2, 4, 8], "loss": [5.0, 4.8, 4.7, 4.69], "carried_loss": 4.69, "tolerance": 0.01},
+              "reach": {"norm": [1.0, 0.5, 0.1, 0.001], "fraction": 0.01, "censored": False},
+              "bias": {"k": [2, 8], "bias": [0.3, 0.05], "long": 16, "tolerance": 0.1}}
+    row = {"model": "lstm 1x8", "bptt": 35, "batch_size": 20, "phase": "trained", "tokens": 100, "val_ppl": 90.0,
+           "effective_context_tokens": 8, "gradient_reach_tokens": 2, "truncation_bias_k": 8,
+           "noise_scale_tokens": 500.0, "seconds": 1.0, "context_tolerance": 0.01, "reach_fraction": 0.01,
+           "bias_tolerance": 0.1, "status": "ok", "curves": curves}
+    return {"study": "s", "tokens": 100, "options": {}, "rows": [{**row, "phase": "init", "curves": {}}, row]}
+
+
+def test_the_report_shows_the_diagnostics_where_there_are_some(tmp_path: Path) -> None:
+    from synthetic import synthetic_records
+
+    from bptt_harness.report import generate_from_records
+
+    recs = synthetic_records(bptts=(35, 70), batch_sizes=(20,))
+    plain = generate_from_records(recs, study_name="s", out_dir=tmp_path / "plain").html.read_text()
+    assert 'id="diagnostics"' not in plain
+    (tmp_path / "diag").mkdir()
+    (tmp_path / "diag" / "diagnostics.json").write_text(json.dumps(_doc()))
+    for rec in recs:
+        rec["result"]["effective_context_tokens"] = 16
+    html = generate_from_records(recs, study_name="s", out_dir=tmp_path / "diag").html.read_text()
+    assert 'id="diagnostics"' in html
+    assert "Trained with bptt 35, the model uses about 8 tokens of context" in html   # diagnose's short run
+    assert "uses about 16 tokens of context" in html                                # the trials' own
+    assert "Context use: how many tokens the model reads" in html
+    trials = pd.read_csv(tmp_path / "diag" / "trials.csv")
+    assert set(COLUMNS) <= set(trials.columns) and set(trials["effective_context_tokens"]) == {16}
