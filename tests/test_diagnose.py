@@ -32,7 +32,7 @@ from bptt_harness.diagnose import (
 from bptt_harness.errors import HarnessError
 from bptt_harness.model import ModelFamily, RNNModel, family_of, repackage_hidden
 from bptt_harness.record import TrialRecord, flatten
-from bptt_harness.report.diagnostics import diagnostics_sentences, load_diagnostics, section
+from bptt_harness.report.diagnostics import diagnostics_sentences, load_diagnostics, section, token_costs
 from bptt_harness.spec import FamilyInfo, ModelConfig, TrainConfig, TrialSpec
 from bptt_harness.trainer import run_trial
 
@@ -211,10 +211,11 @@ def test_diagnose_leaves_the_model_and_the_process_as_found(learned: tuple[Windo
     model.train()
     model.zero_grad(set_to_none=True)
     before = [p.detach().clone() for p in model.parameters()]
-    rng = torch.random.get_rng_state()
+    rng, cudnn = torch.random.get_rng_state(), torch.backends.cudnn.enabled
     out = diagnose(model, family("window"), corpus.valid, 4, 4,
                    DiagnoseOptions(positions=16, warm_tokens=8, bias_draws=1, noise_draws=1, noise_big=8, bias_columns=4), period=K + 1)
     assert torch.equal(torch.random.get_rng_state(), rng)
+    assert torch.backends.cudnn.enabled == cudnn
     assert model.training and all(p.grad is None for p in model.parameters())
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     summary = out.summary()
@@ -393,3 +394,9 @@ def test_the_report_shows_the_diagnostics_where_there_are_some(tmp_path: Path) -
     assert "Context use: how many tokens the model reads" in html
     trials = pd.read_csv(tmp_path / "diag" / "trials.csv")
     assert set(COLUMNS) <= set(trials.columns) and set(trials["effective_context_tokens"]) == {16}
+
+
+def test_token_cost_follows_the_noise_scale() -> None:
+    assert token_costs([ROW], [20, 80]) == [(35, 20, pytest.approx(1 + 700 / 2400)),
+                                            (35, 80, pytest.approx(1 + 2800 / 2400))]
+    assert token_costs([{**ROW, "noise_scale_tokens": None}], [20]) == []

@@ -25,7 +25,7 @@ from bptt_harness.report import numbers
 from bptt_harness.report.page import Drawn, esc, figure_block
 
 __all__ = ["load_diagnostics", "diagnostics_sentences", "context_figure", "reach_figure", "bias_figure",
-           "noise_figure", "section", "JSON_NAME"]
+           "noise_figure", "token_costs", "section", "JSON_NAME"]
 
 log = logging.getLogger(__name__)
 JSON_NAME = "diagnostics.json"
@@ -191,6 +191,33 @@ def noise_figure(doc: dict, batch_sizes: Iterable[float] = ()) -> Drawn | None:
     return Drawn(fig, "Gradient noise scale against the batch sizes swept", caption)
 
 
+def token_costs(rows: Iterable[Mapping[str, Any]], batch_sizes: Iterable[float]) -> list[tuple[int, int, float]]:
+    """(bptt, batch size, predicted token cost 1 + B/B_noise) for each row with a noise scale and each batch
+    size: the tokens a shape needs to reach the loss of the measurement, relative to a small batch."""
+    out = []
+    for r in rows:
+        noise, bptt = _number(r.get("noise_scale_tokens")), _number(r.get("bptt"))
+        if noise is None or bptt is None:
+            continue
+        out += [(int(bptt), int(bs), 1.0 + bs * bptt / noise) for bs in sorted({float(b) for b in batch_sizes})]
+    return out
+
+
+def _costs_table(rows: list[dict], batch_sizes: Iterable[float]) -> str:
+    costs = token_costs(rows, batch_sizes)
+    if not costs:
+        return ""
+    sizes = sorted({bs for _, bs, _ in costs})
+    by = {(b, bs): c for b, bs, c in costs}
+    head = "".join(f'<th class="num">bs {bs}</th>' for bs in sizes)
+    body = "".join(f"<tr><td>bptt {b}</td>" + "".join(f'<td class="num">{esc(numbers.num(by.get((b, bs)), 2))}×</td>'
+                                                      for bs in sizes) + "</tr>"
+                   for b in sorted({b for b, _, _ in costs}))
+    return ('<p>Predicted tokens to reach the measured loss, relative to a small batch (1 + B/B_noise, B = bptt × '
+            f'batch size in tokens per step):</p><div class="table-wrap"><table><thead><tr><th></th>{head}</tr>'
+            f"</thead><tbody>{body}</tbody></table></div>")
+
+
 def section(doc: dict | None, trials: pd.DataFrame | None = None, batch_sizes: Iterable[float] = ()) -> str:
     """The report's diagnostics section: from diagnostics.json where there is one, and the trials' own
     end-of-training diagnostics where they have them; empty when neither has any."""
@@ -205,6 +232,7 @@ def section(doc: dict | None, trials: pd.DataFrame | None = None, batch_sizes: I
         if sentences:
             parts.append("<ul>" + "".join(f"<li>{esc(s)}</li>" for s in sentences) + "</ul>")
         parts += [figure_block(f"diag-{i}", d) for i, d in enumerate(figs)]
+        parts.append(_costs_table(_trained(doc), batch_sizes))
     if trials is not None and "effective_context_tokens" in trials:
         cols = ["effective_context_tokens", "gradient_reach_tokens", "truncation_bias_k", "noise_scale_tokens"]
         measured = trials[trials[cols].notna().any(axis=1)] if all(c in trials for c in cols) else trials.iloc[:0]
