@@ -69,7 +69,7 @@ class DiagnoseOptions:
     bias_draws: int = 1
     noise_small: int = 4
     noise_big: int = 32
-    noise_draws: int = 2
+    noise_draws: int = 4
     every: int = 1
     seed: int = 0
     save_model: bool = False
