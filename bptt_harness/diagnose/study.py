@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import torch
 
 from bptt_harness.config import StudyConfig
@@ -140,8 +141,6 @@ def diagnose_study(config: StudyConfig, corpus: Corpus, device: torch.device, *,
 def write_diagnostics(found: StudyDiagnostics, results_dir: Path) -> tuple[Path, Path]:
     """``diagnostics.csv`` (flat, one row per shape and phase) and ``diagnostics.json`` (with the curves and
     the options), written together or not at all."""
-    import pandas as pd
-
     csv_path, json_path = results_dir / CSV_NAME, results_dir / JSON_NAME
     frame = pd.DataFrame([r.flat() for r in found.rows])
     doc = {"study": found.study, "tokens": found.tokens, "options": asdict(found.options),

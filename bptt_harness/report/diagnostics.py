@@ -223,7 +223,7 @@ def section(doc: dict | None, trials: pd.DataFrame | None = None, batch_sizes: I
     end-of-training diagnostics where they have them; empty when neither has any."""
     parts: list[str] = []
     if doc is not None:
-        sentences = diagnostics_sentences(_trained(doc) or [r for r in doc.get("rows", []) if r.get("phase") == "trained"])
+        sentences = diagnostics_sentences(r for r in doc.get("rows", []) if r.get("phase") == "trained")
         figs = [d for d in (context_figure(doc), reach_figure(doc), bias_figure(doc), noise_figure(doc, batch_sizes))
                 if d is not None]
         source = (f"From diagnostics.json (bptt-harness diagnose): each bptt trained for "
