@@ -98,10 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--if-missing", action="store_true",
                    help="do nothing when the study already has its profile.csv (make sweep profiles this way)")
 
-    from bptt_harness import study_cli
+    from bptt_harness import diagnose_cli, study_cli
     from bptt_harness.report import cli as report_cli
 
     study_cli.add_commands(sub)
+    diagnose_cli.add_commands(sub)
     report_cli.add_commands(sub)
     return parser
 
@@ -264,10 +265,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     _quiet_libraries(args.verbose)
-    from bptt_harness import study_cli
+    from bptt_harness import diagnose_cli, study_cli
     from bptt_harness.report import cli as report_cli
 
-    handler = COMMANDS.get(args.command) or study_cli.COMMANDS.get(args.command) or report_cli.COMMANDS[args.command]
+    handler = (COMMANDS.get(args.command) or study_cli.COMMANDS.get(args.command)
+               or diagnose_cli.COMMANDS.get(args.command) or report_cli.COMMANDS[args.command])
     try:
         return handler(args)
     except HarnessError as e:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bptt_harness.diagnose_options import DiagnoseOptions
 from bptt_harness.errors import HarnessError
 from bptt_harness.lr import LrRule, parse_lr_table
 from bptt_harness.race import RaceConfig
@@ -26,7 +27,7 @@ SAMPLERS = ("grid", "tpe", "random", "nsga2")
 PRUNERS = ("none", "median", "hyperband")
 COSTS = ("seconds_per_token", "peak_memory", "joules_per_token")
 TOP_KEYS = ("name", "description", "objectives", "sampler", "pruner", "trials", "storage", "max_memory_gib",
-            "seed", "device", "workers", "log", "corpus", "model", "train", "search", "lr", "race")
+            "seed", "device", "workers", "log", "corpus", "model", "train", "search", "lr", "race", "diagnostics")
 # [train] keys beyond TrainConfig's own fields.
 TRAIN_EXTRA = ("repeats",)
 SEARCH_KEYS = {"bptt": "int", "batch_size": "int", "lr": "float", "nhid": "int", "emsize": "int", "layers": "int",
@@ -96,6 +97,7 @@ class StudyConfig:
     lr_rule: LrRule = field(default_factory=LrRule)
     race: RaceConfig | None = None
     log: tuple[LogTarget, ...] = ()   # where each trial's curves also go (bptt_harness.loggers)
+    diagnostics: DiagnoseOptions | None = None   # [diagnostics]: measured per trial (bptt_harness.diagnose)
     description: str = ""
     path: Path | None = None
     results_root: Path = Path("results")
@@ -334,6 +336,7 @@ def parse_study(raw: dict, path: Path | None = None, results_root: Path = Path("
     search = {key: _param_space(key, value) for key, value in search_raw.items()}
     lr_rule = _lr_rule(raw.get("lr", {}), search)
     race = _build(RaceConfig, raw["race"], "race") if "race" in raw else None
+    diagnostics = _diagnostics(raw["diagnostics"]) if "diagnostics" in raw else None
     if model.tied and ({"nhid", "emsize"} & set(search)):
         raise HarnessError("study file: tied = true needs emsize == nhid in every trial; do not search "
                            "nhid or emsize with tied weights (or set tied = false)")
@@ -342,7 +345,7 @@ def parse_study(raw: dict, path: Path | None = None, results_root: Path = Path("
                          objectives=tuple(objectives), sampler=sampler, pruner=pruner, trials=raw.get("trials"),
                          storage=raw.get("storage"), max_memory_gib=raw.get("max_memory_gib"),
                          seed=raw.get("seed", 0), device=device, workers=raw.get("workers", 1), repeats=repeats,
-                         lr_rule=lr_rule, race=race, log=log_targets,
+                         lr_rule=lr_rule, race=race, log=log_targets, diagnostics=diagnostics,
                          description=raw.get("description", ""), path=path, results_root=results_root,
                          # The resolved name goes with the stored copy, so `bptt-harness worker` can rebuild it.
                          raw={**raw, "name": name})
@@ -354,6 +357,21 @@ def parse_study(raw: dict, path: Path | None = None, results_root: Path = Path("
 def with_log(config: StudyConfig, given: list[str] | None) -> StudyConfig:
     """The study with ``--log KIND:DIR`` targets added to its own ``log`` (each once)."""
     return dataclasses.replace(config, log=parse_log_targets([*map(str, config.log), *(given or [])]))
+
+
+def _diagnostics(table: Any) -> DiagnoseOptions:
+    """``[diagnostics]``: an empty table is every measurement with the defaults; ``measure`` is a list."""
+    if not isinstance(table, dict):
+        raise HarnessError(f"study file: [diagnostics] must be a table of keys, got {table!r}")
+    rest = {k: v for k, v in table.items() if k != "measure"}
+    options = _build(DiagnoseOptions, rest, "diagnostics", also=("measure",))
+    if "measure" not in table:
+        return options
+    measure = table["measure"]
+    if not isinstance(measure, list) or not all(isinstance(m, str) for m in measure):
+        raise HarnessError(f"study file: diagnostics.measure = {measure!r} must be a list of names, e.g. "
+                           "[\"context\", \"noise\"]")
+    return dataclasses.replace(options, measure=tuple(measure))
 
 
 def load_study(path: str | Path, results_root: Path | str = Path("results")) -> StudyConfig:

@@ -60,6 +60,12 @@ class RNNModel(nn.Module):
         logits = self.decoder(self.drop(out))
         return logits.view(-1, logits.size(-1)), hidden
 
+    def advance(self, x: torch.Tensor, hidden: Hidden) -> Hidden:
+        """The state after reading ``x``, without the decoder (the diagnostics read many tokens whose logits
+        they do not need: :func:`bptt_harness.diagnose.common.advance`)."""
+        _, hidden = self.rnn(self.drop(self.encoder(x)), hidden)
+        return hidden
+
     def init_hidden(self, bs: int) -> Hidden:
         w = next(self.parameters())
         shape = (self.cfg.layers, bs, self.cfg.nhid)

@@ -144,6 +144,30 @@ class TrialResult:
     time_curve: list[dict] = col(csv=False, factory=list,
                                  doc="validation on the study's time grid (time_grid_s): grid_s, seconds, step, "
                                      "tokens, loss, ppl")
+    # The diagnostics ([diagnostics] in the study file; bptt_harness.diagnose), at the end of training.
+    effective_context_tokens: int | None = col(
+        None, "diagnostics: the smallest n of the context ladder (1, 2, 4, ... to 4 x the study's largest bptt) "
+              "whose loss, with only the last n tokens real (the state warmed on text from elsewhere), is within "
+              "context_tolerance (default 1%) of the carried-state loss; empty: not measured, or more than the "
+              "ladder's top", "tokens")
+    gradient_reach_tokens: int | None = col(
+        None, "diagnostics: the largest lag k (up to 2 x the study's largest bptt) at which |d loss_t / d "
+              "embedding_(t-1-k)| is at least reach_fraction (default 1%) of its largest value", "tokens")
+    truncation_bias_k: int | None = col(
+        None, "diagnostics: the smallest truncation length K (2, 8, 32, ... and the trial's bptt) whose gradient "
+              "differs from backpropagation through 2 x the study's largest bptt by less than bias_tolerance "
+              "(default 10%): ||E[g_K - g_long]|| / ||E g_long||; empty: none of the ladder", "tokens")
+    noise_scale_tokens: float | None = col(
+        None, "diagnostics: the gradient noise scale B_simple = tr(Sigma) / |G|^2 at the trial's bptt, in tokens "
+              "per step (from gradients at noise_small and noise_big sequences; McCandlish et al. 2018): batches "
+              "above it gain little per token at this loss; empty: |G|^2 not resolved", "tokens")
+    diagnose_s: float | None = col(None, "seconds the diagnostics took inside the trial (not training time)", "s")
+    diagnose_energy_j: float | None = col(None, "energy the diagnostics used (probe phase 'diagnose'; not training's)",
+                                          "J")
+    model_path: str | None = col(None, "where the trained weights were kept ([diagnostics] save_model = true)")
+    diagnostics: list[dict] = col(csv=False, factory=list,
+                                  doc="the diagnostics at each measured point: phase (init, checkpoint, end), step, "
+                                      "tokens, the four columns and their curves")
     probe: ProbeReport = field(default_factory=ProbeReport)
 
     def __post_init__(self) -> None:

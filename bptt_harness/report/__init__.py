@@ -87,11 +87,12 @@ def generate_from_records(records: list[dict], *, study_name: str, out_dir: Path
     if not records:
         raise HarnessError(f"study {study_name!r} has no finished trials; run 'bptt-harness sweep' first")
     from bptt_harness.profile import load_profile
+    from bptt_harness.report.diagnostics import load_diagnostics
 
     trials = records_to_frame(records)
     out_dir = Path(out_dir)
     rep = build(trials, study_name=study_name, storage_display=storage_display, info=info, n_running=n_running,
-                profile=load_profile(out_dir))
+                profile=load_profile(out_dir), diagnostics=load_diagnostics(out_dir))
     configs_csv, summary_path = out_dir / "configs.csv", out_dir / "summary.json"
     paths = ReportPaths(csv=out_dir / "trials.csv", html=out_dir / "report.html", summary=console.summary(rep),
                         configs_csv=configs_csv, summary_json=summary_path)

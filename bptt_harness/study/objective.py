@@ -12,6 +12,7 @@ import optuna
 
 from bptt_harness.config import ParamSpace, StudyConfig
 from bptt_harness.corpus import Corpus
+from bptt_harness.diagnose import DiagnosticsObserver, text_period
 from bptt_harness.interrupt import StopRequest
 from bptt_harness.record import (
     FAIL_STATUSES,
@@ -199,7 +200,7 @@ class Objective:
                               hparams_of(spec, trial=trial.number, config_key=key, repeat=repeat))
                 result = run_trial(spec, self.corpus, self.device, probe=make_probe(self.device),
                                    on_checkpoint=on_checkpoint, options=options,
-                                   observers=[*trial_loggers(self.config.log, run),
+                                   observers=[*self.observers(), *trial_loggers(self.config.log, run),
                                               *([StopCheck(self.stop)] if self.stop is not None else [])])
         except KeyboardInterrupt:
             interrupted = TrialResult(status="failed", error="interrupted (SIGINT); retried on resume",
@@ -220,6 +221,14 @@ class Objective:
         # Optuna's constraints API: TPE and NSGA-II learn the memory and stability walls from this.
         trial.set_user_attr("constraint", constraint)
         return values
+
+    def observers(self) -> list[DiagnosticsObserver]:
+        """The study's per-trial measurements beyond the built-in ones: the diagnostics, when it asks for them."""
+        d = self.config.diagnostics
+        if d is None:
+            return []
+        return [DiagnosticsObserver(d, int(self.config.search["bptt"].max_value()),
+                                    period=text_period(self.corpus.extra), model_dir=self.config.results_dir / "models")]
 
     def _known_oom(self, spec: TrialSpec) -> TrialResult | None:
         """An ``oom`` result without training when the study's profile shows the cell cannot fit."""
