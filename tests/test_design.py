@@ -142,12 +142,7 @@ def test_each_trial_records_its_slices_and_the_study_describes_them() -> None:
                                "now"))["slices"] is None
 
 
-def test_a_grid_of_slices_runs_every_point_once_with_its_slice_recorded(tmp_path: Path) -> None:
-    """Through the sweep: the points of two slices run once each, each trial stores its slices and lr."""
-    from bptt_harness.api import load_results, run_study
-
-    path = tmp_path / "sl.toml"
-    path.write_text("""
+SWEPT = """
 name = "sl"
 sampler = "grid"
 [corpus]
@@ -170,12 +165,27 @@ bptt = [4, 8]
 [slices.batch]
 bptt = 8
 batch_size = [2, 4]
-""")
+"""
+
+
+def test_a_grid_of_slices_runs_every_point_once_with_its_slice_recorded(tmp_path: Path) -> None:
+    """Through the sweep: the points of two slices run once each, each trial stores its slices and lr; a
+    slice extended on resume runs its new point, a slice whose lr changed is refused."""
+    from bptt_harness.api import load_results, run_study
+
+    path = tmp_path / "sl.toml"
+    path.write_text(SWEPT)
     paths = run_study(path, results_dir=tmp_path, quiet=True)
     rows = {(r["bptt"], r["batch_size"]): r for r in load_results(paths.html.parent).to_dict("records")}
     assert set(rows) == {(4, 8), (8, 4), (8, 2)}
     assert rows[(8, 4)]["slices"] == "bptt,batch" and rows[(8, 2)]["slices"] == "batch"
     assert {r["lr"] for r in rows.values()} == {2.0} and {r["lr_rule"] for r in rows.values()} == {"fixed"}
+    path.write_text(SWEPT.replace("bptt = [4, 8]", "bptt = [4, 8, 16]"))
+    assert len(load_results(run_study(path, results_dir=tmp_path, quiet=True).html.parent)) == 4
+    path.write_text(SWEPT.replace("[slices.batch]", "[slices.batch]\nlr = 1.0").replace("[slices.bptt]",
+                                                                                      "[slices.bptt]\nlr = 1.0"))
+    with pytest.raises(HarnessError, match=r"changed: slices.batch.lr, slices.bptt.lr"):
+        run_study(path, results_dir=tmp_path, quiet=True)
 
 
 def test_the_default_study_is_a_bptt_slice_of_at_least_one_epoch() -> None:
