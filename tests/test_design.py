@@ -209,3 +209,16 @@ def test_the_profile_maps_the_shapes_the_slices_list_not_their_product() -> None
 
     config = parse_study(copy.deepcopy(BASE))
     assert cells(config) == [(4, 16), (8, 2), (8, 8), (8, 16), (16, 4)]
+
+
+def test_racing_runs_of_a_slice_keep_its_slices_and_lr(tmp_path: Path) -> None:
+    from bptt_harness.api import load_results, run_study
+
+    path = tmp_path / "raced.toml"
+    path.write_text(SWEPT.replace('name = "sl"', 'name = "raced"') + "[race]\nmax_seeds = 2\ntrials = 2\n")
+    rows = load_results(run_study(path, results_dir=tmp_path, quiet=True).html.parent).to_dict("records")
+    raced = [r for r in rows if r["repeat"] > 0]
+    assert len(rows) == 5 and len(raced) == 2
+    first = {r["config_key"]: r for r in rows if r["repeat"] == 0}
+    for r in raced:
+        assert r["slices"] == first[r["config_key"]]["slices"] and r["lr"] == 2.0 and r["lr_rule"] == "fixed"
