@@ -279,23 +279,54 @@ def _import(name: str) -> Any:
 
 def check_model(cfg: ModelConfig, ntoken: int) -> None:
     """Before any training: a factory's model has the trainer's interface (one window of 3 x 2 tokens
-    through ``forward(x, init_hidden(2))`` on CPU), or one line saying what is wrong. The built-in
-    families need no check."""
+    through ``forward(x, init_hidden(2))`` on CPU, in eval mode), or one line saying what is wrong. The
+    built-in families need no check.
+
+    The shape alone does not say the logits are in the targets' order: ``(seq_len * bs, ntoken)`` is the
+    same shape batch-major, and the loss would then silently compare each logit with another position's
+    target. So the last token of column 0 is changed: of the logits only row ``(seq_len - 1) * bs``, the
+    last position of column 0 in the trainer's (sequence-major) order, may change (batch-major, row
+    ``seq_len - 1`` would)."""
     if cfg.factory is None:
         return
     model = build_model(cfg, ntoken)
-    x = torch.zeros((3, 2), dtype=torch.long)
+    was_training = model.training
+    model.eval()   # dropout would change every row
+    seq, bs = 3, 2
+    x = (torch.arange(seq * bs, dtype=torch.long) % ntoken).view(seq, bs)
+    changed = x.clone()
+    changed[-1, 0] = (x[-1, 0] + 1) % ntoken
+    try:
+        logits = _window_logits(cfg, model, x, ntoken)
+        other = _window_logits(cfg, model, changed, ntoken)
+    finally:
+        model.train(was_training)
+    moved = [int(r) for r in ((logits - other).abs().amax(dim=1) > 0).nonzero().flatten()]
+    expected = (seq - 1) * bs
+    if any(r != expected for r in moved):
+        raise HarnessError(f"model factory {cfg.factory!r}: changing the last token of column 0 of x (shape "
+                           f"({seq}, {bs})) changed logits rows {moved}, but only row {expected} may change: the "
+                           "logits must be sequence-major, row t * batch_size + b for position t of column b "
+                           "(e.g. output.view(-1, ntoken) of a (seq_len, batch_size, ntoken) tensor, not a "
+                           "batch-first one)")
+
+
+def _window_logits(cfg: ModelConfig, model: nn.Module, x: torch.Tensor, ntoken: int) -> torch.Tensor:
+    """The logits of one window from a fresh state, or one line saying why the interface is wrong."""
+    seq, bs = x.shape
     try:
         with torch.no_grad():
-            out = model(x, family_of(cfg).init_state(model, 2))
+            out = model(x, family_of(cfg).init_state(model, bs))
     except Exception as e:  # noqa: BLE001
-        raise HarnessError(f"model factory {cfg.factory!r}: forward(x, hidden) with x of shape (3, 2) raised "
-                           f"{_one_line(e)}") from None
+        raise HarnessError(f"model factory {cfg.factory!r}: forward(x, hidden) with x of shape ({seq}, {bs}) "
+                           f"raised {_one_line(e)}") from None
     logits = out[0] if isinstance(out, tuple) and len(out) == 2 else None
-    if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != (6, ntoken):
+    if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != (seq * bs, ntoken):
         got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(out).__name__
         raise HarnessError(f"model factory {cfg.factory!r}: forward(x, hidden) must return (logits of shape "
-                           f"(seq_len * batch_size, ntoken) = (6, {ntoken}), hidden) for x of shape (3, 2); got {got}")
+                           f"(seq_len * batch_size, ntoken) = ({seq * bs}, {ntoken}), hidden) for x of shape "
+                           f"({seq}, {bs}); got {got}")
+    return logits.float()
 
 
 def _one_line(e: BaseException) -> str:

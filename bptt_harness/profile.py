@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from bptt_harness.config import StudyConfig
+from bptt_harness.design import union_points
 from bptt_harness.errors import HarnessError
 from bptt_harness.spec import RunOptions
 
@@ -178,6 +179,9 @@ def grid_values(config: StudyConfig, name: str) -> list[int]:
 
 
 def cells(config: StudyConfig) -> list[tuple[int, int]]:
+    """The (bptt, batch size) cells of a study: its grid's, or the shapes its slices list."""
+    if config.slices:
+        return sorted({(int(p["bptt"]), int(p["batch_size"])) for p in union_points(config.slices)})
     return list(itertools.product(grid_values(config, "bptt"), grid_values(config, "batch_size")))
 
 

@@ -217,13 +217,18 @@ class TrialConfig:
     clip: float | None = col(None, "gradient-norm clipping threshold (0: off)")
     seed: int | None = col(None, "random seed of the trial")
     repeat: int | None = col(None, "repeat index of the configuration (0 for the first run)")
+    slices: str | None = col(None, "the study's named slices ([slices.NAME]) this configuration belongs to, "
+                                   "comma-separated (a configuration two slices share is in both); the "
+                                   "configurations of one slice differ only in what it varies "
+                                   "(slices_description); empty for a study without slices")
 
 
 @dataclass
 class LrChoice:
     """How the trial's learning rate (``lr``) was set: the study's ``[lr]`` rule and what tuning cost."""
 
-    rule: str | None = col(None, "the study's lr rule: fixed, linear, sqrt or tuned", name="lr_rule")
+    rule: str | None = col(None, "the study's lr rule: fixed, linear, sqrt or tuned (fixed for a configuration "
+                                "whose slice holds the lr fixed)", name="lr_rule")
     rule_lr: float | None = col(None, "the rule's lr for this shape (for tuned: the middle of the ladder)",
                                 name="lr_rule_value")
     tune_tokens: int | None = col(
@@ -274,6 +279,10 @@ class StudyInfo:
     cost: str | None = col(None, "the study's cost objective (seconds_per_token, peak_memory or joules_per_token)")
     lr_rule_text: str | None = col(None, "the study's lr rule in words ([lr]): how each shape's lr was set",
                                    name="lr_rule_description")
+    slices_text: str | None = col(
+        None, "the study's slices in words, `; `-separated: each one's name, what varies across it, its tokens "
+              "per step and its lr (fixed across the slice, or from the [lr] rule); empty without slices",
+        name="slices_description")
     race_max_seeds: int | None = col(None, "[race] max_seeds: seeds a contender may get (empty: no racing)")
     race_trials: int | None = col(None, "[race] trials: extra runs the race may spend (empty: no racing)")
     host_workers: int | None = col(

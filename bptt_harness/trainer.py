@@ -104,11 +104,14 @@ class Budget:
     seconds: float | None
     checkpoints: int
     next_checkpoint: int = 1
+    anneal_at: tuple[float, ...] = ()   # fractions of the budget that divide the lr (TrainConfig.anneal_at)
+    next_anneal: int = 0
 
     @classmethod
     def of(cls, t: TrainConfig, train_split_tokens: int) -> Budget:
         tokens = resolve_budget_tokens(t, train_split_tokens)
-        return cls(tokens=tokens, seconds=t.seconds if tokens is None else None, checkpoints=t.checkpoints)
+        return cls(tokens=tokens, seconds=t.seconds if tokens is None else None, checkpoints=t.checkpoints,
+                   anneal_at=t.anneal_at or ())
 
     def cut(self, seq_len: int, bs: int, tokens_done: int) -> tuple[int, int | None]:
         """-> (rows to run, targets to keep or None for all) for a window of ``seq_len`` rows."""
@@ -133,6 +136,13 @@ class Budget:
             self.next_checkpoint += 1
             due = True
         return due
+
+    def anneals_due(self, progress: float) -> int:
+        """How many of the ``anneal_at`` fractions progress has just passed (a step can pass several)."""
+        start = self.next_anneal
+        while self.next_anneal < len(self.anneal_at) and progress >= self.anneal_at[self.next_anneal]:
+            self.next_anneal += 1
+        return self.next_anneal - start
 
     @property
     def done(self) -> bool:
@@ -405,7 +415,10 @@ class TrialLoop:
                     self.state = self.family.init_state(self.model, bs)   # each pass (and reset_every) starts afresh
                 seq_len, keep = self.budget.cut(seq_len, bs, self.tokens)
                 self.step(i, seq_len, keep, self.lr * (variable.lr_factor(seq_len) if variable else 1.0))
-                due = self.budget.checkpoint_due(self.budget.progress(self.tokens, self.clock.seconds()))
+                progress = self.budget.progress(self.tokens, self.clock.seconds())
+                # A schedule on progress: the same lr at the same fraction of the budget for every shape.
+                self.lr /= t.anneal ** self.budget.anneals_due(progress)
+                due = self.budget.checkpoint_due(progress)
                 if self.steps % t.log_every == 0 or due:
                     self.read_losses()
                 if due:
@@ -471,7 +484,7 @@ class TrialLoop:
         self.guard.check_val(val, self.steps)
         if val < self.best_val:
             self.best_val = val
-        elif t.optimizer == "sgd":
+        elif t.optimizer == "sgd" and t.anneal_at is None:
             self.lr /= t.anneal  # the canonical recipe: anneal when validation stops improving
         for o in self.observers:
             o.on_validate(self, point)

@@ -54,11 +54,21 @@ def attribute_docs(cls: type) -> dict[str, str]:
     return {k: v.replace("``", "") for k, v in docs.items()}
 
 
-def _kind(tp: Any) -> tuple[type | None, tuple | None]:
+def fractions(text: str) -> tuple[float, ...]:
+    """``--anneal-at 0.5,0.75`` -> ``(0.5, 0.75)``; an empty value is ``()`` (no annealing)."""
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} must be comma-separated numbers, e.g. 0.5,0.75") from None
+
+
+def _kind(tp: Any) -> tuple[Any, tuple | None]:
     """An annotation -> (argparse type, choices); (None, None) for a type that has no option."""
     args = [a for a in typing.get_args(tp) if a is not type(None)]
     if typing.get_origin(tp) is Literal:
         return str, typing.get_args(tp)
+    if typing.get_origin(tp) is tuple and typing.get_args(tp) == (float, ...):
+        return fractions, None
     if args and len(args) == 1:
         return _kind(args[0])
     if tp in (bool, int, float, str):

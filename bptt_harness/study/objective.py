@@ -12,6 +12,7 @@ import optuna
 
 from bptt_harness.config import ParamSpace, StudyConfig
 from bptt_harness.corpus import Corpus
+from bptt_harness.design import describe_slices
 from bptt_harness.diagnose import DiagnosticsObserver, text_period
 from bptt_harness.interrupt import StopRequest
 from bptt_harness.record import (
@@ -57,7 +58,10 @@ def trial_spec(config: StudyConfig, params: dict[str, Any], repeat: int) -> Tria
     model: ModelConfig = replace(config.model, **{k: v for k, v in params.items() if k in model_keys})
     train = replace(config.train, seed=config.train.seed + repeat,
                     **{k: v for k, v in params.items() if k in ("lr", "variable_bptt", "clip")})
-    train = replace(train, lr=config.lr_rule.lr_for(train.lr, params["bptt"], params["batch_size"]))
+    # A slice holds its lr fixed across its configurations; elsewhere the [lr] rule sets it per shape.
+    held = config.held_lr(params)
+    lr = config.lr_rule.lr_for(train.lr, params["bptt"], params["batch_size"]) if held is None else held
+    train = replace(train, lr=lr)
     return TrialSpec(bptt=params["bptt"], batch_size=params["batch_size"], model=model, train=train)
 
 
@@ -86,18 +90,21 @@ def study_info(config: StudyConfig, corpus: Corpus, host_workers: int = 1) -> St
                      budget_seconds=t.seconds if t.budget == "seconds" else None,
                      objectives=list(config.objectives), cost=config.cost, host_workers=host_workers,
                      lr_rule_text=config.lr_rule.describe(t.lr),
+                     slices_text=describe_slices(config.slices) or None,
                      race_max_seeds=config.race.max_seeds if config.race else None,
                      race_trials=config.race.trials if config.race else None)
 
 
 def make_record(info: StudyInfo, spec: TrialSpec, params: dict, repeat: int, result: TrialResult,
-                hardware: dict, started: str, lr_choice: LrChoice | None = None) -> TrialRecord:
-    """The stored measurement of one trial; ``bptt_harness.report`` reads exactly this."""
+                hardware: dict, started: str, lr_choice: LrChoice | None = None,
+                slices: tuple[str, ...] = ()) -> TrialRecord:
+    """The stored measurement of one trial; ``bptt_harness.report`` reads exactly this. ``slices``: the
+    study's slices this configuration belongs to (:meth:`StudyConfig.slice_names`)."""
     # The model's own keys (a factory's: only the searched ones; n_params in the result says the rest).
     config = TrialConfig(bptt=spec.bptt, batch_size=spec.batch_size, lr=spec.train.lr, **spec.model.recorded(params),
                          model=spec.model.factory or spec.model.type, optimizer=spec.train.optimizer,
                          variable_bptt=spec.train.variable_bptt, clip=spec.train.clip, seed=spec.train.seed,
-                         repeat=repeat)
+                         repeat=repeat, slices=",".join(slices) or None)
     return TrialRecord(config_key=config_key(params), config=config, status=result.status, error=result.error,
                        result=result, lr_choice=lr_choice or LrChoice(), hardware=from_dict(Hardware, hardware),
                        study=info, started_at=started, finished_at=_now(), worker=worker_id())
@@ -183,7 +190,9 @@ class Objective:
 
         info = study_info(self.config, self.corpus, self.host_workers)
         started = _now()
-        choice = LrChoice(rule=self.config.lr_rule.rule, rule_lr=spec.train.lr)
+        held = self.config.held_lr(params) is not None
+        slices = self.config.slice_names(params)
+        choice = LrChoice(rule="fixed" if held else self.config.lr_rule.rule, rule_lr=spec.train.lr)
         try:
             result = self._known_oom(spec)
             if result is None:
@@ -191,7 +200,7 @@ class Objective:
                 options = RunOptions(memory_cap_mib=self.config.memory_cap_mib,
                                      warm_up_steps=0 if self.warmed else WARM_UP_STEPS)
                 self.warmed = True
-                if self.config.lr_rule.rule == "tuned":
+                if self.config.lr_rule.rule == "tuned" and not held:
                     spec = self._tuned(trial, spec, config_key(params), choice, options)
                     options = replace(options, warm_up_steps=0)
                 options = replace(options, time_grid_until_s=_observe_until(trial.study, spec))
@@ -207,9 +216,9 @@ class Objective:
                                       bptt=spec.bptt, batch_size=spec.batch_size, seed=spec.train.seed)
             trial.set_user_attr("interrupted", True)
             store_record(trial, make_record(info, spec, params, repeat, interrupted, self.hardware, started,
-                                                     choice))
+                                            choice, slices))
             raise
-        typed = make_record(info, spec, params, repeat, result, self.hardware, started, choice)
+        typed = make_record(info, spec, params, repeat, result, self.hardware, started, choice, slices)
         record = store_record(trial, typed)
         if (repeat == 0 and self.config.repeats > 1 and self.config.sampler != "grid"
                 and not _has_repeats(trial.study, params)):
