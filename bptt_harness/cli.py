@@ -157,6 +157,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from bptt_harness.config import load_study
+    from bptt_harness.fileio import check_writable_dir
     from bptt_harness.hardware import fingerprint, resolve_device
     from bptt_harness.profile import cells, run_profile, walls_table, write_profile
     from bptt_harness.study import load_corpus
@@ -164,6 +165,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     if args.steps < 1:
         raise HarnessError(f"--steps {args.steps} must be >= 1")
     config = load_study(args.study, results_root=Path(args.results_dir))
+    check_writable_dir(config.results_dir)  # before the work: profile.csv is written at the end
     device = resolve_device(args.device or config.device)
     corpus = load_corpus(config)
     started = time.monotonic()

@@ -130,6 +130,20 @@ def _query_start(url: str, after: int) -> int:
     return q.start() if q else len(url)
 
 
+def database_name(url: str) -> str:
+    """The database a server URL names (``postgresql://user:pw@host:5432/db`` -> ``db``), '' if none;
+    the userinfo (whose password may hold '/') is skipped first."""
+    m = _SCHEME.match(url)
+    if m is None:
+        return ""
+    end = _query_start(url, m.end())
+    rest = url[m.end():end]
+    at = rest.rfind("@")
+    rest = rest[at + 1:] if at >= 0 else rest
+    _, slash, path = rest.partition("/")
+    return path.split("?")[0].strip() if slash else ""
+
+
 FILE_PREFIXES = ("sqlite:///", "journal:")
 
 

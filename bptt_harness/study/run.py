@@ -90,7 +90,8 @@ def run_worker(study: optuna.Study, config: StudyConfig, corpus: Corpus, device:
     from bptt_harness.race import race_round, raced
 
     objective = Objective(config, corpus, device, fingerprint(device), on_result, on_start, host_workers,
-                          profile=load_profile(config.results_dir), on_checkpoint=on_checkpoint, stop=stop)
+                          profile=load_profile(config.results_dir), on_checkpoint=on_checkpoint, stop=stop,
+                          n_target=n_target)
     while True:
         if stop is not None:
             stop.check()
