@@ -323,6 +323,9 @@ def parse_study(raw: dict, path: Path | None = None, results_root: Path = Path("
             if key == "memory_cap_mib":
                 raise HarnessError("study file: train.memory_cap_mib is set from the top-level max_memory_gib; "
                                    "use max_memory_gib = N")
+    if isinstance(train_table, dict) and "tokens" in train_table and "epochs" in train_table:
+        raise HarnessError(f"study file: train has tokens = {train_table['tokens']!r} and epochs = "
+                           f"{train_table['epochs']!r}; a budget is one of them: keep tokens or epochs")
     train = _build(TrainConfig, train_table, "train", also=TRAIN_EXTRA)
 
     search_raw = raw.get("search")

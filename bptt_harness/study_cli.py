@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import os
 import shlex
 import shutil
@@ -339,7 +340,7 @@ def _run_pool(config: Any, storage_url: str, workers: int, device: Any, n_target
             if cores:
                 cmd += ["--cpus", ",".join(map(str, cpu_share(i, workers, cores)))]
         cmd += ["--host-workers", str(workers)]
-        procs.append(subprocess.Popen(cmd, env=env))
+        procs.append(subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent if sys.platform == "linux" else None))
     # Trials finished before this run are not this run's lines (a resumed sweep does not print them again).
     seen = {t.number for t in study.get_trials(deepcopy=False) if t.state.is_finished()}
     try:
@@ -367,6 +368,13 @@ def _run_pool(config: Any, storage_url: str, workers: int, device: Any, n_target
     if failed and progress(study).done < n_target:
         raise HarnessError(f"{len(failed)} worker(s) exited with errors (codes {failed}); "
                            "the finished trials are stored; rerun the same command to resume")
+
+
+def _die_with_parent() -> None:
+    """In a pool's worker, before it runs (Linux): the kernel sends it SIGTERM when the sweep that started it
+    dies, even by SIGKILL, and the worker stops as on Ctrl-C (its running trial marked, run again on resume)."""
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def cmd_worker(args: argparse.Namespace) -> int:

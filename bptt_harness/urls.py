@@ -92,8 +92,12 @@ def scrub(text: str, *urls: str | None) -> str:
             # A parser that split the password at an '@' or ':' quotes a piece of it ("invalid port 'w0rd'").
             forms |= {piece for form in list(forms) for piece in re.split(r"[^A-Za-z0-9]+", form) if len(piece) >= 4}
             for form in sorted(forms, key=len, reverse=True):
-                if form:
+                if len(form) >= 4:
                     text = text.replace(form, HIDDEN)
+                elif form:
+                    # A short password is hidden only where it stands alone: hiding every 'p' in a message
+                    # ("invalid port 'nota***ort'") would show what it is (URLs are redacted by position below).
+                    text = re.sub(rf"(?<![A-Za-z0-9]){re.escape(form)}(?![A-Za-z0-9])", HIDDEN, text)
     text = _URL_IN_TEXT.sub(lambda m: redact(m.group(0)) or "", text)
     return _KEYWORD_PASSWORD.sub(lambda m: f"{m.group(1)}{m.group(2)}{HIDDEN}", text)
 
