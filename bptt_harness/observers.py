@@ -28,7 +28,7 @@ from bptt_harness.record import ProbeReport, TrialResult
 if TYPE_CHECKING:   # the loop imports this module; observers only receive it
     from bptt_harness.trainer import TrialLoop
 
-__all__ = ["TrialObserver", "ProbePhases", "TimeGrid", "CpuMemoryCounter", "StopCheck", "oom_error_type"]
+__all__ = ["TrialObserver", "ProbePhases", "TimeGrid", "CpuMemoryCounter", "StopCheck", "state_elements", "oom_error_type"]
 
 
 class TrialObserver(Protocol):
@@ -171,6 +171,15 @@ def oom_error_type() -> type[Exception]:
     return found if isinstance(found, type) else MemoryError
 
 
+def state_elements(state: Any) -> int:
+    """Elements of the tensors in a model's carried state (nested tuples and lists; None: 0)."""
+    if isinstance(state, torch.Tensor):
+        return state.numel()
+    if isinstance(state, (tuple, list)):
+        return sum(state_elements(s) for s in state)
+    return 0
+
+
 class CpuMemoryCounter(TrialObserver):
     """Counts what a training step keeps alive on CPU and, with a cap, raises the real OOM type past it.
 
@@ -188,7 +197,9 @@ class CpuMemoryCounter(TrialObserver):
         self.saved = 0
         self.seen: set[int] = set(self.param_ptrs)
         self.peak = static_bytes
-        self.counted = 0   # the longest window counted so far: one no longer holds no more memory
+        # The longest window and largest carried state counted so far: a step with neither larger holds no
+        # more memory (a Transformer's carried memory grows over its first windows).
+        self.counted = (0, 0)
         self.started = False
 
     def on_start(self, loop: TrialLoop) -> None:
@@ -201,10 +212,11 @@ class CpuMemoryCounter(TrialObserver):
         self.started = True
 
     def around_step(self, loop: TrialLoop, seq_len: int) -> contextlib.AbstractContextManager[Any] | None:
-        if self.cap is None and seq_len <= self.counted:
+        size = (seq_len, state_elements(loop.state))
+        if self.cap is None and size[0] <= self.counted[0] and size[1] <= self.counted[1]:
             return None
         self.step_start()
-        self.counted = max(self.counted, seq_len)
+        self.counted = (max(self.counted[0], size[0]), max(self.counted[1], size[1]))
         return torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
 
     def step_start(self) -> None:

@@ -105,7 +105,7 @@ class TrialResult:
     best_val_loss: float | None = col(None, "best validation cross-entropy over the checkpoints", "nats/token",
                                       csv=False)
     best_val_ppl: float | None = col(None, "best validation perplexity over the checkpoints")
-    test_ppl: float | None = col(None, "test perplexity (when evaluated)")
+    test_ppl: float | None = col(None, "test perplexity (when evaluated)", attr=True)
     budget_tokens: int | None = col(
         None, "the token budget as resolved for this trial (epochs x train split tokens with `epochs`)", "tokens",
         name="resolved_budget_tokens")
@@ -136,7 +136,9 @@ class TrialResult:
     joules_per_ktok: float | None = col(None, "training energy per 1,000 training tokens (validation excluded)", "J",
                                         attr=True)
     train_curve: list[dict] = col(csv=False, factory=list,
-                                  doc="training loss every log_every steps: step, tokens, seconds, loss")
+                                  doc="training every log_every steps: step, tokens, seconds, loss (mean over the "
+                                      "interval), grad_norm (mean gradient norm before clipping over the interval), "
+                                      "lr (the learning rate then, before variable-length windows rescale it)")
     val_curve: list[dict] = col(csv=False, factory=list,
                                 doc="validation at each checkpoint: step, tokens, seconds, loss, ppl")
     time_curve: list[dict] = col(csv=False, factory=list,
@@ -171,11 +173,18 @@ class TrialConfig:
 
     bptt: int = col(0, "truncated-BPTT window length", "tokens")
     batch_size: int = col(0, "batch size (columns of the token matrix)")
-    lr: float | None = col(None, "learning rate")
+    lr: float | None = col(None, "learning rate", attr=True)
     nhid: int | None = col(None, "hidden units per layer")
     emsize: int | None = col(None, "embedding size")
     layers: int | None = col(None, "recurrent layers")
-    dropout: float | None = col(None, "dropout probability")
+    dropout: float | None = col(None, "dropout probability (awd-lstm: on the last layer's output)")
+    heads: int | None = col(None, "transformer: attention heads")
+    mem_len: int | None = col(None, "transformer: carried memory of previous tokens' keys and values (0: none)",
+                              "tokens")
+    embed_dropout: float | None = col(None, "awd-lstm: embedding (whole-word) dropout")
+    input_dropout: float | None = col(None, "awd-lstm: locked dropout on the embedding output")
+    hidden_dropout: float | None = col(None, "awd-lstm: locked dropout between recurrent layers")
+    weight_dropout: float | None = col(None, "awd-lstm: DropConnect on the hidden-to-hidden weights")
     model: str | None = col(None, "the model family (lstm, gru, ...), or a factory's module:function; the shape columns "
                                   "(nhid, emsize, layers, dropout) are those the family reads (a factory's: only the "
                                   "searched ones; n_params says its size)")
@@ -383,11 +392,18 @@ def flatten(rec: TrialRecord) -> dict[str, Any]:
     return row
 
 
+# The diagnostics' headline numbers (``bptt_harness.diagnose``): flat user attributes wherever a record has them.
+HEADLINE_DIAGNOSTICS = ("effective_context_tokens", "gradient_reach_tokens", "truncation_bias_k", "noise_scale_tokens")
+
+
 def user_attrs(rec: TrialRecord) -> dict[str, Any]:
     """The main metrics of a record as flat Optuna user attributes, named like their ``trials.csv`` columns:
-    optuna-dashboard sorts and plots user attributes, but not the fields inside the nested ``record``."""
+    optuna-dashboard sorts and plots user attributes, but not the fields inside the nested ``record`` (it
+    shows that blob cut at 1,024 characters). The columns marked ``attr=True`` and the diagnostics' headline
+    numbers where the record has them."""
     row = flatten(rec)
-    return finite_or_none({c.name: row[c.name] for c in trial_columns() if c.attr})
+    names = [c.name for c in trial_columns() if c.attr] + [n for n in HEADLINE_DIAGNOSTICS if n in row]
+    return finite_or_none({name: row[name] for name in dict.fromkeys(names)})
 
 
 def columns_markdown() -> str:
@@ -399,7 +415,8 @@ def columns_markdown() -> str:
 
 
 
-if __name__ == "__main__":  # regenerates the column tables of bptt_harness/report/README.md
+if __name__ == "__main__":  # regenerates the column tables of bptt_harness/report/README.md (trials, configs, profile)
+    from bptt_harness.profile import profile_columns_markdown
     from bptt_harness.report.frame import configs_markdown
 
-    print(columns_markdown(), configs_markdown(), sep="\n\n")
+    print(columns_markdown(), configs_markdown(), profile_columns_markdown(), sep="\n\n")

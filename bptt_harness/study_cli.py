@@ -21,6 +21,7 @@ from bptt_harness.config import check_storage_url
 from bptt_harness.errors import HarnessError
 from bptt_harness.interrupt import StopRequest, deferred_signals
 from bptt_harness.progress import Eta, EtaColumn, checkpoint_line
+from bptt_harness.spec import LOG_HELP
 from bptt_harness.urls import STORAGE_ENV, hides_password
 
 
@@ -43,6 +44,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-seconds", type=float, default=None,
                    help="plan the token budget so the whole sweep fits this many seconds, from the study's "
                         "profile (run bptt-harness profile first); a resumed study keeps its planned budget")
+    p.add_argument("--log", action="append", default=None, metavar="KIND:DIR", help=LOG_HELP)
 
     p = sub.add_parser("worker", help="join a running study from this machine (same storage and study name)")
     p.add_argument("--study-name", required=True)
@@ -56,6 +58,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="workers running on this host at once (recorded with each trial)")
     p.add_argument("--results-dir", default="results")
     p.add_argument("--quiet", action="store_true", help="no per-trial lines (the parent sweep prints them)")
+    p.add_argument("--log", action="append", default=None, metavar="KIND:DIR", help=LOG_HELP)
 
 
 class Display:
@@ -158,10 +161,12 @@ def _report(config: Any, storage_url: str) -> None:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from bptt_harness.config import load_study, redact
+    from bptt_harness.config import load_study, redact, with_log
+    from bptt_harness.loggers import check_installed
     from bptt_harness.study import prepare, progress, resolve_storage, run_worker
 
-    config = load_study(args.study, results_root=Path(args.results_dir))
+    config = with_log(load_study(args.study, results_root=Path(args.results_dir)), args.log)
+    check_installed(config.log)
     if args.trials is not None:
         if args.trials < 1:
             raise HarnessError(f"--trials {args.trials} must be >= 1")
@@ -340,6 +345,8 @@ def _run_pool(config: Any, storage_url: str, workers: int, device: Any, n_target
             if cores:
                 cmd += ["--cpus", ",".join(map(str, cpu_share(i, workers, cores)))]
         cmd += ["--host-workers", str(workers)]
+        for target in config.log:
+            cmd += ["--log", str(target)]
         procs.append(subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent if sys.platform == "linux" else None))
     # Trials finished before this run are not this run's lines (a resumed sweep does not print them again).
     seen = {t.number for t in study.get_trials(deepcopy=False) if t.state.is_finished()}
@@ -378,7 +385,9 @@ def _die_with_parent() -> None:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    from bptt_harness.config import with_log
     from bptt_harness.hardware import resolve_device
+    from bptt_harness.loggers import check_installed
     from bptt_harness.study import check_same_corpus, config_from_storage, load_corpus, progress, run_worker
 
     for flag, value in (("--threads", args.threads), ("--host-workers", args.host_workers), ("--trials", args.trials)):
@@ -399,7 +408,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     with _storage_errors_as_one_line(storage_url):
         config, study = config_from_storage(args.study_name, storage_url)
-        config = replace(config, results_root=Path(args.results_dir))
+        config = with_log(replace(config, results_root=Path(args.results_dir)), args.log)
+        check_installed(config.log)
         if args.trials is not None:
             config = replace(config, trials=args.trials)
         device = resolve_device(args.device or config.device)

@@ -154,6 +154,7 @@ class Objective:
     _named: bool | None = None  # whether the study's objectives are named (and so in trials.csv's units)
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
+        from bptt_harness.loggers import RunInfo, hparams_of, trial_loggers
         from bptt_harness.observers import StopCheck
         from bptt_harness.probe import make_probe
         from bptt_harness.trainer import WARM_UP_STEPS, run_trial
@@ -195,9 +196,13 @@ class Objective:
                     spec = self._tuned(trial, spec, config_key(params), choice, options)
                     options = replace(options, warm_up_steps=0)
                 options = replace(options, time_grid_until_s=_observe_until(trial.study, spec))
+                key = config_key(params)
+                run = RunInfo(self.config.name, f"{trial.number:04d}-{key}-seed{spec.train.seed}",
+                              hparams_of(spec, trial=trial.number, config_key=key, repeat=repeat))
                 result = run_trial(spec, self.corpus, self.device, probe=make_probe(self.device),
                                    on_checkpoint=on_checkpoint, options=options,
-                                   observers=[StopCheck(self.stop)] if self.stop is not None else [])
+                                   observers=[*trial_loggers(self.config.log, run),
+                                              *([StopCheck(self.stop)] if self.stop is not None else [])])
         except KeyboardInterrupt:
             interrupted = TrialResult(status="failed", error="interrupted (SIGINT); retried on resume",
                                       bptt=spec.bptt, batch_size=spec.batch_size, seed=spec.train.seed)
