@@ -195,6 +195,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from bptt_harness.config import load_study
+    from bptt_harness.fileio import check_writable_dir
     from bptt_harness.hardware import fingerprint, resolve_device
     from bptt_harness.profile import cells, run_profile, walls_table, write_profile
     from bptt_harness.study import load_corpus
@@ -207,6 +208,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     if args.if_missing and (config.results_dir / PROFILE_CSV).is_file():
         print(f"profile: {config.results_dir / PROFILE_CSV} exists; kept (delete it to measure again)", file=sys.stderr)
         return 0
+    check_writable_dir(config.results_dir)  # before the work: profile.csv is written at the end
     device = resolve_device(args.device or config.device)
     corpus = load_corpus(config)
     started = time.monotonic()

@@ -23,7 +23,7 @@ from bptt_harness.errors import HarnessError
 from bptt_harness.lr import LrRule, parse_lr_table
 from bptt_harness.race import RaceConfig
 from bptt_harness.spec import CorpusSpec, LogTarget, ModelConfig, TrainConfig, parse_log_targets
-from bptt_harness.urls import redact
+from bptt_harness.urls import database_name, redact
 
 SAMPLERS = ("grid", "tpe", "random", "nsga2")
 PRUNERS = ("none", "median", "hyperband")
@@ -241,7 +241,7 @@ def _param_space(name: str, value: Any, section: str = "search") -> ParamSpace:
         space = ParamSpace(name, kind, low=low, high=high, log=log, step=step)
     else:
         raise HarnessError(f"study file: {where} = {value!r} must be a list of values or a table "
-                           "{{ low = .., high = .., log = true }}")
+                           "{ low = .., high = .., log = true }")
     _check_range(space, where)
     return space
 
@@ -422,7 +422,16 @@ def check_storage_url(url: str) -> None:
         if not url[len("journal:"):].strip():
             raise HarnessError(f"storage {url!r} names no file; use journal:path/journal.log")
         return
-    if re.match(r"^(sqlite|postgresql(\+\w+)?|mysql(\+\w+)?)://", url):
+    if url.startswith("sqlite:"):
+        path = url[len("sqlite:///"):] if url.startswith("sqlite:///") else ""
+        if not path.strip() or path.split("?")[0] == ":memory:" or "mode=memory" in url:
+            raise HarnessError(f"storage {url!r} is in memory, and a study must outlive the process (resume, "
+                               "workers, report); use sqlite:///path/study.db")
+        return
+    if re.match(r"^(postgresql(\+\w+)?|mysql(\+\w+)?)://", url):
+        if not database_name(url) and "dbname=" not in url:
+            raise HarnessError(f"storage {redact(url)!r} names no database, so the driver's defaults would pick "
+                               "one; use postgresql://user@host/db")
         return
     raise HarnessError(f"storage {redact(url)!r} is not supported; use {STORAGE_FORMS}")
 
@@ -491,6 +500,9 @@ def parse_study(raw: dict, path: Path | None = None, results_root: Path = Path("
             if key == "memory_cap_mib":
                 raise HarnessError("study file: train.memory_cap_mib is set from the top-level max_memory_gib; "
                                    "use max_memory_gib = N")
+    if isinstance(train_table, dict) and "tokens" in train_table and "epochs" in train_table:
+        raise HarnessError(f"study file: train has tokens = {train_table['tokens']!r} and epochs = "
+                           f"{train_table['epochs']!r}; a budget is one of them: keep tokens or epochs")
     train = _build(TrainConfig, train_table, "train", also=TRAIN_EXTRA)
 
     search, lr_rule, slices = _design(raw, sampler, model, train)

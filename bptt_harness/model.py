@@ -232,7 +232,7 @@ def build_factory_model(cfg: ModelConfig, ntoken: int) -> nn.Module:
     make = resolve_factory(cfg.factory)
     try:
         model = make(cfg, ntoken)
-    except Exception as e:  # noqa: BLE001 - the user's code: any error is one line naming it
+    except (Exception, SystemExit) as e:  # noqa: BLE001 - the user's code: any error (an exit too) is one line
         raise HarnessError(f"model factory {cfg.factory!r} raised {_one_line(e)}") from None
     if not isinstance(model, nn.Module):
         raise HarnessError(f"model factory {cfg.factory!r} returned {type(model).__name__}, not a torch.nn.Module")
@@ -290,6 +290,9 @@ def check_model(cfg: ModelConfig, ntoken: int) -> None:
     if cfg.factory is None:
         return
     model = build_model(cfg, ntoken)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise HarnessError(f"model factory {cfg.factory!r}: {type(model).__name__} has no trainable parameters "
+                           "(nothing for the optimiser to train); register its weights as nn.Parameter or submodules")
     was_training = model.training
     model.eval()   # dropout would change every row
     seq, bs = 3, 2
@@ -317,7 +320,7 @@ def _window_logits(cfg: ModelConfig, model: nn.Module, x: torch.Tensor, ntoken: 
     try:
         with torch.no_grad():
             out = model(x, family_of(cfg).init_state(model, bs))
-    except Exception as e:  # noqa: BLE001
+    except (Exception, SystemExit) as e:  # noqa: BLE001
         raise HarnessError(f"model factory {cfg.factory!r}: forward(x, hidden) with x of shape ({seq}, {bs}) "
                            f"raised {_one_line(e)}") from None
     logits = out[0] if isinstance(out, tuple) and len(out) == 2 else None

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from bptt_harness.config import check_storage_url
 from bptt_harness.errors import HarnessError
 from bptt_harness.interrupt import StopRequest, deferred_signals
 from bptt_harness.progress import Eta, EtaColumn, checkpoint_line
@@ -72,6 +75,7 @@ class Display:
         self.live = self.console.is_terminal and not quiet
         self.started = time.monotonic()
         self.finished_here = 0
+        self.done = 0  # the counter shown: one step per line, never back
         self.bar = None
         if self.live:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
@@ -82,6 +86,7 @@ class Display:
             self.bar.start()
 
     def set_done(self, done: int) -> None:
+        self.done = done
         self.eta.done = done
         if self.bar:
             self.bar.update(self.task, completed=done)
@@ -111,8 +116,11 @@ class Display:
         if study is None:  # called from inside the trial, which is still RUNNING in the storage
             p.done += 1
             p.counts[record["status"]] = p.counts.get(record["status"], 0) + 1
-        self.set_done(p.done)
-        self.eta.finish_trial(p.done)
+            done = max(self.done + 1, p.done)  # other machines' workers may have finished trials too
+        else:  # the pool's lines, one per trial its workers finished, however many finished since the last look
+            done = self.done + 1
+        self.set_done(done)
+        self.eta.finish_trial(done)
         if self.quiet:
             return
         r = record["result"]
@@ -126,7 +134,7 @@ class Display:
         eta = _fmt_s(left) if left is not None else "?"
         counts = " ".join(f"{k} {v}" for k, v in sorted(p.counts.items()))
         error = f" ({record['error'][:80]})" if record["status"] != "ok" and record.get("error") else ""
-        self.console.print(f"[{p.done}/{self.total}] {record['config_key']}: {record['status']}{error} "
+        self.console.print(f"[{done}/{self.total}] {record['config_key']}: {record['status']}{error} "
                            f"{ppl} {tps} {r.get('wall_s', 0):.1f}s | {best_s} | {counts} | ETA {eta}")
 
     def close(self) -> None:
@@ -227,7 +235,40 @@ def cpu_share(index: int, workers: int, cores: list[int]) -> list[int]:
 
 def _given_storage(args: argparse.Namespace) -> str | None:
     """--storage, else $BPTT_HARNESS_STORAGE (a URL with a password stays out of shell history and `ps`)."""
-    return args.storage if args.storage is not None else (os.environ.get(STORAGE_ENV) or None)
+    if args.storage is not None:
+        return args.storage
+    url = os.environ.get(STORAGE_ENV) or None
+    if url is not None:
+        try:
+            check_storage_url(url)
+        except HarnessError as e:
+            raise HarnessError(f"${STORAGE_ENV}: {e}") from None
+    return url
+
+
+def invoked_as(argv0: str | None = None) -> list[str]:
+    """The command that started this tool, as the user can type it again: ``bptt-harness`` when that is
+    what PATH finds, else the path used (``.venv/bin/bptt-harness``), or ``python -m bptt_harness``; plain
+    ``bptt-harness`` when it was not started as a command (a notebook, a test runner)."""
+    path = Path(argv0 if argv0 is not None else sys.argv[0])
+    if path.name == "__main__.py" and path.parent.name == "bptt_harness":
+        return [_typed(Path(sys.executable)), "-m", "bptt_harness"]
+    if not path.name.startswith("bptt-harness"):
+        return ["bptt-harness"]
+    return [_typed(path)]
+
+
+def _typed(path: Path) -> str:
+    """``path`` as a user types it: its bare name when PATH finds this very file, else relative to the
+    current folder when it lies inside it, else absolute."""
+    found = shutil.which(path.name)
+    try:
+        if found and Path(found).resolve() == path.resolve():
+            return path.name
+        # Not resolved: a virtual environment's python is a link, and the user typed the link.
+        return str(Path(os.path.abspath(path)).relative_to(os.path.abspath(Path.cwd())))
+    except (OSError, ValueError):
+        return str(path)
 
 
 def resume_hint(args: argparse.Namespace, storage_url: str) -> str:
@@ -235,7 +276,7 @@ def resume_hint(args: argparse.Namespace, storage_url: str) -> str:
     by itself, and for a password, where it must come from (it is never printed)."""
     from bptt_harness.urls import redact
 
-    parts = ["bptt-harness", "sweep", args.study]
+    parts = [*invoked_as(), "sweep", args.study]
     if args.results_dir != "results":
         parts += ["--results-dir", args.results_dir]
     note = ""
@@ -306,8 +347,9 @@ def _run_pool(config: Any, storage_url: str, workers: int, device: Any, n_target
         cmd += ["--host-workers", str(workers)]
         for target in config.log:
             cmd += ["--log", str(target)]
-        procs.append(subprocess.Popen(cmd, env=env))
-    seen: set[int] = set()
+        procs.append(subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent if sys.platform == "linux" else None))
+    # Trials finished before this run are not this run's lines (a resumed sweep does not print them again).
+    seen = {t.number for t in study.get_trials(deepcopy=False) if t.state.is_finished()}
     try:
         while True:
             alive = [p for p in procs if p.poll() is None]
@@ -335,12 +377,22 @@ def _run_pool(config: Any, storage_url: str, workers: int, device: Any, n_target
                            "the finished trials are stored; rerun the same command to resume")
 
 
+def _die_with_parent() -> None:
+    """In a pool's worker, before it runs (Linux): the kernel sends it SIGTERM when the sweep that started it
+    dies, even by SIGKILL, and the worker stops as on Ctrl-C (its running trial marked, run again on resume)."""
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
     from bptt_harness.config import with_log
     from bptt_harness.hardware import resolve_device
     from bptt_harness.loggers import check_installed
     from bptt_harness.study import check_same_corpus, config_from_storage, load_corpus, progress, run_worker
 
+    for flag, value in (("--threads", args.threads), ("--host-workers", args.host_workers), ("--trials", args.trials)):
+        if value is not None and value < 1:
+            raise HarnessError(f"{flag} {value} must be >= 1")
     storage_url = _given_storage(args)
     if storage_url is None:
         raise HarnessError(f"bptt-harness worker needs the study's storage: pass --storage URL or set {STORAGE_ENV}")
@@ -350,7 +402,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         except (AttributeError, ValueError, OSError) as e:
             raise HarnessError(f"--cpus {args.cpus!r} cannot be used here ({e}); give cores this process may "
                                "use, e.g. 0,1, or leave it out") from None
-    if args.threads:
+    if args.threads is not None:
         import torch
 
         torch.set_num_threads(args.threads)

@@ -133,8 +133,7 @@ def write_optuna_study(records: list[dict], storage, study_name: str, *, extra_t
             tps = res.get("tokens_per_s") or 1.0
             study.add_trial(create_trial(state=TrialState.COMPLETE, params=params, distributions=dists,
                                          values=[res["val_ppl"], 1.0 / tps], user_attrs={"record": rec}))
-        elif rec["status"] in ("oom", "diverged"):
-            # As the objective stores them: complete, infinite on every objective (the constraint marks them).
+        elif rec["status"] in ("oom", "diverged"):  # as a sweep stores them: complete, infinitely bad
             study.add_trial(create_trial(state=TrialState.COMPLETE, params=params, distributions=dists,
                                          values=[math.inf, math.inf], user_attrs={"record": rec}))
         else:

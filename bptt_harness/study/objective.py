@@ -9,6 +9,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import optuna
+from optuna.trial import TrialState
 
 from bptt_harness.config import ParamSpace, StudyConfig
 from bptt_harness.corpus import Corpus
@@ -30,7 +31,7 @@ from bptt_harness.record import (
 )
 from bptt_harness.spec import ModelConfig, RunOptions, TrialSpec, resolve_budget_tokens
 from bptt_harness.study.common import CANONICAL, TrialFailed
-from bptt_harness.study.queue import _has_repeats, _now, worker_id
+from bptt_harness.study.queue import _has_repeats, _now, progress, worker_id
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +158,7 @@ class Objective:
     # Called at each validation checkpoint with the trial and the point (index, of, tokens, seconds, ppl).
     on_checkpoint: Callable[[optuna.Trial, dict], None] | None = None
     stop: StopRequest | None = None  # a recorded Ctrl-C or SIGTERM, acted on after each training step
+    n_target: int | None = None  # the study's trials (every worker's): a trial asked past them does not run
     _named: bool | None = None  # whether the study's objectives are named (and so in trials.csv's units)
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
@@ -270,10 +272,17 @@ class Objective:
     def _spurious(self, trial: optuna.Trial) -> str | None:
         """Why this trial must not run: another worker emptied the grid's queue between our check and
         Optuna's ask, or a retry or racing run was queued twice by two workers (the lower number runs)."""
-        from bptt_harness.race import RACE_KEY
+        from bptt_harness.race import RACE_KEY, raced
 
         if self.config.sampler == "grid" and "repeat" not in trial.user_attrs:  # set on every queued point
             return "the grid's queue was empty when this worker asked for a trial"
+        if self.n_target is not None:
+            # Workers that asked at the same moment all saw a trial left to run; the lowest numbers run it.
+            target = self.n_target + (raced(trial.study) if self.config.race else 0)
+            ahead = sum(1 for t in trial.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                        if t.number < trial.number and not t.user_attrs.get("spurious"))
+            if progress(trial.study).done + ahead >= target:
+                return f"the study's {target} trials were already finished or running"
         race_key = trial.user_attrs.get(RACE_KEY)
         if race_key is not None and any(t.user_attrs.get(RACE_KEY) == race_key and t.number < trial.number
                                         for t in trial.study.get_trials(deepcopy=False)):

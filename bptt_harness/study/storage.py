@@ -255,7 +255,7 @@ def _storage_cause(e: BaseException) -> BaseException | None:
     'updated_state'``), so the whole chain (causes and contexts) is searched."""
     import sqlalchemy.exc
 
-    kinds = (OSError, sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError)
+    kinds = (OSError, sqlite3.Error, sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError)
     seen: set[int] = set()
     current: BaseException | None = e
     while current is not None and id(current) not in seen:
