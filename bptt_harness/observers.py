@@ -22,12 +22,13 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
+from bptt_harness.interrupt import StopRequest
 from bptt_harness.record import ProbeReport, TrialResult
 
 if TYPE_CHECKING:   # the loop imports this module; observers only receive it
     from bptt_harness.trainer import TrialLoop
 
-__all__ = ["TrialObserver", "ProbePhases", "TimeGrid", "CpuMemoryCounter", "state_elements", "oom_error_type"]
+__all__ = ["TrialObserver", "ProbePhases", "TimeGrid", "CpuMemoryCounter", "StopCheck", "state_elements", "oom_error_type"]
 
 
 class TrialObserver(Protocol):
@@ -75,6 +76,17 @@ class TrialObserver(Protocol):
     def fill(self, result: TrialResult) -> None:
         """The trial is over, whatever its status: write what was measured into ``result``."""
         return None
+
+
+class StopCheck(TrialObserver):
+    """Acts on a recorded Ctrl-C or SIGTERM (:mod:`bptt_harness.interrupt`) after every step: a safe point,
+    where the :class:`KeyboardInterrupt` it raises ends the trial as interrupted, unlike inside a finalizer."""
+
+    def __init__(self, stop: StopRequest) -> None:
+        self.stop = stop
+
+    def on_step(self, loop: TrialLoop) -> None:
+        self.stop.check()
 
 
 # --------------------------------------------------------------------------- the probe's phases

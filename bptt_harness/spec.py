@@ -467,6 +467,53 @@ class RunOptions:
             raise HarnessError(f"warm_up_steps={self.warm_up_steps!r} must be an integer >= 0")
 
 
+# --------------------------------------------------------------------------- where curves are logged
+
+LOG_KINDS = ("tensorboard", "mlflow", "wandb")
+
+
+@dataclass(frozen=True)
+class LogTarget:
+    """A tool a trial's curves go to (``--log KIND:DIR``, or the study file's ``log = ["KIND:DIR"]``): TensorBoard
+    event files, an MLflow file store or an offline Weights & Biases run, all under ``directory``. A relative
+    directory is relative to where the command runs. :mod:`bptt_harness.loggers` writes them."""
+
+    kind: Literal["tensorboard", "mlflow", "wandb"]
+    directory: str
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{self.directory}"
+
+    @classmethod
+    def parse(cls, text: Any, where: str = "--log") -> LogTarget:
+        """``"tensorboard:runs"`` -> LogTarget; one line naming the bad value otherwise."""
+        usage = f"use KIND:DIR with KIND one of {', '.join(LOG_KINDS)}, e.g. tensorboard:runs"
+        if not isinstance(text, str) or ":" not in text:
+            raise HarnessError(f"{where} {text!r} is not KIND:DIR; {usage}")
+        kind, _, directory = text.partition(":")
+        if kind not in LOG_KINDS:
+            match = difflib.get_close_matches(kind, LOG_KINDS, n=1, cutoff=0.5)
+            hint = f" (did you mean {match[0]!r}?)" if match else ""
+            raise HarnessError(f"{where} {text!r}: unknown tool {kind!r}{hint}; {usage}")
+        if not directory.strip():
+            raise HarnessError(f"{where} {text!r} names no folder; {usage}")
+        return cls(kind, directory)  # type: ignore[arg-type]
+
+
+LOG_HELP = ("send each trial's curves to a tool, offline: tensorboard:DIR, mlflow:DIR (DIR/mlflow.db) or wandb:DIR; "
+            "repeatable, added to the study file's log = [...]")
+
+
+def parse_log_targets(values: Iterable[Any], where: str = "--log") -> tuple[LogTarget, ...]:
+    """Every ``KIND:DIR`` of ``values``, each once, in the order given."""
+    out: list[LogTarget] = []
+    for v in values:
+        target = LogTarget.parse(v, where)
+        if target not in out:
+            out.append(target)
+    return tuple(out)
+
+
 def _finite_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 

@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from bptt_harness.errors import HarnessError
+from bptt_harness.interrupt import StopRequest, deferred_signals
 from bptt_harness.progress import Eta, EtaColumn, checkpoint_line
+from bptt_harness.spec import LOG_HELP
 from bptt_harness.urls import STORAGE_ENV, hides_password
 
 
@@ -39,6 +41,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-seconds", type=float, default=None,
                    help="plan the token budget so the whole sweep fits this many seconds, from the study's "
                         "profile (run bptt-harness profile first); a resumed study keeps its planned budget")
+    p.add_argument("--log", action="append", default=None, metavar="KIND:DIR", help=LOG_HELP)
 
     p = sub.add_parser("worker", help="join a running study from this machine (same storage and study name)")
     p.add_argument("--study-name", required=True)
@@ -52,6 +55,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="workers running on this host at once (recorded with each trial)")
     p.add_argument("--results-dir", default="results")
     p.add_argument("--quiet", action="store_true", help="no per-trial lines (the parent sweep prints them)")
+    p.add_argument("--log", action="append", default=None, metavar="KIND:DIR", help=LOG_HELP)
 
 
 class Display:
@@ -140,14 +144,6 @@ def _fmt_s(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
-def _sigterm_as_interrupt() -> None:
-    """Slurm and kill send SIGTERM: treat it like Ctrl-C so the running trial is marked and retried."""
-    def handler(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, handler)
-
-
 def _report(config: Any, storage_url: str) -> None:
     from bptt_harness.report import generate
 
@@ -157,10 +153,12 @@ def _report(config: Any, storage_url: str) -> None:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from bptt_harness.config import load_study, redact
+    from bptt_harness.config import load_study, redact, with_log
+    from bptt_harness.loggers import check_installed
     from bptt_harness.study import prepare, progress, resolve_storage, run_worker
 
-    config = load_study(args.study, results_root=Path(args.results_dir))
+    config = with_log(load_study(args.study, results_root=Path(args.results_dir)), args.log)
+    check_installed(config.log)
     if args.trials is not None:
         if args.trials < 1:
             raise HarnessError(f"--trials {args.trials} must be >= 1")
@@ -185,7 +183,6 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     with _storage_errors_as_one_line(storage_url):
         study, corpus, device = prepare(config, storage_url, args.device)
         n_target = config.n_trials()
-        _sigterm_as_interrupt()
         already = progress(study).done
         racing = config.race.trials if config.race else 0
         print(f"study {config.name}: {n_target} trials" + (f" + up to {racing} racing runs" if racing else "")
@@ -194,11 +191,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         display = Display(n_target + racing)
         display.set_done(already)
         try:
-            if workers == 1:
-                run_worker(study, config, corpus, device, n_target, on_result=display.result,
-                           on_start=display.start, on_checkpoint=display.checkpoint)
-            else:
-                _run_pool(config, storage_url, workers, device, n_target, display, study)
+            # Slurm and kill send SIGTERM: like Ctrl-C, recorded wherever it lands and acted on at a safe point.
+            with deferred_signals() as stop:
+                if workers == 1:
+                    run_worker(study, config, corpus, device, n_target, on_result=display.result,
+                               on_start=display.start, on_checkpoint=display.checkpoint, stop=stop)
+                else:
+                    _run_pool(config, storage_url, workers, device, n_target, display, study, stop)
         except KeyboardInterrupt:
             display.close()
             p = progress(study)
@@ -289,7 +288,7 @@ def _worker_env(index: int, device: Any, workers: int) -> tuple[dict, str, int]:
 
 
 def _run_pool(config: Any, storage_url: str, workers: int, device: Any, n_target: int, display: Display,
-              study: Any) -> None:
+              study: Any, stop: StopRequest) -> None:
     from bptt_harness.study import progress
 
     procs = []
@@ -305,6 +304,8 @@ def _run_pool(config: Any, storage_url: str, workers: int, device: Any, n_target
             if cores:
                 cmd += ["--cpus", ",".join(map(str, cpu_share(i, workers, cores)))]
         cmd += ["--host-workers", str(workers)]
+        for target in config.log:
+            cmd += ["--log", str(target)]
         procs.append(subprocess.Popen(cmd, env=env))
     seen: set[int] = set()
     try:
@@ -316,6 +317,7 @@ def _run_pool(config: Any, storage_url: str, workers: int, device: Any, n_target
                     display.result(t, t.user_attrs["record"], study)
             if not alive:
                 break
+            stop.check()
             time.sleep(1.0)
     except KeyboardInterrupt:
         for p in procs:
@@ -334,8 +336,10 @@ def _run_pool(config: Any, storage_url: str, workers: int, device: Any, n_target
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    from bptt_harness.config import with_log
     from bptt_harness.hardware import resolve_device
-    from bptt_harness.study import config_from_storage, load_corpus, progress, run_worker
+    from bptt_harness.loggers import check_installed
+    from bptt_harness.study import check_same_corpus, config_from_storage, load_corpus, progress, run_worker
 
     storage_url = _given_storage(args)
     if storage_url is None:
@@ -352,17 +356,19 @@ def cmd_worker(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     with _storage_errors_as_one_line(storage_url):
         config, study = config_from_storage(args.study_name, storage_url)
-        config = replace(config, results_root=Path(args.results_dir))
+        config = with_log(replace(config, results_root=Path(args.results_dir)), args.log)
+        check_installed(config.log)
         if args.trials is not None:
             config = replace(config, trials=args.trials)
         device = resolve_device(args.device or config.device)
         corpus = load_corpus(config)
+        check_same_corpus(study, config, corpus)
         n_target = config.n_trials()
-        _sigterm_as_interrupt()
         display = Display(n_target, quiet=args.quiet)
         try:
-            run_worker(study, config, corpus, device, n_target, on_result=display.result, on_start=display.start,
-                       host_workers=args.host_workers, on_checkpoint=display.checkpoint)
+            with deferred_signals() as stop:
+                run_worker(study, config, corpus, device, n_target, on_result=display.result, on_start=display.start,
+                           host_workers=args.host_workers, on_checkpoint=display.checkpoint, stop=stop)
         except KeyboardInterrupt:
             display.close()
             raise SweepInterrupted(

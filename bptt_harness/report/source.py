@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from bptt_harness.errors import HarnessError
-from bptt_harness.urls import STORAGE_ENV, hides_password, redact, same_storage, scrub
+from bptt_harness.record import FAIL_STATUSES
+from bptt_harness.urls import STORAGE_ENV, anchored, hides_password, redact, same_storage, scrub
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +106,7 @@ def resolve(source: str | Path, *, storage: str | None = None, study_name: str |
         raise HarnessError(f"{str(path / STUDY_JSON)!r} has no 'storage' URL; pass --storage URL")
     if hides_password(url):
         url = _password_from_environment(url, path / STUDY_JSON)
-    url = _relocate(url, path)
+    url = _relocate(anchored(url, path), path)
     return StudySource(name=study_name or info.get("study_name"), storage_url=url,
                        out_dir=out_dir or path, info=info)
 
@@ -242,6 +243,11 @@ def trial_record(trial: Any, study_name: str) -> dict | None:
                "study": {"name": study_name},
                "started_at": trial.datetime_start.isoformat() if trial.datetime_start else None,
                "finished_at": trial.datetime_complete.isoformat() if trial.datetime_complete else None}
+    elif state == "FAIL" and rec.get("status") not in FAIL_STATUSES:
+        # Its completion was lost (the worker died, or a torn journal was cut back, after the record was
+        # stored): it did not finish, whatever the record says, and runs again on resume.
+        rec = {**rec, "status": "failed", "error": f"its completion was never stored (the record said "
+                                                   f"{rec.get('status')}); it runs again on resume"}
     else:
         rec = dict(rec)
     rec["trial_number"] = trial.number
