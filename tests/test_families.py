@@ -315,4 +315,11 @@ def test_every_family_exposes_its_embedding(cfg: ModelConfig) -> None:
     model = family.build(cfg, 20)
     emb = family.embedding(model)
     assert isinstance(emb, torch.nn.Embedding) and emb is model.encoder and emb.num_embeddings == 20
+    seen: list[torch.Size] = []
+    handle = emb.register_forward_hook(lambda module, inputs, output: seen.append(output.shape))
+    for training in (True, False):   # a hook sees every lookup, time-major, in training (dropout) and eval
+        model.train(training)
+        model(torch.zeros(5, 3, dtype=torch.long), family.init_state(model, 3))
+    handle.remove()
+    assert seen == [torch.Size([5, 3, emb.embedding_dim])] * 2
     assert family.embedding(torch.nn.Linear(2, 2)) is None
