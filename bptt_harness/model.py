@@ -31,7 +31,8 @@ from bptt_harness.transformer import TransformerLM, attention_flops_per_token, t
 
 __all__ = ["ModelFamily", "FamilyInfo", "RNNModel", "register_family", "unregister_family", "family_of", "build_model",
            "check_model", "resolve_factory", "repackage_hidden", "count_params", "evaluate_carried",
-           "evaluate_sliding", "rnn_flops_per_token", "estimated_flops_per_token", "no_state"]
+           "evaluate_sliding", "rnn_flops_per_token", "estimated_flops_per_token", "no_state",
+           "find_embedding"]
 
 Hidden = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
@@ -129,6 +130,15 @@ def init_hidden(model: nn.Module, bs: int) -> Any:
     return make(bs) if callable(make) else None
 
 
+def find_embedding(model: nn.Module) -> nn.Embedding | None:
+    """The model's token embedding, where the diagnostics hook: ``model.encoder`` when it is an
+    ``nn.Embedding`` (every built-in family), else the model's first ``nn.Embedding``; None without one."""
+    encoder = getattr(model, "encoder", None)
+    if isinstance(encoder, nn.Embedding):
+        return encoder
+    return next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
+
+
 @dataclass(frozen=True)
 class ModelFamily:
     """A model family's torch side; ``info`` is its torch-free declaration.
@@ -141,6 +151,8 @@ class ModelFamily:
         init_state: ``(model, bs) -> the state a pass starts from`` (None for a model that keeps none).
         window_flops_per_token: ``(model_config, window) -> training FLOPs per token`` that grow with the
             window (attention's), added to ``flops_per_token`` by :meth:`flops`; None: none.
+        embedding: ``model -> its token embedding`` (an ``nn.Embedding``, or None), for measurements that
+            hook the model's input (the diagnostics).
     """
 
     info: FamilyInfo
@@ -148,6 +160,7 @@ class ModelFamily:
     flops_per_token: Callable[[ModelConfig, int, nn.Module], float]
     init_state: Callable[[nn.Module, int], Any] = init_hidden
     window_flops_per_token: Callable[[ModelConfig, int], float] | None = None
+    embedding: Callable[[nn.Module], nn.Embedding | None] = find_embedding
 
     @property
     def name(self) -> str:

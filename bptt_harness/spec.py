@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import math
 import re
+import string
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
@@ -103,8 +104,9 @@ class FamilyInfo:
 
     def describe(self, values: Mapping[str, Any]) -> str:
         """``lstm 2x200`` from a config's (or a trials.csv row's) keys; the name alone if one is missing."""
+        named = {name for _, name, _, _ in string.Formatter().parse(self.shape) if name}   # not every key: tied
         try:
-            shape = self.shape.format(**{k: _plain(values.get(k)) for k in self.keys})
+            shape = self.shape.format(**{k: _plain(values.get(k)) for k in named})
         except (KeyError, TypeError, ValueError):
             return self.name
         return f"{self.name} {shape}" if shape else self.name
@@ -339,8 +341,11 @@ class TrainConfig:
             ``timeout`` (building the model and a process's warm-up come before it).
         seed: seeds the model initialisation, dropout and variable-length windows.
         eval_batch_size: columns used for validation and test (fixed, so every configuration is
-            evaluated the same way; the state is carried through the whole split).
-        eval_bptt: window length for evaluation. With the state carried it only changes speed.
+            evaluated the same way, by its family's rule).
+        eval_bptt: window length for evaluation. A family that carries a state carries it through the
+            whole split, so this only changes speed; a stateless one (a transformer without mem_len) is
+            scored in sliding windows of eval_bptt moving by half of it, each target once (set it to at
+            least twice the longest bptt so that every target gets the whole context it trained with).
         test: also evaluate the test split at the end.
         variable_bptt: AWD-LSTM variable window lengths around ``bptt`` with the lr scaled by length.
         reset_every: reset the hidden state to zeros every N windows (None: carry it for the whole pass).
