@@ -185,6 +185,11 @@ def test_training_curves_draw_what_was_logged() -> None:
     drawn = figures.training(rep.trials, rep.ranking)
     assert "from left to right: training loss" in words(drawn) and "did not log" not in drawn.caption
     assert {t.xaxis for t in drawn.fig.data} == {"x", "x2", "x3"}
+    # Quantities as titles above the panels (y-axis titles ran into the next panel at 800 px), and a
+    # constant lr drawn on an axis from 0, not centred on it.
+    assert [a.text for a in drawn.fig.layout.annotations] == ["training loss (nats/token)", "gradient norm", "learning rate"]
+    assert not any(drawn.fig.layout[f"yaxis{i}"].title.text for i in ("", "2", "3"))
+    assert drawn.fig.layout.yaxis3.range[0] == 0 and drawn.fig.layout.yaxis3.range[1] > 0.5
 
 
 def test_parallel_coordinates_only_beyond_two_searched_keys(tmp_path: Path) -> None:

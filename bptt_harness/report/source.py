@@ -148,10 +148,13 @@ def _read_study_json(folder: Path) -> dict:
 
 
 def _relocate(url: str, folder: Path) -> str:
-    """A results folder that was moved or copied still points at its old storage path: use the copy."""
+    """A results folder that was moved or copied still points at its old storage path: use the copy. A
+    relative path (what ``study.json`` records for a storage inside the folder) is relative to the folder."""
     for prefix in ("sqlite:///", "journal:"):
         if url.startswith(prefix):
             target = Path(url[len(prefix):])
+            if not target.is_absolute() and (folder / target).is_file():
+                return f"{prefix}{(folder / target).resolve()}"
             local = folder / target.name
             if not target.exists() and local.exists():
                 log.info("storage %s not found; using %s in the results folder", target, local)

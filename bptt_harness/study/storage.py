@@ -67,11 +67,27 @@ def recorded_storage(results_dir: Path) -> str | None:
     return previous if isinstance(previous, str) and previous.strip() else None
 
 
+def relative_to_results(url: str, results_dir: Path) -> str:
+    """The storage as ``study.json`` records it: a SQLite file or journal inside the results folder by its path
+    relative to that folder (``sqlite:///study.db``), so a published folder names no path of the machine that
+    wrote it and still opens wherever it is copied; any other storage as given."""
+    for prefix in ("sqlite:///", "journal:"):
+        if url.startswith(prefix):
+            try:
+                return prefix + Path(url[len(prefix):]).resolve().relative_to(results_dir.resolve()).as_posix()
+            except (ValueError, OSError):
+                return url
+    return url
+
+
 def _relocated(url: str, results_dir: Path) -> str:
-    """A results folder that was moved still records its old path: its own copy of the file is the study."""
+    """A results folder that was moved still records its old path: its own copy of the file is the study. A
+    relative path is relative to the results folder (:func:`relative_to_results`)."""
     for prefix in ("sqlite:///", "journal:"):
         if url.startswith(prefix):
             target = Path(url[len(prefix):])
+            if not target.is_absolute() and (results_dir / target).is_file():
+                return f"{prefix}{(results_dir / target).resolve()}"
             local = results_dir / target.name
             if not target.exists() and local.is_file():
                 return f"{prefix}{local.resolve()}"
@@ -266,7 +282,8 @@ def write_study_json(config: StudyConfig, storage_url: str) -> None:
     """``results/<study>/study.json``: how ``bptt-harness report`` finds this study's storage."""
     directory = config.results_dir
     directory.mkdir(parents=True, exist_ok=True)
-    meta = {"study_name": config.name, "storage": redact(storage_url), "objectives": list(config.objectives),
+    meta = {"study_name": config.name, "storage": redact(relative_to_results(storage_url, directory)),
+            "objectives": list(config.objectives),
             "cost": config.cost, "sampler": config.sampler, "study_file": str(config.path) if config.path else None,
             "description": config.description}
     from bptt_harness.fileio import write_files_atomic
