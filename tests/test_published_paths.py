@@ -44,3 +44,14 @@ def test_study_json_is_relative_and_the_folder_travels(tmp_path: Path, monkeypat
     assert main(["report", str(moved)]) == 0
     html = (moved / "report.html").read_text()
     assert "study.db in this results folder" in html and str(tmp_path) not in html
+
+
+def test_a_folder_reported_elsewhere_keeps_its_profile_and_hides_its_path(tmp_path: Path) -> None:
+    study = write_study(tmp_path, tokens=640)
+    results = tmp_path / "results"
+    assert main(["profile", str(study), "--results-dir", str(results), "--steps", "1"]) == 0
+    assert main(["sweep", str(study), "--results-dir", str(results), "--no-report"]) == 0
+    assert main(["report", str(results / "tiny"), "--out", str(tmp_path / "elsewhere")]) == 0
+    html = (tmp_path / "elsewhere" / "report.html").read_text()
+    assert "The profile: a few timed steps per cell" in html
+    assert "study.db in the results folder tiny (SQLite)" in html and str(tmp_path) not in html
