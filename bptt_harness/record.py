@@ -23,6 +23,10 @@ Status = Literal["ok", "diverged", "oom", "pruned", "timeout", "failed"]
 STATUSES: tuple[str, ...] = get_args(Status)
 # Trials the sampler is told are infeasible (Optuna constraints): the memory and stability walls.
 INFEASIBLE: tuple[str, ...] = ("oom", "diverged")
+# The statuses of trials Optuna records as FAIL. A FAIL trial whose record says otherwise (ok, oom, ...) lost
+# its completion (its worker died, or a torn journal was cut back, between the record and the state): it
+# did not finish, and runs again.
+FAIL_STATUSES: tuple[str, ...] = ("timeout", "failed")
 SCHEMA_VERSION = 2
 
 
@@ -173,7 +177,14 @@ class TrialConfig:
     nhid: int | None = col(None, "hidden units per layer")
     emsize: int | None = col(None, "embedding size")
     layers: int | None = col(None, "recurrent layers")
-    dropout: float | None = col(None, "dropout probability")
+    dropout: float | None = col(None, "dropout probability (awd-lstm: on the last layer's output)")
+    heads: int | None = col(None, "transformer: attention heads")
+    mem_len: int | None = col(None, "transformer: carried memory of previous tokens' keys and values (0: none)",
+                              "tokens")
+    embed_dropout: float | None = col(None, "awd-lstm: embedding (whole-word) dropout")
+    input_dropout: float | None = col(None, "awd-lstm: locked dropout on the embedding output")
+    hidden_dropout: float | None = col(None, "awd-lstm: locked dropout between recurrent layers")
+    weight_dropout: float | None = col(None, "awd-lstm: DropConnect on the hidden-to-hidden weights")
     model: str | None = col(None, "the model family (lstm, gru, ...), or a factory's module:function; the shape columns "
                                   "(nhid, emsize, layers, dropout) are those the family reads (a factory's: only the "
                                   "searched ones; n_params says its size)")
@@ -229,6 +240,8 @@ class StudyInfo:
     corpus_source: str | None = col(None, "where the corpus came from", csv=False)
     corpus_licence: str | None = col(None, "licence of the corpus", csv=False)
     vocab_size: int | None = col(None, "vocabulary size")
+    corpus_hash: str | None = col(None, "sha256 of the corpus's text: the data the trial measured (a study "
+                                        "refuses to resume on other data)")
     budget: str | None = col(None, "tokens or seconds: what every trial was given the same amount of")
     budget_tokens: int | None = col(None, "training-token budget of the study as declared", "tokens")
     budget_epochs: float | None = col(None, "the study's budget in passes over the train split (when declared so)")

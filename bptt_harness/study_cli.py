@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from bptt_harness.errors import HarnessError
+from bptt_harness.interrupt import StopRequest, deferred_signals
 from bptt_harness.progress import Eta, EtaColumn, checkpoint_line
 from bptt_harness.spec import LOG_HELP
 from bptt_harness.urls import STORAGE_ENV, hides_password
@@ -143,14 +144,6 @@ def _fmt_s(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
-def _sigterm_as_interrupt() -> None:
-    """Slurm and kill send SIGTERM: treat it like Ctrl-C so the running trial is marked and retried."""
-    def handler(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, handler)
-
-
 def _report(config: Any, storage_url: str) -> None:
     from bptt_harness.report import generate
 
@@ -190,7 +183,6 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     with _storage_errors_as_one_line(storage_url):
         study, corpus, device = prepare(config, storage_url, args.device)
         n_target = config.n_trials()
-        _sigterm_as_interrupt()
         already = progress(study).done
         racing = config.race.trials if config.race else 0
         print(f"study {config.name}: {n_target} trials" + (f" + up to {racing} racing runs" if racing else "")
@@ -199,11 +191,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         display = Display(n_target + racing)
         display.set_done(already)
         try:
-            if workers == 1:
-                run_worker(study, config, corpus, device, n_target, on_result=display.result,
-                           on_start=display.start, on_checkpoint=display.checkpoint)
-            else:
-                _run_pool(config, storage_url, workers, device, n_target, display, study)
+            # Slurm and kill send SIGTERM: like Ctrl-C, recorded wherever it lands and acted on at a safe point.
+            with deferred_signals() as stop:
+                if workers == 1:
+                    run_worker(study, config, corpus, device, n_target, on_result=display.result,
+                               on_start=display.start, on_checkpoint=display.checkpoint, stop=stop)
+                else:
+                    _run_pool(config, storage_url, workers, device, n_target, display, study, stop)
         except KeyboardInterrupt:
             display.close()
             p = progress(study)
@@ -294,7 +288,7 @@ def _worker_env(index: int, device: Any, workers: int) -> tuple[dict, str, int]:
 
 
 def _run_pool(config: Any, storage_url: str, workers: int, device: Any, n_target: int, display: Display,
-              study: Any) -> None:
+              study: Any, stop: StopRequest) -> None:
     from bptt_harness.study import progress
 
     procs = []
@@ -323,6 +317,7 @@ def _run_pool(config: Any, storage_url: str, workers: int, device: Any, n_target
                     display.result(t, t.user_attrs["record"], study)
             if not alive:
                 break
+            stop.check()
             time.sleep(1.0)
     except KeyboardInterrupt:
         for p in procs:
@@ -344,7 +339,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from bptt_harness.config import with_log
     from bptt_harness.hardware import resolve_device
     from bptt_harness.loggers import check_installed
-    from bptt_harness.study import config_from_storage, load_corpus, progress, run_worker
+    from bptt_harness.study import check_same_corpus, config_from_storage, load_corpus, progress, run_worker
 
     storage_url = _given_storage(args)
     if storage_url is None:
@@ -367,12 +362,13 @@ def cmd_worker(args: argparse.Namespace) -> int:
             config = replace(config, trials=args.trials)
         device = resolve_device(args.device or config.device)
         corpus = load_corpus(config)
+        check_same_corpus(study, config, corpus)
         n_target = config.n_trials()
-        _sigterm_as_interrupt()
         display = Display(n_target, quiet=args.quiet)
         try:
-            run_worker(study, config, corpus, device, n_target, on_result=display.result, on_start=display.start,
-                       host_workers=args.host_workers, on_checkpoint=display.checkpoint)
+            with deferred_signals() as stop:
+                run_worker(study, config, corpus, device, n_target, on_result=display.result, on_start=display.start,
+                           host_workers=args.host_workers, on_checkpoint=display.checkpoint, stop=stop)
         except KeyboardInterrupt:
             display.close()
             raise SweepInterrupted(

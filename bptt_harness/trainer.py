@@ -365,7 +365,7 @@ class TrialLoop:
         self.valid = batchify(self.corpus.valid, t.eval_batch_size).to(self.device)
         self.model = self.family.build(model_cfg, vocab).to(self.device)
         self.result.n_params = count_params(self.model)
-        self.result.flops_per_token = self.family.flops_per_token(model_cfg, vocab, self.model)
+        self.result.flops_per_token = self.family.flops(model_cfg, vocab, self.model, self.spec.bptt)
         self.result.evaluation = self.family.info.evaluation_of(model_cfg)
         self.forward = torch.compile(self.model) if t.compile else self.model
         if self.options.warm_up_steps:

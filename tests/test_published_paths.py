@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from bptt_harness.cli import main
-from bptt_harness.study.storage import relative_to_results
+from bptt_harness.urls import relative_to_folder as relative_to_results
 from studyfiles import write_study
 
 pytestmark = pytest.mark.usefixtures("one_thread")

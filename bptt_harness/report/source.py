@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from bptt_harness.errors import HarnessError
-from bptt_harness.urls import STORAGE_ENV, hides_password, redact, same_storage, scrub
+from bptt_harness.record import FAIL_STATUSES
+from bptt_harness.urls import STORAGE_ENV, anchored, hides_password, redact, same_storage, scrub
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +106,7 @@ def resolve(source: str | Path, *, storage: str | None = None, study_name: str |
         raise HarnessError(f"{str(path / STUDY_JSON)!r} has no 'storage' URL; pass --storage URL")
     if hides_password(url):
         url = _password_from_environment(url, path / STUDY_JSON)
-    url = _relocate(url, path)
+    url = _relocate(anchored(url, path), path)
     return StudySource(name=study_name or info.get("study_name"), storage_url=url,
                        out_dir=out_dir or path, info=info)
 
@@ -148,13 +149,10 @@ def _read_study_json(folder: Path) -> dict:
 
 
 def _relocate(url: str, folder: Path) -> str:
-    """A results folder that was moved or copied still points at its old storage path: use the copy. A
-    relative path (what ``study.json`` records for a storage inside the folder) is relative to the folder."""
+    """A results folder that was moved or copied still points at its old storage path: use the copy."""
     for prefix in ("sqlite:///", "journal:"):
         if url.startswith(prefix):
             target = Path(url[len(prefix):])
-            if not target.is_absolute() and (folder / target).is_file():
-                return f"{prefix}{(folder / target).resolve()}"
             local = folder / target.name
             if not target.exists() and local.exists():
                 log.info("storage %s not found; using %s in the results folder", target, local)
@@ -245,6 +243,11 @@ def trial_record(trial: Any, study_name: str) -> dict | None:
                "study": {"name": study_name},
                "started_at": trial.datetime_start.isoformat() if trial.datetime_start else None,
                "finished_at": trial.datetime_complete.isoformat() if trial.datetime_complete else None}
+    elif state == "FAIL" and rec.get("status") not in FAIL_STATUSES:
+        # Its completion was lost (the worker died, or a torn journal was cut back, after the record was
+        # stored): it did not finish, whatever the record says, and runs again on resume.
+        rec = {**rec, "status": "failed", "error": f"its completion was never stored (the record said "
+                                                   f"{rec.get('status')}); it runs again on resume"}
     else:
         rec = dict(rec)
     rec["trial_number"] = trial.number

@@ -54,6 +54,7 @@ from bptt_harness.study.run import (  # noqa: F401
     _largest,
     check_corpus_fits,
     check_cost_measurable,
+    check_same_corpus,
     config_from_storage,
     load_corpus,
     plan_budget,

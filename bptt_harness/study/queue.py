@@ -21,6 +21,7 @@ from optuna.trial import FrozenTrial, TrialState
 from bptt_harness.config import StudyConfig
 from bptt_harness.errors import HarnessError
 from bptt_harness.fileio import pid_alive as _pid_alive
+from bptt_harness.record import FAIL_STATUSES
 from bptt_harness.study.common import CANONICAL, MAX_RETRIES
 from bptt_harness.urls import redact
 
@@ -175,8 +176,12 @@ def _has_repeats(study: optuna.Study, params: dict[str, Any]) -> bool:
 
 
 def _has_final_record(t: FrozenTrial) -> bool:
+    """Whether ``t`` finished with a record that stands: not interrupted, and not a FAIL trial whose record
+    says it finished otherwise (its completion was lost: see ``record.FAIL_STATUSES``)."""
     record = t.user_attrs.get("record")
-    return record is not None and not t.user_attrs.get("interrupted", False)
+    if record is None or t.user_attrs.get("interrupted", False):
+        return False
+    return t.state != TrialState.FAIL or record.get("status") in FAIL_STATUSES
 
 
 def retry_trial(study: optuna.Study, trial: FrozenTrial) -> None:
