@@ -436,6 +436,13 @@ def check_storage_url(url: str) -> None:
     raise HarnessError(f"storage {redact(url)!r} is not supported; use {STORAGE_FORMS}")
 
 
+def _log_targets(log: Any) -> tuple[LogTarget, ...]:
+    """The study file's ``log = ["tensorboard:runs", ...]``: where each trial's curves also go."""
+    if not isinstance(log, list):
+        raise HarnessError(f"study file: log = {log!r} must be a list such as [\"tensorboard:runs\", \"mlflow:runs\"]")
+    return parse_log_targets(log, where="study file: log entry")
+
+
 def parse_study(raw: dict, path: Path | None = None, results_root: Path = Path("results")) -> StudyConfig:
     for key in raw:
         if key not in TOP_KEYS:
@@ -477,10 +484,7 @@ def parse_study(raw: dict, path: Path | None = None, results_root: Path = Path("
         raise HarnessError(f"study file: max_memory_gib = {raw['max_memory_gib']} must be > 0")
     if "storage" in raw:
         check_storage_url(raw["storage"])
-    log = raw.get("log", [])
-    if not isinstance(log, list):
-        raise HarnessError(f"study file: log = {log!r} must be a list such as [\"tensorboard:runs\", \"mlflow:runs\"]")
-    log_targets = parse_log_targets(log, where="study file: log entry")
+    log_targets = _log_targets(raw.get("log", []))
     device = raw.get("device", "auto")
     if not (device in ("auto", "cpu", "cuda") or re.match(r"^cuda:\d+$", device)):
         raise HarnessError(f"study file: device = {device!r} must be auto, cpu, cuda or cuda:N")
