@@ -433,9 +433,9 @@ def user_attrs(rec: TrialRecord) -> dict[str, Any]:
     """The main metrics of a record as flat Optuna user attributes, named like their ``trials.csv`` columns:
     optuna-dashboard sorts and plots user attributes, but not the fields inside the nested ``record`` (it
     shows that blob cut at 1,024 characters). The columns marked ``attr=True`` and the diagnostics' headline
-    numbers where the record has them."""
+    numbers where the record has measured them."""
     row = flatten(rec)
-    names = [c.name for c in trial_columns() if c.attr] + [n for n in HEADLINE_DIAGNOSTICS if n in row]
+    names = [c.name for c in trial_columns() if c.attr] + [n for n in HEADLINE_DIAGNOSTICS if row.get(n) is not None]
     return finite_or_none({name: row[name] for name in dict.fromkeys(names)})
 
 
