@@ -158,7 +158,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
     from bptt_harness.config import load_study
     from bptt_harness.hardware import fingerprint, resolve_device
-    from bptt_harness.profile import cells, run_profile, walls_table, write_profile
+    from bptt_harness.profile import run_profile, write_profile
+    from bptt_harness.profile_csv import cells, walls_table
     from bptt_harness.study import load_corpus
 
     if args.steps < 1:

@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from bptt_harness.errors import HarnessError
+from bptt_harness.fieldkind import field_kinds
 from bptt_harness.lr import LrRule, parse_lr_table
-from bptt_harness.race import RaceConfig
+from bptt_harness.search_keys import CELL, SEARCH_KEYS
 from bptt_harness.spec import CorpusSpec, ModelConfig, TrainConfig
 from bptt_harness.urls import redact
 
@@ -29,12 +30,22 @@ TOP_KEYS = ("name", "description", "objectives", "sampler", "pruner", "trials", 
             "seed", "device", "workers", "corpus", "model", "train", "search", "lr", "race")
 # [train] keys beyond TrainConfig's own fields.
 TRAIN_EXTRA = ("repeats",)
-SEARCH_KEYS = {"bptt": "int", "batch_size": "int", "lr": "float", "nhid": "int", "emsize": "int", "layers": "int",
-               "dropout": "float", "variable_bptt": "bool",
-               # issue 26 (stability study: a clipped and an unclipped arm); to move into the key registry
-               "clip": "float"}
 STORAGE_FORMS = "sqlite:///path/study.db, journal:path/journal.log or postgresql://user@host/db"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+
+@dataclass(frozen=True)
+class RaceConfig:
+    """``[race]``: ``max_seeds`` runs per configuration at most; ``trials`` extra runs in all."""
+
+    max_seeds: int = 3
+    trials: int = 6
+
+    def __post_init__(self) -> None:
+        for key, low in (("max_seeds", 2), ("trials", 1)):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise HarnessError(f"race {key} = {value!r} must be an integer >= {low}")
 
 
 @dataclass(frozen=True)
@@ -140,15 +151,6 @@ def _unknown(section: str, key: str, allowed: tuple[str, ...] | list[str]) -> Ha
                         f"allowed: {', '.join(allowed)}")
 
 
-def _kind_of(annotation: str) -> str:
-    if "Literal" in annotation or annotation.startswith("str"):
-        return "str"
-    for kind in ("bool", "float", "int"):
-        if kind in annotation:
-            return kind
-    return "str"
-
-
 def _check_type(where: str, value: Any, kind: str) -> Any:
     ok = {
         "bool": isinstance(value, bool),
@@ -175,12 +177,13 @@ def _build(cls: type, table: Any, section: str, skip: tuple[str, ...] = (), also
     for key, value in table.items():
         if key not in fields:
             raise _unknown(section, key, list(fields) + list(also))
-        _check_type(f"{section}.{key}", value, _kind_of(str(fields[key].type)))
+        _check_type(f"{section}.{key}", value, field_kinds(cls)[key][0] or "str")
     return cls(**table)
 
 
 def _param_space(name: str, value: Any) -> ParamSpace:
-    kind = SEARCH_KEYS[name]
+    entry = SEARCH_KEYS[name]
+    kind = entry.kind
     where = f"search.{name}"
     if isinstance(value, list):
         if not value:
@@ -211,21 +214,8 @@ def _param_space(name: str, value: Any) -> ParamSpace:
     else:
         raise HarnessError(f"study file: {where} = {value!r} must be a list of values or a table "
                            "{{ low = .., high = .., log = true }}")
-    _check_range(space)
+    entry.check_bounds(min(space.choices) if space.choices is not None else space.low, space.max_value())
     return space
-
-
-def _check_range(space: ParamSpace) -> None:
-    lo = min(space.choices) if space.choices is not None else space.low
-    hi = space.max_value()
-    if space.kind == "bool":
-        return
-    bounds = {"bptt": (1, 100_000), "batch_size": (1, 1_000_000), "nhid": (1, 65_536), "emsize": (1, 65_536),
-              "layers": (1, 64), "lr": (1e-12, 1e6), "dropout": (0.0, 0.999),
-              "clip": (0.0, 1e6)}[space.name]
-    if lo < bounds[0] or hi > bounds[1]:
-        raise HarnessError(f"study file: search.{space.name} values must lie in [{bounds[0]:g}, {bounds[1]:g}]; "
-                           f"got {lo:g}..{hi:g}")
 
 
 def _lr_rule(table: Any, search: dict[str, ParamSpace]) -> LrRule:
@@ -236,7 +226,7 @@ def _lr_rule(table: Any, search: dict[str, ParamSpace]) -> LrRule:
         if key not in fields:
             raise _unknown("lr", key, fields)
         if key != "ladder":
-            _check_type(f"lr.{key}", value, _kind_of(str(LrRule.__dataclass_fields__[key].type)))
+            _check_type(f"lr.{key}", value, field_kinds(LrRule)[key][0] or "str")
     rule = parse_lr_table(table)
     if rule.rule != "fixed" and "lr" in search:
         raise HarnessError(f"study file: search.lr with lr.rule = {rule.rule!r}: the rule sets each shape's lr; "
@@ -323,9 +313,9 @@ def parse_study(raw: dict, path: Path | None = None, results_root: Path = Path("
     for key in search_raw:
         if key not in SEARCH_KEYS:
             raise _unknown("search", key, tuple(SEARCH_KEYS))
-    for key in ("bptt", "batch_size"):
+    for key in CELL:
         if key not in search_raw:
-            raise HarnessError(f"study file: search.{key} is missing; every study searches bptt and batch_size")
+            raise HarnessError(f"study file: search.{key} is missing; every study searches {' and '.join(CELL)}")
     search = {key: _param_space(key, value) for key, value in search_raw.items()}
     lr_rule = _lr_rule(raw.get("lr", {}), search)
     race = _build(RaceConfig, raw["race"], "race") if "race" in raw else None

@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 import math
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -245,12 +245,6 @@ class ModelConfig:
     def describe(self) -> str:
         """What the model is, for people: ``lstm 2x200``, or a factory's ``module:function``."""
         return self.factory if self.factory is not None else self.info.describe(vars(self))
-
-    def recorded(self, searched: Iterable[str] = ()) -> dict[str, Any]:
-        """The model keys a trial record keeps: those the family reads (a factory's: only the keys the study
-        searches, which reach it in its ``model_config``); the rest are None rather than unused defaults."""
-        keep = set(self.info.keys) | set(searched)
-        return {k: getattr(self, k) if k in keep else None for k in ("nhid", "emsize", "layers", "dropout")}
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,8 @@ import pytest
 from bptt_harness.cli import main
 from bptt_harness.config import parse_study
 from bptt_harness.errors import HarnessError
-from bptt_harness.lr import LrRule, pick, short_train
+from bptt_harness.lr import LrRule
+from bptt_harness.study.tuning import pick, short_train
 from bptt_harness.report.build import build
 from bptt_harness.report.frame import records_to_frame
 from bptt_harness.spec import TrainConfig

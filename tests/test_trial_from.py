@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 
 from bptt_harness import trial_cli
+from bptt_harness.fieldkind import field_kind
 from bptt_harness.cli import build_parser, main
 from bptt_harness.corpus import CorpusSpec
 from bptt_harness.errors import HarnessError
@@ -79,12 +80,12 @@ def test_options_are_named_like_the_study_keys() -> None:
 
 def _other(value: object, hint: object) -> object:
     """A valid value other than the default, for an option generated from a field."""
-    kind, choices = trial_cli._kind(hint)
-    if kind is bool:
+    kind, choices = field_kind(hint)
+    if kind == "bool":
         return not value
     if choices:
         return next(c for c in choices if c != value)
-    if kind is int:
+    if kind == "int":
         return (value or 1) + 2
     return (value or 1.0) + 1.5
 

@@ -43,8 +43,8 @@ class Advice:
     notes: list[str] = field(default_factory=list)
 
 
-def g(v: float, digits: int = 4) -> str:
-    """A number for a sentence: ``123.4``, ``0.3612``, ``45,210`` (bptt_harness.report.numbers)."""
+def sentence_num(v: float, digits: int = 4) -> str:
+    """A number as a sentence of the advice writes it ("n/a" when missing): ``123.4``, ``0.3612``, ``45,210`` (bptt_harness.report.numbers)."""
     return numbers.num(v, digits, missing="n/a")
 
 
@@ -53,12 +53,12 @@ def fmt_cost(v: float, cost: str) -> str:
 
 
 def _ppl(row: pd.Series) -> str:
-    text = g(row["val_ppl"])
+    text = sentence_num(row["val_ppl"])
     if "val_ppl_lo" in row.index:  # n and the interval over seeds (bptt_harness.report.noise)
         return f"{text} [{interval_text(row)}]"
     std, n = row.get("val_ppl_std"), row.get("n", 1)
     if n and n > 1 and std is not None and math.isfinite(std):
-        text += f" ± {g(std, 2)}"
+        text += f" ± {sentence_num(std, 2)}"
     return text
 
 
@@ -130,8 +130,8 @@ def _lr_note(row: pd.Series) -> str:
     if not isinstance(rule, str) or not rule or lr is None or pd.isna(lr):
         return ""
     if rule == "fixed":
-        return f" (lr {g(lr, 3)}, the same for every shape)"
-    return f" (lr {g(lr, 3)}, {'tuned' if rule == 'tuned' else f'by the {rule} rule'})"
+        return f" (lr {sentence_num(lr, 3)}, the same for every shape)"
+    return f" (lr {sentence_num(lr, 3)}, {'tuned' if rule == 'tuned' else f'by the {rule} rule'})"
 
 
 def _seed_noise_clause(table: pd.DataFrame, rec: pd.Series, extra: list[str]) -> str:
@@ -145,7 +145,7 @@ def _seed_noise_clause(table: pd.DataFrame, rec: pd.Series, extra: list[str]) ->
         return (f" Its perplexity differs from every other configuration's by more than the seed noise "
                 f"({Z:g} standard errors).")
     return (f" Within the seed noise ({Z:g} standard errors of the difference) its perplexity ties with "
-            + ", ".join(f"{label(r, extra)} ({g(r['val_ppl'])})" for r in ties[:4])
+            + ", ".join(f"{label(r, extra)} ({sentence_num(r['val_ppl'])})" for r in ties[:4])
             + (f" and {len(ties) - 4} more" if len(ties) > 4 else "") + ".")
 
 
@@ -161,8 +161,8 @@ def _test_clause(rec: pd.Series, best: pd.Series, extra: list[str]) -> str:
     if t_rec is None or pd.isna(t_rec):
         return ""
     if rec["config_key"] == best["config_key"] or t_best is None or pd.isna(t_best):
-        return f" Test perplexity: {g(t_rec)}."
-    return f" Test perplexity: {g(t_rec)}; the best by validation, {label(best, extra)}, {g(t_best)}."
+        return f" Test perplexity: {sentence_num(t_rec)}."
+    return f" Test perplexity: {sentence_num(t_rec)}; the best by validation, {label(best, extra)}, {sentence_num(t_best)}."
 
 
 def _by_budget(budget: BudgetVerdict | None) -> Finding | None:
@@ -179,13 +179,13 @@ def _lr_rule(trials: pd.DataFrame, table: pd.DataFrame) -> Finding | None:
     lrs = table["lr"].dropna()
     out = f"{text.iloc[0][0].upper()}{text.iloc[0][1:]}."
     if len(lrs) and lrs.nunique() > 1:
-        out += f" The configurations used lr {g(lrs.min(), 3)} to {g(lrs.max(), 3)} (configs.csv has each one)."
+        out += f" The configurations used lr {sentence_num(lrs.min(), 3)} to {sentence_num(lrs.max(), 3)} (configs.csv has each one)."
     tune = pd.to_numeric(trials["lr_tune_tokens"], errors="coerce").fillna(0) if "lr_tune_tokens" in trials else None
     trained = trials["train_tokens"].fillna(0).sum()
     if tune is not None and tune.sum() > 0 and trained > 0:
         seconds = pd.to_numeric(trials["lr_tune_s"], errors="coerce").fillna(0).sum()
         out += (f" Tuning cost {int(tune.sum()):,} training tokens ({tune.sum() / trained:.0%} on top of the "
-                f"{int(trained):,} the trials trained on) and {g(seconds, 3)} s.")
+                f"{int(trained):,} the trials trained on) and {sentence_num(seconds, 3)} s.")
     return Finding("lr", "How was the learning rate set?", out)
 
 
@@ -279,18 +279,18 @@ def _bptt_helps(table: pd.DataFrame, rec: pd.Series, extra: list[str]) -> Findin
     if i_best == 0 or i_plateau == 0:
         text = (f"No: at batch size {bs} the shortest window that finished, bptt {int(b[0])}, is already "
                 + ("the best" if i_best == 0 else f"within {PLATEAU:.0%} (or the spread) of the best")
-                + f" (perplexity {g(p[0])}); at bptt {int(b[-1])} it is {g(p[-1])}. At this budget a longer window "
+                + f" (perplexity {sentence_num(p[0])}); at bptt {int(b[-1])} it is {sentence_num(p[-1])}. At this budget a longer window "
                 "costs optimiser steps and does not pay them back.")
     elif i_plateau == len(b) - 1:
-        text = (f"Yes, all the way: at batch size {bs} perplexity falls from {g(p[0])} (bptt {int(b[0])}) to "
-                f"{g(p[-1])} at the longest window tried (bptt {int(b[-1])}); try longer windows.")
+        text = (f"Yes, all the way: at batch size {bs} perplexity falls from {sentence_num(p[0])} (bptt {int(b[0])}) to "
+                f"{sentence_num(p[-1])} at the longest window tried (bptt {int(b[-1])}); try longer windows.")
     else:
         after = p[i_plateau + 1:]
         beyond = ("gets worse" if after.size and after.max() > p[i_best] * (1 + PLATEAU) else
                   f"changes by less than {PLATEAU:.0%}")
-        text = (f"Up to bptt {int(b[i_plateau])}: at batch size {bs} perplexity falls from {g(p[0])} (bptt {int(b[0])}) "
-                f"to {g(p[i_plateau])} at bptt {int(b[i_plateau])}; beyond that it {beyond} "
-                f"(best {g(p[i_best])} at bptt {int(b[i_best])}).")
+        text = (f"Up to bptt {int(b[i_plateau])}: at batch size {bs} perplexity falls from {sentence_num(p[0])} (bptt {int(b[0])}) "
+                f"to {sentence_num(p[i_plateau])} at bptt {int(b[i_plateau])}; beyond that it {beyond} "
+                f"(best {sentence_num(p[i_best])} at bptt {int(b[i_best])}).")
     if len(per_bs) > 1:
         text += " Best bptt per batch size: " + ", ".join(
             f"bs {x[0]} → {int(x[1][x[3]])}" for x in per_bs[:12]) + ("…" if len(per_bs) > 12 else "") + "."
@@ -370,10 +370,10 @@ def _threshold(configs: pd.DataFrame, diverged: pd.DataFrame) -> str | None:
         is_div = configs["config_key"].isin(diverged["config_key"])
         lo = diverged[f].min()
         if (configs[f] >= lo).sum() and is_div[configs[f] >= lo].all() and not is_div.all():
-            return f"Every configuration with {word} ≥ {g(lo)} diverged: that is the stability edge."
+            return f"Every configuration with {word} ≥ {sentence_num(lo)} diverged: that is the stability edge."
         hi = diverged[f].max()
         if (configs[f] <= hi).sum() and is_div[configs[f] <= hi].all() and not is_div.all():
-            return f"Every configuration with {word} ≤ {g(hi)} diverged: that is the stability edge."
+            return f"Every configuration with {word} ≤ {sentence_num(hi)} diverged: that is the stability edge."
     return None
 
 
@@ -385,8 +385,8 @@ def _interaction(table: pd.DataFrame, rec: pd.Series, extra: list[str]) -> Findi
         # The example: the group of equal tokens per step with most members (ties: nearest the recommendation).
         groups.sort(key=lambda grp: (-len(grp), abs(math.log(grp["tokens_per_step"].iloc[0] / rec["tokens_per_step"]))))
         ex = groups[0]
-        cells = "; ".join(f"bptt {int(r['bptt'])} × bs {int(r['batch_size'])}: {g(r['tokens_per_s'])} tokens/s, "
-                          f"perplexity {g(r['val_ppl'])}" for _, r in ex.head(5).iterrows())
+        cells = "; ".join(f"bptt {int(r['bptt'])} × bs {int(r['batch_size'])}: {sentence_num(r['tokens_per_s'])} tokens/s, "
+                          f"perplexity {sentence_num(r['val_ppl'])}" for _, r in ex.head(5).iterrows())
         longer_better = faster_wider = 0
         for grp in groups:
             short, long_ = grp.iloc[0], grp.iloc[-1]  # sorted by bptt: the long window has the small batch
@@ -403,9 +403,9 @@ def _interaction(table: pd.DataFrame, rec: pd.Series, extra: list[str]) -> Findi
     if len(same_b) >= 2:
         a, b = same_b.iloc[0], same_b.iloc[-1]
         text = (f"At bptt {int(rec['bptt'])}, going from batch size {int(a['batch_size'])} to {int(b['batch_size'])} "
-                f"changes throughput from {g(a['tokens_per_s'])} to {g(b['tokens_per_s'])} tokens/s "
-                f"({b['tokens_per_s'] / a['tokens_per_s']:.2g}x) and perplexity from {g(a['val_ppl'])} to "
-                f"{g(b['val_ppl'])}. No two configurations share bptt × bs, so shapes cannot be compared "
+                f"changes throughput from {sentence_num(a['tokens_per_s'])} to {sentence_num(b['tokens_per_s'])} tokens/s "
+                f"({b['tokens_per_s'] / a['tokens_per_s']:.2g}x) and perplexity from {sentence_num(a['val_ppl'])} to "
+                f"{sentence_num(b['val_ppl'])}. No two configurations share bptt × bs, so shapes cannot be compared "
                 "at fixed tokens per step.")
         return Finding("interaction", title, text)
     return Finding("interaction", title, "Cannot tell: the study has too few batch sizes per bptt.")
@@ -435,12 +435,12 @@ def _equal_time(et: EqualTime | None, table: pd.DataFrame, extra: list[str]) -> 
     else:
         tail += " Values are interpolated between validation checkpoints (set [train] time_grid_s to measure them)."
     if et.disagree:
-        text = (f"No. At the study's budget the best is {label(bb, extra)} (perplexity {g(bb['val_ppl'])}); "
+        text = (f"No. At the study's budget the best is {label(bb, extra)} (perplexity {sentence_num(bb['val_ppl'])}); "
                 f"at equal training time — {et.seconds:.3g} s, the latest time every configuration reached — it is "
-                f"{label(tb, extra)} (perplexity {g(at[et.best_time])}){rho}. The rankings disagree: at equal tokens a "
+                f"{label(tb, extra)} (perplexity {sentence_num(at[et.best_time])}){rho}. The rankings disagree: at equal tokens a "
                 "small bptt × bs gets more optimiser steps; at equal time a large one processes more tokens.")
     else:
         still = "still best" if et.best_time == et.best_budget else "tied with the best within the spread"
         text = (f"Yes. At equal training time — {et.seconds:.3g} s, the latest time every configuration reached — "
-                f"the study's best, {label(bb, extra)}, is {still} (perplexity {g(at[et.best_budget])}){rho}.")
+                f"the study's best, {label(bb, extra)}, is {still} (perplexity {sentence_num(at[et.best_budget])}){rho}.")
     return Finding("equal_time", title, text + tail)
