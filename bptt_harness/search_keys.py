@@ -18,7 +18,7 @@ from typing import Any, Literal
 from bptt_harness.errors import HarnessError
 from bptt_harness.spec import ModelConfig, TrainConfig, TrialSpec
 
-__all__ = ["CELL", "SEARCH_KEYS", "SearchKey", "config_key", "recorded_values", "search_key", "spec_with"]
+__all__ = ["CANONICAL", "CELL", "SEARCH_KEYS", "SearchKey", "config_key", "recorded_values", "search_key", "spec_with"]
 
 Section = Literal["cell", "model", "train"]
 Kind = Literal["int", "float", "bool"]
@@ -93,6 +93,9 @@ SEARCH_KEYS: dict[str, SearchKey] = {k.name: k for k in (
 )}
 # The keys every study searches: a trial's (bptt, batch size) cell.
 CELL = tuple(k.name for k in SEARCH_KEYS.values() if k.section == "cell")
+# The reference cell (the canonical word-language-model example's): a sweep queues it first, so every
+# report has it; ``bptt-harness trial`` runs it when given no cell.
+CANONICAL: dict[str, int] = {"bptt": 35, "batch_size": 20}
 
 
 def search_key(name: str, where: str = "search") -> SearchKey:

@@ -18,14 +18,13 @@ from typing import Any
 from bptt_harness.errors import HarnessError
 from bptt_harness.fieldkind import field_kinds
 from bptt_harness.record import TrialRecord
-from bptt_harness.search_keys import config_key, search_key, spec_with
+from bptt_harness.search_keys import CANONICAL, config_key, search_key, spec_with
 from bptt_harness.spec import CorpusSpec, ModelConfig, RunOptions, TrainConfig, TrialSpec
 
 # Old option names kept working (the study key's name comes first in --help).
 ALIASES = {"corpus:source": ("--corpus",), "model:type": ("--model",), "train:timeout_s": ("--timeout",)}
 # A field's kind -> the argparse type of its option.
 OPTION_TYPES: dict[str, type] = {"int": int, "float": float, "bool": bool, "str": str}
-DEFAULT_CELL = {"bptt": 35, "batch_size": 20}
 
 
 @dataclass(frozen=True)
@@ -154,9 +153,9 @@ def setup(args: argparse.Namespace) -> TrialSetup:
             raise HarnessError("--from needs --config with the configuration to run, e.g. --config "
                                "bptt=35,batch_size=5 (the config_key column of trials.csv)")
         study, loaded = load_from(args.from_)
-    given = {k: getattr(args, k) for k in DEFAULT_CELL if getattr(args, k) is not None}
-    required = tuple(k for k in (*(study.search if study else ()), *DEFAULT_CELL) if k not in given)
-    params = {**(parse_config(args.config, required) if args.config else DEFAULT_CELL), **given}
+    given = {k: getattr(args, k) for k in CANONICAL if getattr(args, k) is not None}
+    required = tuple(k for k in (*(study.search if study else ()), *CANONICAL) if k not in given)
+    params = {**(parse_config(args.config, required) if args.config else CANONICAL), **given}
     key, cap = None, study.memory_cap_mib if study is not None else None
     if study is not None:
         from bptt_harness.study import trial_spec

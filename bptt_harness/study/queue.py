@@ -20,13 +20,11 @@ from bptt_harness.config import StudyConfig
 from bptt_harness.errors import HarnessError
 from bptt_harness.fileio import pid_alive as _pid_alive
 from bptt_harness.record import COST_COLUMNS
+from bptt_harness.search_keys import CANONICAL
 from bptt_harness.stored import MAX_RETRIES, RETRIES, RETRY_OF, retried_numbers, standing, trial_params
 from bptt_harness.urls import redact
 
 log = logging.getLogger(__name__)
-
-# The reference configuration (the canonical example's): queued first, so every report has it.
-CANONICAL = {"bptt": 35, "batch_size": 20}
 
 
 def make_sampler(config: StudyConfig) -> optuna.samplers.BaseSampler:
