@@ -25,7 +25,7 @@ TORCH_REQ        = torch==$(TORCH_VERSION)$(if $(and $(TORCH_BUILD),$(TORCH_INDE
 help:
 	@echo "make lint       ruff and mypy over bptt_harness/"
 	@echo "make test       run the test suite"
-	@echo "make sweep      run $(STUDY) and write results/<study>/report.html"
+	@echo "make sweep      profile $(STUDY) (once), run it and write results/<study>/report.html"
 	@echo "make report     rebuild the report of $(STUDY) from its stored trials"
 	@echo "make doctor     show the device, probe and hardware fingerprint"
 	@echo "make gpu-check  short CUDA grid + OOM probe; writes results/published/gpu-check-<gpu>.csv"
@@ -42,6 +42,8 @@ $(STAMP): pyproject.toml
 		$(PY) -m pip install -q $(if $(TORCH_INDEX_URL),--index-url "$(TORCH_INDEX_URL)") "$(TORCH_REQ)"
 	$(PY) -m pip install -q -e ".[test]"
 	$(PY) -m pip install -q -e ".[dashboard]" || echo "warning: optuna-dashboard could not be installed; its test is skipped"
+	for tool in tensorboard mlflow wandb; do $(PY) -m pip install -q -e ".[$$tool]" || \
+		echo "warning: $$tool could not be installed; --log $$tool:DIR says so and its tests are skipped"; done
 	touch $(STAMP)
 
 lint: $(STAMP)
@@ -51,7 +53,10 @@ lint: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# The memory and speed map first (seconds per cell; once per study): the sweep skips cells it saw run out of
+# memory, and the report gets the map, the wall per bptt and the profile-vs-trials check.
 sweep: $(STAMP)
+	$(VENV)/bin/bptt-harness profile $(STUDY) --if-missing
 	$(VENV)/bin/bptt-harness sweep $(STUDY)
 
 report: $(STAMP)

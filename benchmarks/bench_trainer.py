@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bench_trainer.py [--device cpu|cuda] [--rounds 5] [--tokens 150000]
         [--emsize 200] [--nhid 200] [--layers 2] [--max-vocab 10000] [--bptt 35] [--batch-size 20]
+        [--type lstm|transformer] [--heads 2]
 
 The textbook arm is ``benchmarks/textbook_lm.py``: the pytorch/examples ``word_language_model`` loop
 (per-step ``loss.item()``, ``repackage_hidden``, ``clip_grad_norm_``, manual SGD update), importing
@@ -11,6 +12,11 @@ torch's default threads. The harness arm is the command a user would run instead
 model shape on the same token ids (the default corpus, exported once for the textbook script) and
 report tokens/s after the same number of untimed warm-up steps. Rounds alternate the order (ABBA);
 the medians give the ratio. Goal: >= 1.0x on CPU, >= 1.5x on a GPU.
+
+``--type transformer`` measures the ``transformer`` family against the example's ``TransformerModel``
+(``benchmarks/textbook_transformer.py``): the same width (``--emsize``), feed-forward width (``--nhid``),
+layers, heads, dropout, window and batch size, both with the example's SGD update (use a small ``--lr``,
+e.g. 0.5: the example's lr 20 is an LSTM's). Goal: >= 1.0x on CPU.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+TEXTBOOK = {"lstm": "textbook_lm.py", "transformer": "textbook_transformer.py"}
 WARMUP = 5  # the harness's default warmup_steps; the textbook script skips as many
 
 
@@ -49,6 +56,8 @@ def main() -> int:
     ap.add_argument("--lr", type=float, default=20.0)
     ap.add_argument("--clip", type=float, default=0.25)
     ap.add_argument("--seed", type=int, default=1111)
+    ap.add_argument("--type", choices=sorted(TEXTBOOK), default="lstm", help="the model family to measure")
+    ap.add_argument("--heads", type=int, default=2, help="attention heads (--type transformer)")
     args = ap.parse_args()
     steps = -(-args.tokens // (args.bptt * args.batch_size))
 
@@ -63,14 +72,17 @@ def main() -> int:
         shape = ["--emsize", str(args.emsize), "--nhid", str(args.nhid), "--layers", str(args.layers),
                  "--dropout", str(args.dropout), "--bptt", str(args.bptt), "--batch-size", str(args.batch_size),
                  "--lr", str(args.lr), "--clip", str(args.clip), "--seed", str(args.seed), "--device", args.device]
+        heads = ["--heads", str(args.heads)] if args.type == "transformer" else []
         arms = {
-            "textbook": [sys.executable, str(HERE / "textbook_lm.py"), "--data", str(ids),
-                         "--vocab", str(corpus.vocab_size), "--steps", str(steps), "--warmup", str(WARMUP), *shape],
+            "textbook": [sys.executable, str(HERE / TEXTBOOK[args.type]), "--data", str(ids),
+                         "--vocab", str(corpus.vocab_size), "--steps", str(steps), "--warmup", str(WARMUP), *shape,
+                         *heads],
             "harness": [sys.executable, "-m", "bptt_harness", "trial", "--corpus", "default", "--lower", "--split-punct",
                         "--max-vocab", str(args.max_vocab), "--tokens", str(steps * args.bptt * args.batch_size),
-                        "--checkpoints", "1", "--json", *shape],
+                        "--checkpoints", "1", "--json", "--type", args.type, *shape, *heads],
         }
-        print(f"{args.layers}x{args.nhid} LSTM (emsize {args.emsize}), vocab {corpus.vocab_size:,}, bptt {args.bptt}, "
+        model = "LSTM" if args.type == "lstm" else f"Transformer ({args.heads} heads)"
+        print(f"{args.layers}x{args.nhid} {model} (emsize {args.emsize}), vocab {corpus.vocab_size:,}, bptt {args.bptt}, "
               f"bs {args.batch_size}, {steps} steps ({WARMUP} untimed), device {args.device}, torch {torch.__version__}; "
               "each arm in its own process")
         speeds: dict[str, list[float]] = {name: [] for name in arms}

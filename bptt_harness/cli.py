@@ -3,21 +3,49 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import logging
+import re
 import sys
 import warnings
+from collections.abc import Mapping
 from dataclasses import asdict, fields
 from typing import Any, NoReturn
 
+from bptt_harness import __version__
 from bptt_harness.errors import HarnessError
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a bad argument is one line and exit 2 (no usage dump)."""
+    """argparse, but a bad argument is one line and exit 2 (no usage dump), with the closest option or
+    subcommand for a typo, pointing at the help of the subcommand it was given to."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.subcommands: Mapping[str, argparse.ArgumentParser] = {}
 
     def error(self, message: str) -> NoReturn:
+        choice = re.match(r"argument \S+: invalid choice: '([^']*)' \(choose from (.*)\)$", message)
+        if choice:
+            message += _closest(choice[1], re.findall(r"'([^']*)'", choice[2]))
         self.exit(2, f"error: {self.prog}: {message}; see '{self.prog} --help'\n")
+
+    def parse_args(self, args: Any = None, namespace: Any = None) -> argparse.Namespace:  # type: ignore[override]
+        """Unknown options are reported by the subcommand that got them (argparse reports them at the top)."""
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            command = self.subcommands.get(getattr(parsed, "command", None) or "", self)
+            unknown = [a for a in extras if a.startswith("-")]
+            # argparse keeps every option in one map per parser, its argument groups' included.
+            hint = _closest(unknown[0].split("=")[0], list(command._option_string_actions)) if unknown else ""
+            command.error(f"unrecognized arguments: {' '.join(extras)}{hint}")
+        return parsed
+
+
+def _closest(word: str, allowed: list[str]) -> str:
+    match = difflib.get_close_matches(word, allowed, n=1, cutoff=0.6)
+    return f" (did you mean {match[0]}?)" if match else ""
 
 
 def _add_corpus_args(p: argparse.ArgumentParser) -> None:
@@ -40,7 +68,9 @@ def _corpus_spec(args: argparse.Namespace):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="bptt-harness", description="Measure which bptt and batch size to use on this machine.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    parser.add_argument("--version", action="version", version=f"bptt-harness {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser.subcommands = sub.choices
 
     p = sub.add_parser("corpus", help="show a corpus: tokens per split, vocabulary, source, licence")
     p.add_argument("action", choices=("info",))
@@ -65,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="search the largest batch size that fits per bptt (auto: on a GPU or under max_memory_gib)")
     p.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default: the study's)")
     p.add_argument("--results-dir", default="results", help="where results/<study>/profile.csv goes")
+    p.add_argument("--if-missing", action="store_true",
+                   help="do nothing when the study already has its profile.csv (make sweep profiles this way)")
 
     from bptt_harness import study_cli
     from bptt_harness.report import cli as report_cli
@@ -93,11 +125,13 @@ def cmd_trial(args: argparse.Namespace) -> int:
     from bptt_harness import trial_cli
     from bptt_harness.corpus import check_fits, load
     from bptt_harness.hardware import resolve_device
+    from bptt_harness.loggers import RunInfo, check_installed, hparams_of, trial_loggers
     from bptt_harness.model import check_model
     from bptt_harness.probe import make_probe
     from bptt_harness.trainer import WARM_UP_STEPS, run_trial
 
     ts = trial_cli.setup(args)
+    check_installed(ts.log)
     spec, model, train = ts.spec, ts.spec.model, ts.spec.train
     device = resolve_device(ts.device)
     corpus = load(ts.corpus, check=lambda c: check_fits(c, spec.batch_size, spec.bptt, train.eval_batch_size))
@@ -123,7 +157,10 @@ def cmd_trial(args: argparse.Namespace) -> int:
         probe = None if args.no_probe else make_probe(device)
         # A fresh process: the first run warms up first, so start-up is not the trial's.
         options = replace(ts.options, warm_up_steps=0 if r else WARM_UP_STEPS)
-        result = run_trial(run, corpus, device, probe=probe, on_checkpoint=on_checkpoint, options=options)
+        name = f"{ts.config_key or f'bptt={run.bptt},batch_size={run.batch_size}'}-seed{run.train.seed}"
+        loggers = trial_loggers(ts.log, RunInfo(ts.name, name, hparams_of(run, repeat=r)))
+        result = run_trial(run, corpus, device, probe=probe, on_checkpoint=on_checkpoint, options=options,
+                           observers=loggers)
         ok = ok and result.status == "ok"
         if args.json:
             from bptt_harness.record import finite_or_none
@@ -164,7 +201,12 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
     if args.steps < 1:
         raise HarnessError(f"--steps {args.steps} must be >= 1")
+    from bptt_harness.profile import PROFILE_CSV
+
     config = load_study(args.study, results_root=Path(args.results_dir))
+    if args.if_missing and (config.results_dir / PROFILE_CSV).is_file():
+        print(f"profile: {config.results_dir / PROFILE_CSV} exists; kept (delete it to measure again)", file=sys.stderr)
+        return 0
     device = resolve_device(args.device or config.device)
     corpus = load_corpus(config)
     started = time.monotonic()

@@ -20,14 +20,14 @@ from bptt_harness.errors import HarnessError
 from bptt_harness.fieldkind import field_kinds
 from bptt_harness.lr import LrRule, parse_lr_table
 from bptt_harness.search_keys import CELL, SEARCH_KEYS
-from bptt_harness.spec import CorpusSpec, ModelConfig, TrainConfig
+from bptt_harness.spec import CorpusSpec, LogTarget, ModelConfig, TrainConfig, parse_log_targets
 from bptt_harness.urls import redact
 
 SAMPLERS = ("grid", "tpe", "random", "nsga2")
 PRUNERS = ("none", "median", "hyperband")
 COSTS = ("seconds_per_token", "peak_memory", "joules_per_token")
 TOP_KEYS = ("name", "description", "objectives", "sampler", "pruner", "trials", "storage", "max_memory_gib",
-            "seed", "device", "workers", "corpus", "model", "train", "search", "lr", "race")
+            "seed", "device", "workers", "log", "corpus", "model", "train", "search", "lr", "race")
 # [train] keys beyond TrainConfig's own fields.
 TRAIN_EXTRA = ("repeats",)
 STORAGE_FORMS = "sqlite:///path/study.db, journal:path/journal.log or postgresql://user@host/db"
@@ -106,6 +106,7 @@ class StudyConfig:
     repeats: int = 1
     lr_rule: LrRule = field(default_factory=LrRule)
     race: RaceConfig | None = None
+    log: tuple[LogTarget, ...] = ()   # where each trial's curves also go (bptt_harness.loggers)
     description: str = ""
     path: Path | None = None
     results_root: Path = Path("results")
@@ -287,6 +288,10 @@ def parse_study(raw: dict, path: Path | None = None, results_root: Path = Path("
         raise HarnessError(f"study file: max_memory_gib = {raw['max_memory_gib']} must be > 0")
     if "storage" in raw:
         check_storage_url(raw["storage"])
+    log = raw.get("log", [])
+    if not isinstance(log, list):
+        raise HarnessError(f"study file: log = {log!r} must be a list such as [\"tensorboard:runs\", \"mlflow:runs\"]")
+    log_targets = parse_log_targets(log, where="study file: log entry")
     device = raw.get("device", "auto")
     if not (device in ("auto", "cpu", "cuda") or re.match(r"^cuda:\d+$", device)):
         raise HarnessError(f"study file: device = {device!r} must be auto, cpu, cuda or cuda:N")
@@ -327,13 +332,18 @@ def parse_study(raw: dict, path: Path | None = None, results_root: Path = Path("
                          objectives=tuple(objectives), sampler=sampler, pruner=pruner, trials=raw.get("trials"),
                          storage=raw.get("storage"), max_memory_gib=raw.get("max_memory_gib"),
                          seed=raw.get("seed", 0), device=device, workers=raw.get("workers", 1), repeats=repeats,
-                         lr_rule=lr_rule, race=race,
+                         lr_rule=lr_rule, race=race, log=log_targets,
                          description=raw.get("description", ""), path=path, results_root=results_root,
                          # The resolved name goes with the stored copy, so `bptt-harness worker` can rebuild it.
                          raw={**raw, "name": name})
     if sampler == "grid":
         config.grid_size()  # raises if a range cannot be gridded
     return config
+
+
+def with_log(config: StudyConfig, given: list[str] | None) -> StudyConfig:
+    """The study with ``--log KIND:DIR`` targets added to its own ``log`` (each once)."""
+    return dataclasses.replace(config, log=parse_log_targets([*map(str, config.log), *(given or [])]))
 
 
 def load_study(path: str | Path, results_root: Path | str = Path("results")) -> StudyConfig:

@@ -23,13 +23,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bptt_harness.awd_lstm import AWDLSTM, awd_flops_per_token
 from bptt_harness.batching import get_batch, windows
 from bptt_harness.errors import HarnessError
-from bptt_harness.spec import FACTORY_FAMILY, GRU, LSTM, FamilyInfo, ModelConfig, declare_family, forget_family
+from bptt_harness.spec import AWD_LSTM, FACTORY_FAMILY, GRU, LSTM, TRANSFORMER, FamilyInfo, ModelConfig, declare_family, forget_family
+from bptt_harness.transformer import TransformerLM, attention_flops_per_token, transformer_flops_per_token
 
 __all__ = ["ModelFamily", "FamilyInfo", "RNNModel", "register_family", "unregister_family", "family_of", "build_model",
            "check_model", "resolve_factory", "repackage_hidden", "count_params", "evaluate_carried",
-           "evaluate_sliding", "rnn_flops_per_token", "estimated_flops_per_token"]
+           "evaluate_sliding", "rnn_flops_per_token", "estimated_flops_per_token", "no_state"]
 
 Hidden = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
@@ -131,16 +133,24 @@ class ModelFamily:
             ids and returns ``(logits of shape (seq_len * bs, ntoken), new state)``.
         flops_per_token: ``(model_config, ntoken, model) -> training FLOPs per token`` (forward + backward).
         init_state: ``(model, bs) -> the state a pass starts from`` (None for a model that keeps none).
+        window_flops_per_token: ``(model_config, window) -> training FLOPs per token`` that grow with the
+            window (attention's), added to ``flops_per_token`` by :meth:`flops`; None: none.
     """
 
     info: FamilyInfo
     build: Callable[[ModelConfig, int], nn.Module]
     flops_per_token: Callable[[ModelConfig, int, nn.Module], float]
     init_state: Callable[[nn.Module, int], Any] = init_hidden
+    window_flops_per_token: Callable[[ModelConfig, int], float] | None = None
 
     @property
     def name(self) -> str:
         return self.info.name
+
+    def flops(self, cfg: ModelConfig, ntoken: int, model: nn.Module, window: int) -> float:
+        """Training FLOPs per token of ``model`` trained on windows of ``window`` tokens."""
+        extra = self.window_flops_per_token(cfg, window) if self.window_flops_per_token is not None else 0.0
+        return self.flops_per_token(cfg, ntoken, model) + extra
 
     def evaluate(self, model: nn.Module, cfg: ModelConfig, matrix: torch.Tensor, bptt: int, amp: bool = False) -> float:
         """Mean validation (or test) cross-entropy of a batchified split (``(rows, bs)``) by the family's rule
@@ -287,6 +297,14 @@ def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0][:300]}" if text else type(e).__name__
 
 
+def no_state(model: nn.Module, bs: int) -> None:
+    """A Transformer starts each pass with no memory (its first window sees only itself)."""
+    return None
+
+
 for _family in (ModelFamily(LSTM, RNNModel, rnn_flops_per_token), ModelFamily(GRU, RNNModel, rnn_flops_per_token),
+                ModelFamily(TRANSFORMER, TransformerLM, transformer_flops_per_token, no_state,
+                            attention_flops_per_token),
+                ModelFamily(AWD_LSTM, AWDLSTM, awd_flops_per_token),
                 ModelFamily(FACTORY_FAMILY, build_factory_model, estimated_flops_per_token)):
     register_family(_family)

@@ -22,12 +22,13 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
+from bptt_harness.interrupt import StopRequest
 from bptt_harness.record import ProbeReport, TrialResult
 
 if TYPE_CHECKING:   # the loop imports this module; observers only receive it
     from bptt_harness.trainer import TrialLoop
 
-__all__ = ["TrialObserver", "ProbePhases", "TimeGrid", "CpuMemoryCounter", "oom_error_type"]
+__all__ = ["TrialObserver", "ProbePhases", "TimeGrid", "CpuMemoryCounter", "StopCheck", "state_elements", "oom_error_type"]
 
 
 class TrialObserver(Protocol):
@@ -75,6 +76,17 @@ class TrialObserver(Protocol):
     def fill(self, result: TrialResult) -> None:
         """The trial is over, whatever its status: write what was measured into ``result``."""
         return None
+
+
+class StopCheck(TrialObserver):
+    """Acts on a recorded Ctrl-C or SIGTERM (:mod:`bptt_harness.interrupt`) after every step: a safe point,
+    where the :class:`KeyboardInterrupt` it raises ends the trial as interrupted, unlike inside a finalizer."""
+
+    def __init__(self, stop: StopRequest) -> None:
+        self.stop = stop
+
+    def on_step(self, loop: TrialLoop) -> None:
+        self.stop.check()
 
 
 # --------------------------------------------------------------------------- the probe's phases
@@ -159,6 +171,15 @@ def oom_error_type() -> type[Exception]:
     return found if isinstance(found, type) else MemoryError
 
 
+def state_elements(state: Any) -> int:
+    """Elements of the tensors in a model's carried state (nested tuples and lists; None: 0)."""
+    if isinstance(state, torch.Tensor):
+        return state.numel()
+    if isinstance(state, (tuple, list)):
+        return sum(state_elements(s) for s in state)
+    return 0
+
+
 class CpuMemoryCounter(TrialObserver):
     """Counts what a training step keeps alive on CPU and, with a cap, raises the real OOM type past it.
 
@@ -176,7 +197,9 @@ class CpuMemoryCounter(TrialObserver):
         self.saved = 0
         self.seen: set[int] = set(self.param_ptrs)
         self.peak = static_bytes
-        self.counted = 0   # the longest window counted so far: one no longer holds no more memory
+        # The longest window and largest carried state counted so far: a step with neither larger holds no
+        # more memory (a Transformer's carried memory grows over its first windows).
+        self.counted = (0, 0)
         self.started = False
 
     def on_start(self, loop: TrialLoop) -> None:
@@ -189,10 +212,11 @@ class CpuMemoryCounter(TrialObserver):
         self.started = True
 
     def around_step(self, loop: TrialLoop, seq_len: int) -> contextlib.AbstractContextManager[Any] | None:
-        if self.cap is None and seq_len <= self.counted:
+        size = (seq_len, state_elements(loop.state))
+        if self.cap is None and size[0] <= self.counted[0] and size[1] <= self.counted[1]:
             return None
         self.step_start()
-        self.counted = max(self.counted, seq_len)
+        self.counted = (max(self.counted[0], size[0]), max(self.counted[1], size[1]))
         return torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
 
     def step_start(self) -> None:

@@ -29,7 +29,7 @@ from bptt_harness.config import StudyConfig
 from bptt_harness.fileio import write_files_atomic
 from bptt_harness.model import family_of
 from bptt_harness.probe import make_probe
-from bptt_harness.profile_csv import PROFILE_COLUMNS, PROFILE_CSV, STATUS_FIT, ProfileRow, cells, grid_values
+from bptt_harness.profile_csv import PROFILE_COLUMNS, PROFILE_CSV, PROFILE_FINGERPRINT, STATUS_FIT, ProfileRow, cells, grid_values
 from bptt_harness.spec import RunOptions, TrialSpec
 from bptt_harness.trainer import WARM_UP_STEPS, release_memory, run_trial
 
@@ -229,7 +229,7 @@ def run_profile(config: StudyConfig, corpus: Any, device: Any, steps: int = 5, w
 def write_profile(profile: Profile, directory: Path, fingerprint: dict) -> Path:
     """``profile.csv``: one row per attempt, with the machine's fingerprint on every row."""
     df = pd.DataFrame([dataclasses.asdict(r) for r in profile.rows], columns=list(PROFILE_COLUMNS))
-    for key in ("gpu_name", "gpu_memory_mib", "cpu_model", "torch_version", "machine_id", "hostname"):
+    for key in PROFILE_FINGERPRINT:
         df[key] = fingerprint.get(key)
     path = directory / PROFILE_CSV
     directory.mkdir(parents=True, exist_ok=True)

@@ -57,6 +57,41 @@ class ProfileRow:
 
 
 PROFILE_COLUMNS = tuple(f.name for f in dataclasses.fields(ProfileRow))
+# The machine's fingerprint, on every row (bptt_harness.hardware.fingerprint).
+PROFILE_FINGERPRINT = ("gpu_name", "gpu_memory_mib", "cpu_model", "torch_version", "machine_id", "hostname")
+# What each profile.csv column means: the table of bptt_harness/report/README.md (profile_columns_markdown).
+PROFILE_DOCS = {
+    "bptt": "the window length of the attempt (for phase eval: the validation's eval_bptt)",
+    "batch_size": "the batch size of the attempt (for phase eval: eval_batch_size)",
+    "phase": "grid (a (bptt, batch size) cell of the search space), wall (an attempt of the search for the largest "
+             "batch size that fits at this bptt, beyond the search space if need be) or eval (one full validation "
+             "pass of the study's model: what each checkpoint costs)",
+    "status": "ok, oom (ran out of memory, or past memory_cap_mib), diverged (ran, so it fits) or failed",
+    "error": "why the attempt did not finish ok (first line)",
+    "steps": "training steps taken: 2 untimed, then the timed ones (more when the timed ones took under a second)",
+    "tokens_per_step": "bptt x batch_size",
+    "tokens_per_s": "training tokens per second over the timed steps (eval: validation tokens per second)",
+    "achieved_flops_per_s": "tokens_per_s x the model's estimated training FLOPs per token",
+    "peak_mem_mib": "training peak memory, MiB, as trials.csv's peak_mem_mib (torch max_memory_reserved on CUDA; on "
+                    "CPU the bytes a step holds, counted)",
+    "peak_mem_torch_mib": "torch max_memory_allocated, MiB (CUDA)",
+    "peak_mem_nvml_mib": "peak device memory used, MiB (NVML, whole GPU)",
+    "memory_cap_mib": "the study's max_memory_gib x 1024 the attempt ran under (empty: no cap)",
+    "seconds": "wall-clock seconds of the attempt",
+    "device": "torch device",
+    "gpu_name": "GPU model (empty on CPU)",
+    "gpu_memory_mib": "GPU memory, MiB",
+    "cpu_model": "CPU model",
+    "torch_version": "torch version",
+    "machine_id": "hardware fingerprint (the same on every row)",
+    "hostname": "host name",
+}
+
+
+def profile_columns_markdown() -> str:
+    """The ``profile.csv`` table of ``bptt_harness/report/README.md``."""
+    return "\n".join(["| column | meaning |", "|---|---|",
+                      *(f"| `{c}` | {PROFILE_DOCS[c]} |" for c in (*PROFILE_COLUMNS, *PROFILE_FINGERPRINT))])
 
 
 # --------------------------------------------------------------------------- the study's cells

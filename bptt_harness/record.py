@@ -28,6 +28,10 @@ Status = Literal["ok", "diverged", "oom", "pruned", "timeout", "failed"]
 STATUSES: tuple[str, ...] = get_args(Status)
 # Trials the sampler is told are infeasible (Optuna constraints): the memory and stability walls.
 INFEASIBLE: tuple[str, ...] = ("oom", "diverged")
+# The statuses of trials Optuna records as FAIL. A FAIL trial whose record says otherwise (ok, oom, ...) lost
+# its completion (its worker died, or a torn journal was cut back, between the record and the state): it
+# did not finish, and runs again.
+FAIL_STATUSES: tuple[str, ...] = ("timeout", "failed")
 SCHEMA_VERSION = 2
 
 # The study's cost objective -> the column that measures it (lower is better).
@@ -113,7 +117,7 @@ class TrialResult:
     best_val_loss: float | None = col(None, "best validation cross-entropy over the checkpoints", "nats/token",
                                       csv=False)
     best_val_ppl: float | None = col(None, "best validation perplexity over the checkpoints")
-    test_ppl: float | None = col(None, "test perplexity (when evaluated)")
+    test_ppl: float | None = col(None, "test perplexity (when evaluated)", attr=True)
     budget_tokens: int | None = col(
         None, "the token budget as resolved for this trial (epochs x train split tokens with `epochs`)", "tokens",
         name="resolved_budget_tokens")
@@ -144,7 +148,9 @@ class TrialResult:
     joules_per_ktok: float | None = col(None, "training energy per 1,000 training tokens (validation excluded)", "J",
                                         attr=True)
     train_curve: list[dict] = col(csv=False, factory=list,
-                                  doc="training loss every log_every steps: step, tokens, seconds, loss")
+                                  doc="training every log_every steps: step, tokens, seconds, loss (mean over the "
+                                      "interval), grad_norm (mean gradient norm before clipping over the interval), "
+                                      "lr (the learning rate then, before variable-length windows rescale it)")
     val_curve: list[dict] = col(csv=False, factory=list,
                                 doc="validation at each checkpoint: step, tokens, seconds, loss, ppl")
     time_curve: list[dict] = col(csv=False, factory=list,
@@ -240,6 +246,8 @@ class StudyInfo:
     corpus_source: str | None = col(None, "where the corpus came from", csv=False)
     corpus_licence: str | None = col(None, "licence of the corpus", csv=False)
     vocab_size: int | None = col(None, "vocabulary size")
+    corpus_hash: str | None = col(None, "sha256 of the corpus's text: the data the trial measured (a study "
+                                        "refuses to resume on other data)")
     budget: str | None = col(None, "tokens or seconds: what every trial was given the same amount of")
     budget_tokens: int | None = col(None, "training-token budget of the study as declared", "tokens")
     budget_epochs: float | None = col(None, "the study's budget in passes over the train split (when declared so)")
@@ -361,7 +369,7 @@ def _walk(cls: type, prefix: tuple[str, ...]) -> list[Column]:
     for f in dataclasses.fields(cls):
         sub = _dataclass_of(hints[f.name])
         if f.metadata.get("keys"):
-            out += [Column(k.name, (*prefix, f.name, k.name), k.kind, k.unit, k.doc) for k in SEARCH_KEYS.values()]
+            out += [Column(k.name, (*prefix, f.name, k.name), k.kind, k.unit, k.doc, k.attr) for k in SEARCH_KEYS.values()]
         elif sub is not None:
             out += _walk(sub, (*prefix, f.name))
         elif f.metadata.get("csv", True):
@@ -396,11 +404,18 @@ def flatten(rec: TrialRecord) -> dict[str, Any]:
     return row
 
 
+# The diagnostics' headline numbers (``bptt_harness.diagnose``): flat user attributes wherever a record has them.
+HEADLINE_DIAGNOSTICS = ("effective_context_tokens", "gradient_reach_tokens", "truncation_bias_k", "noise_scale_tokens")
+
+
 def user_attrs(rec: TrialRecord) -> dict[str, Any]:
     """The main metrics of a record as flat Optuna user attributes, named like their ``trials.csv`` columns:
-    optuna-dashboard sorts and plots user attributes, but not the fields inside the nested ``record``."""
+    optuna-dashboard sorts and plots user attributes, but not the fields inside the nested ``record`` (it
+    shows that blob cut at 1,024 characters). The columns marked ``attr=True`` and the diagnostics' headline
+    numbers where the record has them."""
     row = flatten(rec)
-    return finite_or_none({c.name: row[c.name] for c in trial_columns() if c.attr})
+    names = [c.name for c in trial_columns() if c.attr] + [n for n in HEADLINE_DIAGNOSTICS if n in row]
+    return finite_or_none({name: row[name] for name in dict.fromkeys(names)})
 
 
 def columns_markdown() -> str:

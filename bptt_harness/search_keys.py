@@ -37,6 +37,7 @@ class SearchKey:
         low, high: the values a study file may search (None for a bool).
         doc, unit: the trial record's column: its meaning and unit.
         model_size: the key changes the model's size, so the report fits a memory law per value of it.
+        attr: the record also stores it as a flat Optuna user attribute (optuna-dashboard sorts by it).
     """
 
     name: str
@@ -47,6 +48,7 @@ class SearchKey:
     doc: str = ""
     unit: str = ""
     model_size: bool = False
+    attr: bool = False
 
     def check_bounds(self, lo: Any, hi: Any) -> None:
         """One line when searched values ``lo..hi`` leave the key's bounds."""
@@ -83,11 +85,18 @@ class SearchKey:
 SEARCH_KEYS: dict[str, SearchKey] = {k.name: k for k in (
     SearchKey("bptt", "cell", "int", 1, 100_000, "truncated-BPTT window length", "tokens"),
     SearchKey("batch_size", "cell", "int", 1, 1_000_000, "batch size (columns of the token matrix)"),
-    SearchKey("lr", "train", "float", 1e-12, 1e6, "learning rate"),
+    SearchKey("lr", "train", "float", 1e-12, 1e6, "learning rate", attr=True),
     SearchKey("nhid", "model", "int", 1, 65_536, "hidden units per layer", model_size=True),
     SearchKey("emsize", "model", "int", 1, 65_536, "embedding size", model_size=True),
     SearchKey("layers", "model", "int", 1, 64, "recurrent layers", model_size=True),
-    SearchKey("dropout", "model", "float", 0.0, 0.999, "dropout probability"),
+    SearchKey("dropout", "model", "float", 0.0, 0.999, "dropout probability (awd-lstm: on the last layer's output)"),
+    SearchKey("heads", "model", "int", 1, 1024, "transformer: attention heads", model_size=True),
+    SearchKey("mem_len", "model", "int", 0, 1_000_000,
+              "transformer: carried memory of previous tokens' keys and values (0: none)", "tokens", model_size=True),
+    SearchKey("embed_dropout", "model", "float", 0.0, 0.999, "awd-lstm: embedding (whole-word) dropout"),
+    SearchKey("input_dropout", "model", "float", 0.0, 0.999, "awd-lstm: locked dropout on the embedding output"),
+    SearchKey("hidden_dropout", "model", "float", 0.0, 0.999, "awd-lstm: locked dropout between recurrent layers"),
+    SearchKey("weight_dropout", "model", "float", 0.0, 0.999, "awd-lstm: DropConnect on the hidden-to-hidden weights"),
     SearchKey("variable_bptt", "train", "bool", doc="variable-length windows (AWD-LSTM style)"),
     SearchKey("clip", "train", "float", 0.0, 1e6, "gradient-norm clipping threshold (0: off)"),
 )}

@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -119,8 +119,45 @@ def _plain(v: Any) -> Any:
 
 _FAMILIES: dict[str, FamilyInfo] = {}
 _RNN_KEYS = ("emsize", "nhid", "layers", "dropout", "tied")
-LSTM = FamilyInfo("lstm", keys=_RNN_KEYS, shape="{layers}x{nhid}")
-GRU = FamilyInfo("gru", keys=_RNN_KEYS, shape="{layers}x{nhid}")
+# The carried attention memory's keys and values are saved for backward: a term in bs alone.
+BS = MemoryTerm(0, 1)
+
+
+def _tied_sizes(cfg: ModelConfig) -> None:
+    """A recurrent decoder reads the last layer's ``nhid`` units: tying it to the embedding needs equal sizes."""
+    if cfg.tied and cfg.emsize != cfg.nhid:
+        raise HarnessError(f"tied weights need emsize == nhid; got emsize={cfg.emsize}, nhid={cfg.nhid}")
+
+
+def _check_transformer(cfg: ModelConfig) -> None:
+    if cfg.emsize % cfg.heads or (cfg.emsize // cfg.heads) % 2:
+        raise HarnessError(f"transformer emsize={cfg.emsize} must split into heads={cfg.heads} heads of an even "
+                           "width (rotary embeddings rotate pairs), e.g. emsize=128, heads=4")
+
+
+def _carries_memory(cfg: ModelConfig) -> bool:
+    return cfg.mem_len > 0
+
+
+def _transformer_evaluation(cfg: ModelConfig) -> str:
+    # With a carried memory the state flows through the split like an LSTM's; without one, each target
+    # is scored in sliding windows with the context the model trained with.
+    return "carried" if cfg.mem_len > 0 else "sliding"
+
+
+LSTM = FamilyInfo("lstm", keys=_RNN_KEYS, shape="{layers}x{nhid}", check=_tied_sizes)
+GRU = FamilyInfo("gru", keys=_RNN_KEYS, shape="{layers}x{nhid}", check=_tied_sizes)
+# A causal Transformer whose context is the training window (emsize: its width, nhid: the feed-forward
+# width, as in PyTorch's word_language_model); mem_len > 0 carries the previous windows' keys and values.
+# Attention without a fused kernel stores window x window scores per sequence and head.
+TRANSFORMER = FamilyInfo("transformer", keys=("emsize", "nhid", "layers", "heads", "dropout", "mem_len", "tied"),
+                         shape="{layers}x{emsize} h{heads} mem{mem_len}", carries_state=_carries_memory,
+                         evaluation=_transformer_evaluation, memory_terms=(WINDOW_X_BS, WINDOW2_X_BS, BS),
+                         check=_check_transformer)
+# The AWD-LSTM of Merity et al. and the fastai course: weight-dropped recurrent weights, embedding,
+# input, hidden and output (``dropout``) dropout, tied weights (its last layer has emsize units).
+AWD_LSTM = FamilyInfo("awd-lstm", keys=("emsize", "nhid", "layers", "dropout", "embed_dropout", "input_dropout",
+                                        "hidden_dropout", "weight_dropout", "tied"), shape="{layers}x{nhid}")
 # A user's model: its shape is its own; the record names the factory and counts its parameters.
 FACTORY_FAMILY = FamilyInfo(FACTORY)
 
@@ -159,7 +196,7 @@ def find_family(name: Any) -> FamilyInfo | None:
     return _FAMILIES.get(name) if isinstance(name, str) else None
 
 
-for _info in (LSTM, GRU, FACTORY_FAMILY):
+for _info in (LSTM, GRU, TRANSFORMER, AWD_LSTM, FACTORY_FAMILY):
     declare_family(_info)
 
 
@@ -188,6 +225,12 @@ class CorpusSpec:
             raise HarnessError(f"max_vocab={self.max_vocab!r} must be an integer >= 2 (or left out for no cap)")
 
 
+# The AWD-LSTM's dropouts beside ``dropout`` (which it applies to the last layer's output).
+DROPOUTS = ("embed_dropout", "input_dropout", "hidden_dropout", "weight_dropout")
+# The model keys a trial record keeps (those its family reads).
+RECORDED_MODEL_KEYS = ("nhid", "emsize", "layers", "dropout", "heads", "mem_len", *DROPOUTS)
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """The language model.
@@ -199,7 +242,14 @@ class ModelConfig:
         nhid: hidden units per layer.
         layers: number of recurrent layers.
         dropout: dropout on embeddings, between layers and before the decoder.
-        tied: share the embedding and decoder weights (needs ``emsize == nhid``).
+        tied: share the embedding and decoder weights (an LSTM or GRU needs ``emsize == nhid``).
+        heads: attention heads of a ``transformer`` (``emsize`` is its width, ``nhid`` its feed-forward width).
+        mem_len: a ``transformer``'s carried memory: keys and values of this many previous tokens, detached
+            (Transformer-XL); 0: none, the context is the window.
+        embed_dropout: ``awd-lstm``: dropout of whole words from the embedding.
+        input_dropout: ``awd-lstm``: locked (variational) dropout on the embedding output.
+        hidden_dropout: ``awd-lstm``: locked dropout between the recurrent layers.
+        weight_dropout: ``awd-lstm``: DropConnect on the hidden-to-hidden weights.
         factory: your own model instead of the built-in one: ``"package.module:function"``, called as
             ``function(model_config, ntoken)``; it returns an ``nn.Module`` with ``forward(x, hidden) ->
             (logits, hidden)`` (``x``: ``(seq_len, bs)`` token ids, logits ``(seq_len * bs, ntoken)``) and
@@ -212,6 +262,12 @@ class ModelConfig:
     layers: int = 2
     dropout: float = 0.2
     tied: bool = False
+    heads: int = 2
+    mem_len: int = 0
+    embed_dropout: float = 0.1
+    input_dropout: float = 0.65
+    hidden_dropout: float = 0.3
+    weight_dropout: float = 0.5
     factory: str | None = None
 
     def __post_init__(self) -> None:
@@ -219,17 +275,19 @@ class ModelConfig:
             raise HarnessError(f"model type {self.type!r} is not a family; use one of {', '.join(family_names())}, "
                                "or factory = 'module:function' for your own model")
         info = family_info(self.type) if self.factory is None else None
-        for name in ("emsize", "nhid", "layers"):
+        for name in ("emsize", "nhid", "layers", "heads"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise HarnessError(f"model {name}={value!r} must be an integer >= 1")
-        if not 0.0 <= self.dropout < 1.0:
-            raise HarnessError(f"model dropout={self.dropout!r} must be in [0, 1)")
+        if not isinstance(self.mem_len, int) or isinstance(self.mem_len, bool) or self.mem_len < 0:
+            raise HarnessError(f"model mem_len={self.mem_len!r} must be an integer >= 0 (0: no carried memory)")
+        for name in ("dropout", *DROPOUTS):
+            value = getattr(self, name)
+            if not _finite_number(value) or not 0.0 <= value < 1.0:
+                raise HarnessError(f"model {name}={value!r} must be in [0, 1)")
         if self.factory is not None and not (isinstance(self.factory, str) and FACTORY_RE.match(self.factory)):
             raise HarnessError(f"model factory={self.factory!r} must be 'package.module:function', a function "
                                "returning your nn.Module, e.g. 'mymodels:small_lstm'")
-        if self.tied and self.emsize != self.nhid:
-            raise HarnessError(f"tied weights need emsize == nhid; got emsize={self.emsize}, nhid={self.nhid}")
         if info is not None and info.check is not None:
             info.check(self)
 
@@ -245,6 +303,12 @@ class ModelConfig:
     def describe(self) -> str:
         """What the model is, for people: ``lstm 2x200``, or a factory's ``module:function``."""
         return self.factory if self.factory is not None else self.info.describe(vars(self))
+
+    def recorded(self, searched: Iterable[str] = ()) -> dict[str, Any]:
+        """The model keys a trial record keeps: those the family reads (a factory's: only the keys the study
+        searches, which reach it in its ``model_config``); the rest are None rather than unused defaults."""
+        keep = set(self.info.keys) | set(searched)
+        return {k: getattr(self, k) if k in keep else None for k in RECORDED_MODEL_KEYS}
 
 
 @dataclass(frozen=True)
@@ -396,6 +460,53 @@ class RunOptions:
                                "seconds >= 0 (or None)")
         if not isinstance(self.warm_up_steps, int) or isinstance(self.warm_up_steps, bool) or self.warm_up_steps < 0:
             raise HarnessError(f"warm_up_steps={self.warm_up_steps!r} must be an integer >= 0")
+
+
+# --------------------------------------------------------------------------- where curves are logged
+
+LOG_KINDS = ("tensorboard", "mlflow", "wandb")
+
+
+@dataclass(frozen=True)
+class LogTarget:
+    """A tool a trial's curves go to (``--log KIND:DIR``, or the study file's ``log = ["KIND:DIR"]``): TensorBoard
+    event files, an MLflow file store or an offline Weights & Biases run, all under ``directory``. A relative
+    directory is relative to where the command runs. :mod:`bptt_harness.loggers` writes them."""
+
+    kind: Literal["tensorboard", "mlflow", "wandb"]
+    directory: str
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{self.directory}"
+
+    @classmethod
+    def parse(cls, text: Any, where: str = "--log") -> LogTarget:
+        """``"tensorboard:runs"`` -> LogTarget; one line naming the bad value otherwise."""
+        usage = f"use KIND:DIR with KIND one of {', '.join(LOG_KINDS)}, e.g. tensorboard:runs"
+        if not isinstance(text, str) or ":" not in text:
+            raise HarnessError(f"{where} {text!r} is not KIND:DIR; {usage}")
+        kind, _, directory = text.partition(":")
+        if kind not in LOG_KINDS:
+            match = difflib.get_close_matches(kind, LOG_KINDS, n=1, cutoff=0.5)
+            hint = f" (did you mean {match[0]!r}?)" if match else ""
+            raise HarnessError(f"{where} {text!r}: unknown tool {kind!r}{hint}; {usage}")
+        if not directory.strip():
+            raise HarnessError(f"{where} {text!r} names no folder; {usage}")
+        return cls(kind, directory)  # type: ignore[arg-type]
+
+
+LOG_HELP = ("send each trial's curves to a tool, offline: tensorboard:DIR, mlflow:DIR (DIR/mlflow.db) or wandb:DIR; "
+            "repeatable, added to the study file's log = [...]")
+
+
+def parse_log_targets(values: Iterable[Any], where: str = "--log") -> tuple[LogTarget, ...]:
+    """Every ``KIND:DIR`` of ``values``, each once, in the order given."""
+    out: list[LogTarget] = []
+    for v in values:
+        target = LogTarget.parse(v, where)
+        if target not in out:
+            out.append(target)
+    return tuple(out)
 
 
 def _finite_number(v: Any) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import logging
@@ -21,7 +22,16 @@ from optuna.trial import FrozenTrial
 from bptt_harness.config import StudyConfig, check_storage_url
 from bptt_harness.errors import HarnessError
 from bptt_harness.fileio import write_files_atomic
-from bptt_harness.urls import STORAGE_ENV, engine_url, hides_password, redact, same_storage, scrub
+from bptt_harness.urls import (
+    STORAGE_ENV,
+    anchored,
+    engine_url,
+    hides_password,
+    redact,
+    relative_to_folder,
+    same_storage,
+    scrub,
+)
 
 log = logging.getLogger(__name__)
 
@@ -64,12 +74,13 @@ def resolve_storage(config: StudyConfig, cli_storage: str | None, workers: int) 
 
 
 def recorded_storage(results_dir: Path) -> str | None:
-    """The storage URL (password redacted) that ``study.json`` in ``results_dir`` records, if any."""
+    """The storage URL (password redacted) that ``study.json`` in ``results_dir`` records, if any; a SQLite
+    file or journal recorded relative to the folder is the folder's own file."""
     try:
         previous = json.loads((results_dir / "study.json").read_text(encoding="utf-8")).get("storage")
     except (OSError, ValueError, AttributeError):
         return None
-    return previous if isinstance(previous, str) and previous.strip() else None
+    return anchored(previous, results_dir) if isinstance(previous, str) and previous.strip() else None
 
 
 def relocated(url: str, results_dir: Path) -> str:
@@ -172,7 +183,8 @@ def _sqlite_damage(path: Path) -> str | None:
             con.close()
     except sqlite3.DatabaseError as e:
         return str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-    problems = [str(r[0]) for r in rows if r and r[0] != "ok"]
+    # A problem can span lines ("*** in database main ***\nOn tree page ..."): the error stays one line.
+    problems = [" ".join(str(r[0]).split()) for r in rows if r and r[0] != "ok"]
     return f"{len(problems)} problem(s), first: {problems[0][:200]}" if problems else None
 
 
@@ -241,22 +253,63 @@ def first_line(e: BaseException, url: str) -> str:
     return scrub(text.splitlines()[0] if text else type(e).__name__, url)[:300]
 
 
+def _storage_cause(e: BaseException) -> BaseException | None:
+    """The storage or file error behind ``e``, or None. A database that went away mid-trial reaches the
+    caller as Optuna's own error raised while it handled the driver's (e.g. ``UnboundLocalError:
+    'updated_state'``), so the whole chain (causes and contexts) is searched."""
+
+    kinds = (OSError, sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError)
+    seen: set[int] = set()
+    current: BaseException | None = e
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, BrokenPipeError):
+            return None
+        if isinstance(current, kinds):
+            return current
+        current = current.__cause__ or current.__context__
+    return None
+
+
+_ERRNO_KINDS = {errno.ENOSPC: "space", errno.EDQUOT: "space", errno.EFBIG: "space", errno.EIO: "disk",
+                errno.EROFS: "writable", errno.EACCES: "writable", errno.EPERM: "writable"}
+
+
+def _failure_kind(e: BaseException) -> str | None:
+    """What went wrong, from the error codes in ``e``'s chain (an OSError's errno, SQLite's result code,
+    a database connection that failed), never from its text: a folder named ``full`` is not a full disk."""
+
+    seen: set[int] = set()
+    current: BaseException | None = e
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in _ERRNO_KINDS:
+            return _ERRNO_KINDS[current.errno]
+        name = getattr(current, "sqlite_errorname", None) or ""
+        if name.startswith(("SQLITE_FULL", "SQLITE_IOERR")):
+            return "space" if name == "SQLITE_FULL" else "disk"
+        if name.startswith(("SQLITE_READONLY", "SQLITE_PERM", "SQLITE_CANTOPEN")):
+            return "writable"
+        if isinstance(current, sqlalchemy.exc.OperationalError) and not name and not isinstance(
+                current.orig, sqlite3.Error):
+            return "reachable"  # a database server's connection (PostgreSQL) failed or was lost
+        current = current.__cause__ or current.__context__
+    return None
+
+
 def storage_failure(e: BaseException, url: str) -> HarnessError | None:
     """One line for a storage or results folder that failed in the middle of a run (a full disk, a
     read-only folder, damage found only now), or None for an error that is not about storage."""
-    if isinstance(e, BrokenPipeError) or not isinstance(
-            e, (OSError, sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError)):
+    found = _storage_cause(e)
+    if found is None:
         return None
+    e = found
     detail = first_line(e, url)
-    lowered = detail.lower()
-    if "full" in lowered or "too large" in lowered or "quota" in lowered:
-        advice = "free some space, then rerun the same command"
-    elif "i/o error" in lowered:
-        advice = "check whether the disk is full or failing, then rerun the same command"
-    elif "read-only" in lowered or "readonly" in lowered or "permission" in lowered:
-        advice = "make it writable, then rerun the same command"
-    else:
-        advice = "rerun the same command once it is fixed"
+    advice = {"space": "free some space, then rerun the same command",
+              "disk": "check whether the disk is full or failing, then rerun the same command",
+              "writable": "make it writable, then rerun the same command",
+              "reachable": "rerun the same command once the database is reachable again"}.get(
+        _failure_kind(e), "rerun the same command once it is fixed")
     where = getattr(e, "filename", None)
     what = f"cannot write {where}" if isinstance(e, OSError) and where else f"storage {redact(url)}"
     return HarnessError(f"{what}: {detail}; the trials stored before this are kept: {advice}")
@@ -268,7 +321,8 @@ def write_study_json(config: StudyConfig, storage_url: str) -> None:
     """``results/<study>/study.json``: how ``bptt-harness report`` finds this study's storage."""
     directory = config.results_dir
     directory.mkdir(parents=True, exist_ok=True)
-    meta = {"study_name": config.name, "storage": redact(storage_url), "objectives": list(config.objectives),
+    # A storage file inside the results folder is recorded relative to it: a copy of the folder uses its own.
+    meta = {"study_name": config.name, "storage": relative_to_folder(redact(storage_url) or "", directory), "objectives": list(config.objectives),
             "cost": config.cost, "sampler": config.sampler, "study_file": str(config.path) if config.path else None,
             "description": config.description}
     write_files_atomic({directory / "study.json": json.dumps(meta, indent=2)})

@@ -5,7 +5,8 @@ attempts are run again, the race's standings, the equal-time observation limit, 
 ``bptt-harness trial --from``. The rule:
 
 - a stored record that is not an interrupted attempt is **final**, whatever Optuna's state says (the
-  objective stores the record before Optuna marks the trial finished);
+  objective stores the record before Optuna marks the trial finished), unless the trial FAILed while its
+  record says it finished (its completion was lost: it runs again, see ``record.FAIL_STATUSES``);
 - a failed attempt without a final record is **retry** (a resume runs it again), until it was tried
   :data:`MAX_RETRIES` times more: then it is final, as ``failed``;
 - a failed attempt that was run again is **superseded** by its retry;
@@ -25,7 +26,7 @@ from typing import Any, Literal
 from optuna import Study
 from optuna.trial import FrozenTrial, TrialState
 
-from bptt_harness.record import TrialRecord
+from bptt_harness.record import FAIL_STATUSES, TrialRecord
 from bptt_harness.search_keys import config_key
 
 __all__ = ["INTERRUPTED", "MAX_RETRIES", "RETRIES", "RETRY_OF", "SPURIOUS", "Progress", "Standing", "StoredTrial",
@@ -66,7 +67,11 @@ def standing(trial: FrozenTrial, retried: set[int]) -> Standing:
     """Where ``trial`` stands (see the module's rule); ``retried``: :func:`retried_numbers` of its study."""
     if trial.user_attrs.get(SPURIOUS):
         return "spurious"
-    if stored_record(trial) is not None and not trial.user_attrs.get(INTERRUPTED, False):
+    rec = stored_record(trial)
+    # A FAIL trial whose record says it finished otherwise lost its completion (its worker died, or a torn
+    # journal was cut back, after the record was stored): it did not finish, and runs again.
+    if rec is not None and not trial.user_attrs.get(INTERRUPTED, False) and (
+            trial.state != TrialState.FAIL or rec.get("status") in FAIL_STATUSES):
         return "final"
     if trial.state == TrialState.RUNNING:
         return "running"
@@ -128,6 +133,9 @@ def _record_dict(trial: FrozenTrial, study_name: str, where: Standing) -> dict |
                "result": {}, "study": {"name": study_name},
                "started_at": trial.datetime_start.isoformat() if trial.datetime_start else None,
                "finished_at": trial.datetime_complete.isoformat() if trial.datetime_complete else None}
+    elif trial.state == TrialState.FAIL and rec.get("status") not in FAIL_STATUSES:
+        rec = {**rec, "status": "failed", "error": f"its completion was never stored (the record said "
+                                                   f"{rec.get('status')}); it runs again on resume"}
     else:
         rec = dict(rec)  # with deepcopy=False the record is the storage's own object: new dicts only
     rec["trial_number"] = trial.number

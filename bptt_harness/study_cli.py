@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
-import signal
 import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from bptt_harness.errors import HarnessError
+from bptt_harness.interrupt import deferred_signals
+from bptt_harness.spec import LOG_HELP
 from bptt_harness.urls import STORAGE_ENV, hides_password, redact
 
 
@@ -34,6 +35,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-seconds", type=float, default=None,
                    help="plan the token budget so the whole sweep fits this many seconds, from the study's "
                         "profile (run bptt-harness profile first); a resumed study keeps its planned budget")
+    p.add_argument("--log", action="append", default=None, metavar="KIND:DIR", help=LOG_HELP)
 
     p = sub.add_parser("worker", help="join a running study from this machine (same storage and study name)")
     p.add_argument("--study-name", required=True)
@@ -47,14 +49,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="workers running on this host at once (recorded with each trial)")
     p.add_argument("--results-dir", default="results")
     p.add_argument("--quiet", action="store_true", help="no per-trial lines (the parent sweep prints them)")
+    p.add_argument("--log", action="append", default=None, metavar="KIND:DIR", help=LOG_HELP)
 
 
-def _sigterm_as_interrupt() -> None:
-    """Slurm and kill send SIGTERM: treat it like Ctrl-C so the running trial is marked and retried."""
-    def handler(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, handler)
 
 
 def _report(config: Any, storage_url: str) -> None:
@@ -66,13 +63,15 @@ def _report(config: Any, storage_url: str) -> None:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from bptt_harness.config import load_study
+    from bptt_harness.config import load_study, with_log
+    from bptt_harness.loggers import check_installed
     from bptt_harness.progress import Display
     from bptt_harness.stored import progress
     from bptt_harness.study import plan_budget, resolve_storage
     from bptt_harness.study.sweep import Sweep, storage_errors_as_one_line
 
-    config = load_study(args.study, results_root=Path(args.results_dir))
+    config = with_log(load_study(args.study, results_root=Path(args.results_dir)), args.log)
+    check_installed(config.log)
     if args.trials is not None:
         if args.trials < 1:
             raise HarnessError(f"--trials {args.trials} must be >= 1")
@@ -90,7 +89,6 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     with storage_errors_as_one_line(storage_url):
         sweep = Sweep.open(config, storage_url, args.device, workers)
         n_target = config.n_trials()
-        _sigterm_as_interrupt()
         already = progress(sweep.study).done
         racing = config.race.trials if config.race else 0
         print(f"study {config.name}: {n_target} trials" + (f" + up to {racing} racing runs" if racing else "")
@@ -99,7 +97,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         display = Display(n_target + racing)
         display.set_done(already)
         try:
-            sweep.run(display)
+            # Slurm and kill send SIGTERM: like Ctrl-C, recorded wherever it lands and acted on at a safe point.
+            with deferred_signals() as stop:
+                sweep.run(display, stop)
         except KeyboardInterrupt:
             display.close()
             p = progress(sweep.study)
@@ -148,10 +148,12 @@ def resume_hint(args: argparse.Namespace, storage_url: str) -> str:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    from bptt_harness.config import with_log
     from bptt_harness.hardware import resolve_device
+    from bptt_harness.loggers import check_installed
     from bptt_harness.progress import Display
     from bptt_harness.stored import progress
-    from bptt_harness.study import config_from_storage, load_corpus, run_worker
+    from bptt_harness.study import check_same_corpus, config_from_storage, load_corpus, run_worker
     from bptt_harness.study.sweep import storage_errors_as_one_line
 
     storage_url = _given_storage(args)
@@ -169,17 +171,19 @@ def cmd_worker(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     with storage_errors_as_one_line(storage_url):
         config, study = config_from_storage(args.study_name, storage_url)
-        config = replace(config, results_root=Path(args.results_dir))
+        config = with_log(replace(config, results_root=Path(args.results_dir)), args.log)
+        check_installed(config.log)
         if args.trials is not None:
             config = replace(config, trials=args.trials)
         device = resolve_device(args.device or config.device)
         corpus = load_corpus(config)
+        check_same_corpus(study, config, corpus)
         n_target = config.n_trials()
-        _sigterm_as_interrupt()
         display = Display(n_target, quiet=args.quiet)
         try:
-            run_worker(study, config, corpus, device, n_target, on_result=display.result, on_start=display.start,
-                       host_workers=args.host_workers, on_checkpoint=display.checkpoint)
+            with deferred_signals() as stop:
+                run_worker(study, config, corpus, device, n_target, on_result=display.result, on_start=display.start,
+                           host_workers=args.host_workers, on_checkpoint=display.checkpoint, stop=stop)
         except KeyboardInterrupt:
             display.close()
             raise SweepInterrupted(

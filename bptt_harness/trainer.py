@@ -267,7 +267,7 @@ class _Meter:
 
     def __init__(self, device: torch.device, clip: float) -> None:
         z = lambda dt=torch.float32: torch.zeros((), device=device, dtype=dt)  # noqa: E731
-        self.loss_sum, self.max_norm = z(), z()
+        self.loss_sum, self.norm_sum, self.max_norm = z(), z(), z()
         self.count, self.clipped, self.step = z(torch.int64), z(torch.int64), z(torch.int64)
         self.first_bad = torch.full((), -1, device=device, dtype=torch.int64)
         self.clip = clip
@@ -279,18 +279,24 @@ class _Meter:
         self.first_bad = torch.where(bad & (self.first_bad < 0), self.step, self.first_bad)
         self.loss_sum += loss
         self.count += 1
-        self.max_norm = torch.maximum(self.max_norm, torch.nan_to_num(norm.float(), nan=0.0, posinf=3.0e38))
+        finite_norm = torch.nan_to_num(norm.float(), nan=0.0, posinf=3.0e38)
+        self.norm_sum += finite_norm
+        self.max_norm = torch.maximum(self.max_norm, finite_norm)
         if self.clip > 0:
             self.clipped += (norm > self.clip).long()
 
-    def read_interval(self) -> tuple[float, int, int]:
-        """-> (mean loss since the last read, first non-finite step or -1, steps); resets the interval."""
-        # One device-to-host transfer for the three values, not three syncs.
-        loss_sum, count, first_bad = torch.stack(
-            [self.loss_sum.double(), self.count.double(), self.first_bad.double()]).tolist()
+    def read_interval(self) -> tuple[float, float, int, int]:
+        """-> (mean loss since the last read, mean gradient norm before clipping since the last read, first
+        non-finite step or -1, steps); resets the interval."""
+        # One device-to-host transfer for the four values, not four syncs.
+        loss_sum, norm_sum, count, first_bad = torch.stack(
+            [self.loss_sum.double(), self.norm_sum.double(), self.count.double(), self.first_bad.double()]).tolist()
         self.loss_sum.zero_()
+        self.norm_sum.zero_()
         self.count.zero_()
-        return (loss_sum / count if count else float("nan")), int(first_bad), int(count)
+        if not count:
+            return float("nan"), float("nan"), int(first_bad), 0
+        return loss_sum / count, norm_sum / count, int(first_bad), int(count)
 
 
 def _make_optimizer(model: torch.nn.Module, t: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
@@ -360,7 +366,7 @@ class TrialLoop:
         self.valid = batchify(self.corpus.valid, t.eval_batch_size).to(self.device)
         self.model = self.family.build(model_cfg, vocab).to(self.device)
         self.result.n_params = count_params(self.model)
-        self.result.flops_per_token = self.family.flops_per_token(model_cfg, vocab, self.model)
+        self.result.flops_per_token = self.family.flops(model_cfg, vocab, self.model, self.spec.bptt)
         self.result.evaluation = self.family.info.evaluation_of(model_cfg)
         self.forward = torch.compile(self.model) if t.compile else self.model
         if self.options.warm_up_steps:
@@ -445,12 +451,14 @@ class TrialLoop:
         return norm
 
     def read_losses(self) -> None:
-        """The mean training loss since the last read (one host read), as a curve point and a divergence check."""
-        mean, first_bad, n = self.meter.read_interval()
+        """The mean training loss and gradient norm since the last read (one host read) and the learning rate
+        now, as a curve point and a divergence check."""
+        mean, norm, first_bad, n = self.meter.read_interval()
         if n:
             self.result.train_curve.append({"step": self.steps, "tokens": self.tokens,
                                             "seconds": round(self.clock.seconds(), 4),
-                                            "loss": mean if math.isfinite(mean) else None})
+                                            "loss": mean if math.isfinite(mean) else None,
+                                            "grad_norm": norm if math.isfinite(norm) else None, "lr": self.lr})
             self.guard.check_train(mean, first_bad, self.steps)
 
     def validate(self) -> None:

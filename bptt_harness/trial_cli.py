@@ -19,7 +19,7 @@ from bptt_harness.errors import HarnessError
 from bptt_harness.fieldkind import field_kinds
 from bptt_harness.record import TrialRecord
 from bptt_harness.search_keys import CANONICAL, config_key, search_key, spec_with
-from bptt_harness.spec import CorpusSpec, ModelConfig, RunOptions, TrainConfig, TrialSpec
+from bptt_harness.spec import LOG_HELP, CorpusSpec, LogTarget, ModelConfig, RunOptions, TrainConfig, TrialSpec, parse_log_targets
 
 # Old option names kept working (the study key's name comes first in --help).
 ALIASES = {"corpus:source": ("--corpus",), "model:type": ("--model",), "train:timeout_s": ("--timeout",)}
@@ -38,6 +38,8 @@ class TrialSetup:
     repeats: int = 1
     study: Any = None         # with --from: the study's trials (bptt_harness.report.source.LoadedTrials)
     config_key: str | None = None
+    log: tuple[LogTarget, ...] = ()   # --log, and with --from the study's own log = [...]
+    name: str = "trial"               # the experiment the logging tools file the runs under
 
 
 def attribute_docs(cls: type) -> dict[str, str]:
@@ -97,6 +99,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default: the study's, else auto)")
     p.add_argument("--no-probe", action="store_true", help="skip the memory/energy probe")
     p.add_argument("--json", action="store_true", help="print one JSON object per run")
+    p.add_argument("--log", action="append", default=None, metavar="KIND:DIR", help=LOG_HELP)
 
 
 def _given(args: argparse.Namespace, section: str) -> dict[str, Any]:
@@ -173,9 +176,11 @@ def setup(args: argparse.Namespace) -> TrialSetup:
             raise HarnessError(f"--max-memory-gib {args.max_memory_gib} must be a number of GiB > 0")
         cap = args.max_memory_gib * 1024
     spec = replace(spec, model=replace(spec.model, **_given(args, "model")), train=replace(spec.train, **train))
+    log = parse_log_targets([*(map(str, study.log) if study is not None else ()), *(args.log or [])])
     return TrialSetup(corpus=replace(corpus, **_given(args, "corpus")), spec=spec,
                       device=args.device if args.device is not None else device, options=RunOptions(memory_cap_mib=cap),
-                      repeats=args.repeats, study=loaded, config_key=key)
+                      repeats=args.repeats, study=loaded, config_key=key, log=log,
+                      name=study.name if study is not None else "trial")
 
 
 def study_measured(ts: TrialSetup) -> str | None:

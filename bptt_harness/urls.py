@@ -130,6 +130,32 @@ def _query_start(url: str, after: int) -> int:
     return q.start() if q else len(url)
 
 
+FILE_PREFIXES = ("sqlite:///", "journal:")
+
+
+def relative_to_folder(url: str, folder: Path) -> str:
+    """A SQLite file or journal inside ``folder`` as a path relative to it (``sqlite:///study.db``), so a
+    results folder that is copied or moved keeps its own storage; any other URL unchanged."""
+    for prefix in FILE_PREFIXES:
+        if url.startswith(prefix):
+            try:
+                rel = Path(url[len(prefix):]).expanduser().resolve().relative_to(folder.resolve())
+            except (ValueError, OSError):
+                return url
+            return prefix + rel.as_posix()
+    return url
+
+
+def anchored(url: str, folder: Path) -> str:
+    """The inverse of :func:`relative_to_folder`: a relative SQLite or journal path read from ``folder``'s
+    ``study.json`` is that folder's file (absolute); any other URL unchanged."""
+    for prefix in FILE_PREFIXES:
+        if url.startswith(prefix):
+            path = Path(url[len(prefix):]).expanduser()
+            return url if path.is_absolute() else prefix + str((folder / path).resolve())
+    return url
+
+
 def same_storage(a: str, b: str) -> bool:
     """Whether two storage URLs open the same storage, whatever their driver spelling, relative
     paths or passwords (a redacted URL matches the full one)."""

@@ -1,4 +1,5 @@
-"""Rewrite the column tables of ``bptt_harness/report/README.md`` from the trial record's schema.
+"""Rewrite the column tables of ``bptt_harness/report/README.md`` (trials.csv, configs.csv, profile.csv) from
+their declarations.
 
     python scripts/readme_tables.py           # rewrite the trials.csv and configs.csv tables in place
     python scripts/readme_tables.py --check   # exit 1 when the README disagrees with the schema
@@ -12,6 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from bptt_harness.profile_csv import profile_columns_markdown
 from bptt_harness.record import columns_markdown
 from bptt_harness.report.frame import configs_markdown
 
@@ -28,11 +30,16 @@ def replace_table(text: str, header: str, table: str) -> str:
     return "\n".join([*lines[:start], *table.split("\n"), *lines[end:]])
 
 
+def replace_after(text: str, heading: str, table: str) -> str:
+    """``text`` with the first ``| column | meaning |`` table after ``heading`` replaced by ``table``."""
+    head, sep, tail = text.partition(heading)
+    return head + sep + replace_table(tail, "| column | meaning |", table)
+
+
 def regenerated(text: str) -> str:
     text = replace_table(text, "| column | unit | meaning |", columns_markdown())
-    # The configs.csv table: the first "| column | meaning |" table after its heading.
-    head, sep, tail = text.partition("## `configs.csv`")
-    return head + sep + replace_table(tail, "| column | meaning |", configs_markdown())
+    text = replace_after(text, "## `configs.csv`", configs_markdown())
+    return replace_after(text, "## `profile.csv`", profile_columns_markdown())
 
 
 def main() -> int:

@@ -134,6 +134,10 @@ def write_optuna_study(records: list[dict], storage, study_name: str, *, extra_t
             tps = res.get("tokens_per_s") or 1.0
             study.add_trial(create_trial(state=TrialState.COMPLETE, params=params, distributions=dists,
                                          values=[res["val_ppl"], 1.0 / tps], user_attrs={"record": rec}))
+        elif rec["status"] in ("oom", "diverged"):
+            # What a sweep stores: infeasible trials complete with infinite values (record.INFEASIBLE).
+            study.add_trial(create_trial(state=TrialState.COMPLETE, params=params, distributions=dists,
+                                         values=[math.inf, math.inf], user_attrs={"record": rec}))
         else:
             state = TrialState.PRUNED if rec["status"] == "pruned" else TrialState.FAIL
             study.add_trial(create_trial(state=state, params=params, distributions=dists, user_attrs={"record": rec}))

@@ -124,7 +124,7 @@ BAD = [
     (("train", "spike_factor"), 1.0, "spike_factor"),
     (("train", "repeats"), 0, "train.repeats = 0 must be >= 1"),
     (("train", "memory_cap_mib"), 10.0, "use max_memory_gib"),
-    (("model", "type"), "transformer", "model type 'transformer' is not known"),
+    (("model", "type"), "transformers", "model type 'transformers' is not known (did you mean 'transformer'?)"),
     (("model", "dropout"), 1.5, "model dropout=1.5 must be in [0, 1)"),
     (("model", "layers"), 0, "model layers=0 must be an integer >= 1"),
     (("corpus", "tokenizer"), "bpe", "tokenizer 'bpe' is not known"),

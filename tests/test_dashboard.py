@@ -80,7 +80,7 @@ def test_objectives_are_named_like_the_csv_columns_and_in_their_units(smoke_resu
 
 def test_main_metrics_are_flat_user_attributes_declared_by_the_schema(smoke_results: Path) -> None:
     flat = [c.name for c in trial_columns() if c.attr]
-    assert {"status", "val_ppl", "tokens_per_s", "peak_mem_mib", "joules_per_ktok"} <= set(flat)
+    assert {"status", "val_ppl", "tokens_per_s", "peak_mem_mib", "joules_per_ktok", "lr", "test_ppl"} <= set(flat)
     for t in load(smoke_results).get_trials():
         rec = t.user_attrs["record"]
         assert set(flat) <= set(t.user_attrs)
@@ -89,6 +89,19 @@ def test_main_metrics_are_flat_user_attributes_declared_by_the_schema(smoke_resu
         assert t.user_attrs["peak_mem_mib"] == rec["result"]["probe"]["peak_mem_mib"] > 0
         assert t.user_attrs["joules_per_ktok"] is None or t.user_attrs["joules_per_ktok"] > 0  # no RAPL: unknown
         assert t.user_attrs["config_key"] == rec["config_key"]
+        assert t.user_attrs["lr"] == rec["config"]["lr"] > 0 and t.user_attrs["test_ppl"] == rec["result"]["test_ppl"]
+
+
+def test_the_diagnostics_headline_numbers_are_flat_where_a_record_has_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    import bptt_harness.record as record
+
+    rec = record.TrialRecord(config_key="bptt=8,batch_size=4", status="ok")
+    assert not set(record.HEADLINE_DIAGNOSTICS) & set(record.user_attrs(rec))   # none measured: none shown
+    flatten = record.flatten
+    monkeypatch.setattr(record, "flatten", lambda r: {**flatten(r), "effective_context_tokens": 16,
+                                                      "noise_scale_tokens": float("inf"), "unrelated": 1})
+    attrs = record.user_attrs(rec)
+    assert (attrs["effective_context_tokens"], attrs["noise_scale_tokens"]) == (16, None) and "unrelated" not in attrs
 
 
 def test_grid_trials_store_constraints_and_the_best_trial_is_feasible(walls: optuna.Study) -> None:

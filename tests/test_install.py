@@ -66,6 +66,14 @@ def test_the_dashboard_extra_is_declared_and_installed_by_make(tmp_path: Path) -
     assert 'pip install -q -e ".[dashboard]"' in install_commands(tmp_path, "TORCH_GPU=")
 
 
+def test_the_logging_tools_are_extras_that_make_installs_tolerating_failure(tmp_path: Path) -> None:
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert [extras[k][0].split(">")[0] for k in ("tensorboard", "mlflow", "wandb")] == ["tensorboard", "mlflow-skinny",
+                                                                                       "wandb"]
+    out = install_commands(tmp_path, "TORCH_GPU=")
+    assert re.search(r'for tool in tensorboard mlflow wandb; do .* pip install -q -e "\.\[\$tool\]" \|\|', out)
+
+
 @pytest.mark.parametrize("torch_cuda, driver, driver_cuda, ok, words", [
     (None, None, None, True, "CPU build and there is no NVIDIA driver"),
     (None, "550.54", 12040, False, "rm -rf .venv && make venv"),

@@ -34,7 +34,7 @@ BAD_TRIAL_ARGS = {
     "--dropout": st.one_of(st.floats(min_value=1.0, allow_nan=False, allow_infinity=False).map(repr),
                            st.floats(max_value=-1e-9, allow_nan=False, allow_infinity=False).map(repr)),
     "--device": st.sampled_from(["tpu", "gpu", "cuda", "cuda:0", "", "metal"]),
-    "--model": st.sampled_from(["rnn", "transformer", ""]),
+    "--model": st.sampled_from(["rnn", "transformers", ""]),
     "--optimizer": st.sampled_from(["adam", "lbfgs", ""]),
     "--tokenizer": st.sampled_from(["bpe", "WORD", ""]),
     "--corpus": st.one_of(st.sampled_from(["synthetic:k=1", "synthetic:q=3", "synthetic:k=x", "/no/such/dir",

@@ -77,9 +77,9 @@ def test_units_and_costs() -> None:
 
 
 def test_advice_sentences_use_the_module() -> None:
-    from bptt_harness.report.advice import fmt_cost, sentence_num
+    from bptt_harness.report.advice import fmt_cost, g
 
-    assert sentence_num(0.002108) == "0.002108" and sentence_num(15_219.2) == "15,219" and sentence_num(None) == "n/a"
+    assert g(0.002108) == "0.002108" and g(15_219.2) == "15,219" and g(None) == "n/a"
     assert fmt_cost(0.36, "peak_mem_mib") == "0.36 MiB"
 
 

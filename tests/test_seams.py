@@ -351,7 +351,7 @@ def test_a_family_is_validated_where_the_study_file_is(bag: ModelFamily) -> None
     raw = {"name": "x", "model": {"type": "bagg"}, "search": {"bptt": [4], "batch_size": [4]}}
     with pytest.raises(HarnessError, match=r"model type 'bagg' is not known \(did you mean 'bag'\?\)") as e:
         parse_study(raw)
-    assert "\n" not in str(e.value) and "lstm, gru, bag" in str(e.value)
+    assert "\n" not in str(e.value) and "lstm, gru, transformer, awd-lstm, bag" in str(e.value)
     with pytest.raises(HarnessError, match="reset_every=3 resets a state that the bag family does not carry"):
         spec(model=ModelConfig(type="bag"), reset_every=3)
     with pytest.raises(HarnessError, match="'factory' is not a family"):

@@ -59,7 +59,7 @@ def test_everything_that_names_the_searched_keys_reads_the_registry() -> None:
     for key in SEARCH_KEYS.values():
         assert columns[key.name].kind == key.kind and columns[key.name].doc == key.doc
         assert key.name in CONFIG_FIELDS
-    assert SHAPE == ("model", "nhid", "emsize", "layers")
+    assert SHAPE == ("model", "nhid", "emsize", "layers", "heads", "mem_len")
     frame = pd.DataFrame({"clip": [0.0, 0.25], "lr": [1.0, 1.0], "bptt": [35, 70]})
     assert varying_fields(frame) == ["clip"]
 

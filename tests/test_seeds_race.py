@@ -16,7 +16,7 @@ from bptt_harness.config import load_study
 from bptt_harness.study.race import RACE_KEY, Standing, plan_round
 from bptt_harness.report.build import build
 from bptt_harness.report.frame import records_to_frame
-from bptt_harness.seeds import Z, pooled_cv, standard_error, tied
+from bptt_harness.seeds import leaders, pooled_cv, seed_means
 from bptt_harness.study import Objective, open_storage, prepare
 
 
@@ -27,22 +27,51 @@ def test_pooled_noise_standard_error_and_ties_by_hand() -> None:
     pooled = math.sqrt((2 * cv_a ** 2 + 1 * cv_b ** 2) / 3)
     assert pooled_cv([a, b, [150.0]]) == pytest.approx(pooled)
     assert pooled_cv([[150.0], [120.0]]) is None
-    # Its own noise when larger than the pooled one, else the pooled one; / sqrt(n).
-    assert standard_error(a, 0.01) == pytest.approx(4.0 / math.sqrt(3))
-    assert standard_error(a, 0.10) == pytest.approx(10.0 / math.sqrt(3))
-    assert standard_error([150.0], 0.02) == pytest.approx(3.0)
-    assert standard_error([150.0], None) is None
-    # Tied within Z standard errors of the difference: sqrt(3^2 + 4^2) = 5.
-    assert tied(100.0, 3.0, 100.0 + Z * 5.0, 4.0) and not tied(100.0, 3.0, 100.0 + Z * 5.0 + 0.01, 4.0)
-    assert not tied(100.0, None, 100.5, None) and tied(100.0, None, 100.0, None)
+    means = seed_means({"a": a, "b": b, "c": [150.0]})
+    # Its own noise at n >= 2 (n - 1 degrees of freedom); at n = 1 the pooled one, labelled as borrowed.
+    assert means["a"].se == pytest.approx(4.0 / math.sqrt(3)) and means["a"].dof == 2 and means["a"].source == "own"
+    assert means["c"].se == pytest.approx(pooled * 150.0) and means["c"].dof == 3
+    assert means["c"].source == "the pooled seed noise of 2 configurations"
+    assert means["c"].interval().label() == "95% t interval, n=1, df=3, noise borrowed from the pooled seed noise of 2 configurations"
+    assert means["a"].interval().label() == "95% t interval, n=3, df=2"
+    # The interval uses the t quantile on its degrees of freedom: 4.303 at df = 2, not 2.
+    assert means["a"].interval().hi - 100.0 == pytest.approx(4.3027 * 4.0 / math.sqrt(3), rel=1e-4)
+    assert seed_means({"x": [150.0], "y": [120.0]})["x"].se is None
+
+
+def test_two_configurations_two_standard_errors_apart_on_n_2_are_not_separated() -> None:
+    # Each n = 2 with sd 1: SE of each mean 0.707, of the difference 1. Two SE apart: z = 2 would call it
+    # real; Welch's t on about 2 degrees of freedom does not.
+    means = seed_means({"a": [99.0, 101.0], "b": [101.0, 103.0]})
+    lead = leaders(means)
+    assert lead.best == "a" and lead.tied == ["b"] and not lead.separated and lead.noise_known
+    assert lead.tests["b"] is not None and lead.tests["b"].dof == pytest.approx(2.0)
+    # Far apart: separated; with three rivals Holm adjusts the p values before calling it.
+    far = seed_means({"a": [99.0, 101.0], "b": [150.0, 152.0], "c": [160.0, 161.0]})
+    assert leaders(far).separated
+    # One seed each: the noise is unknown, so nothing is separated and only equal means tie.
+    singles = leaders(seed_means({"a": [100.0], "b": [140.0]}))
+    assert not singles.separated and not singles.noise_known and singles.tied == []
+
+
+def test_the_report_does_not_call_two_configurations_2_se_apart_on_n_2_separated() -> None:
+    recs = [rec(35, 5, p, s) for s, p in enumerate((99.0, 101.0))] + [rec(70, 5, p, s) for s, p in enumerate((101.0, 103.0))]
+    rep = build(records_to_frame(recs), study_name="s")
+    h = rep.advice.headline
+    assert "separated" not in h and "ties with bptt 70 × bs 5" in h
+    assert list(rep.ranking.table["place"]) == [1, 1]
+    # Ten standard errors apart, it is.
+    recs = [rec(35, 5, p, s) for s, p in enumerate((99.0, 101.0))] + [rec(70, 5, p, s) for s, p in enumerate((109.0, 111.0))]
+    h = build(records_to_frame(recs), study_name="s").advice.headline
+    assert "Its perplexity is separated from every other configuration's (Welch tests at 95%, Holm-adjusted over 1 comparison)" in h
 
 
 def test_race_rounds_measure_the_noise_then_chase_only_the_contenders() -> None:
     single = {"a": Standing((100.0,), 1), "b": Standing((101.0,), 1), "c": Standing((150.0,), 1)}
-    assert plan_round(single, max_seeds=3, left=5) == ["a", "b"]       # noise unknown: the two leaders again
+    assert plan_round(single, max_seeds=3, left=5) == ["b", "a"]       # noise unknown: the runner-up, then the best
     noisy = {"a": Standing((99.0, 101.0), 2), "b": Standing((103.0, 99.0), 2), "c": Standing((150.0,), 1)}
-    assert plan_round(noisy, max_seeds=3, left=5) == ["a", "b"]        # c is beyond the noise
-    assert plan_round(noisy, max_seeds=3, left=1) == ["a"]             # the race's budget
+    assert plan_round(noisy, max_seeds=3, left=5) == ["b", "a"]        # c is beyond the noise
+    assert plan_round(noisy, max_seeds=3, left=1) == ["b"]             # the race's budget: the runner-up first
     assert plan_round(noisy, max_seeds=2, left=5) == []                # everyone at max_seeds
     capped = {**noisy, "a": Standing((99.0, 101.0, 100.0), 3)}
     assert plan_round(capped, max_seeds=3, left=5) == ["b"]
@@ -50,6 +79,14 @@ def test_race_rounds_measure_the_noise_then_chase_only_the_contenders() -> None:
     assert plan_round(apart, max_seeds=5, left=5) == []                # separated: the race is over
     # A configuration whose seeds all diverged has runs but no perplexity: never a contender.
     assert plan_round({**apart, "d": Standing((), 2)}, max_seeds=5, left=5) == []
+
+
+def test_the_race_spends_its_runs_on_rivals_with_one_seed_first() -> None:
+    # The issue's case: the best and a far one measured twice, the runner-up once. Its run comes first,
+    # and the race goes on while it has one seed (it is not separated from the best).
+    st = {"best": Standing((200.0, 201.0), 2), "runner": Standing((202.0,), 1), "far": Standing((260.0, 262.0), 2)}
+    assert plan_round(st, max_seeds=3, left=1) == ["runner"]
+    assert plan_round(st, max_seeds=3, left=4) == ["runner", "best"]
 
 
 RACE = """
@@ -146,9 +183,9 @@ def test_a_difference_below_the_seed_noise_is_a_tie_and_the_recommendation_says_
     assert t.at["bptt=35,batch_size=5", "val_ppl_lo"] < t.at["bptt=10,batch_size=5", "val_ppl"] < \
         t.at["bptt=35,batch_size=5", "val_ppl_hi"]
     h = rep.advice.headline
-    assert "Within the seed noise (2 standard errors of the difference) its perplexity ties with" in h
+    assert "Within the seed noise (Welch tests at 95%, Holm-adjusted over 2 comparisons) its perplexity ties with" in h
     assert "bptt 70" not in h.split("ties with")[1]
-    assert "[n=3, interval " in h
+    assert "[n=3, 95% t interval " in h
     # The same means from single seeds: the noise is unknown, and the recommendation says that instead.
     singles = build(records_to_frame([rec(35, 5, 100.67), rec(10, 5, 102.0, tps=12_000.0), rec(70, 5, 130.0)]),
                     study_name="s")
@@ -162,6 +199,8 @@ def test_single_seed_configurations_are_labelled_and_borrow_the_pooled_noise() -
     c = rep.configs.set_index("config_key")
     assert bool(c.at["bptt=140,batch_size=5", "single_seed"])
     assert c.at["bptt=140,batch_size=5", "val_ppl_se"] == pytest.approx(0.02 * 150.0)   # cv 2/100, n = 1
+    assert c.at["bptt=140,batch_size=5", "noise_from"] == "the pooled seed noise of 1 configuration"
+    assert c.at["bptt=140,batch_size=5", "val_ppl_dof"] == 2
     assert c.at["bptt=35,batch_size=5", "val_ppl_se"] == pytest.approx(2.0 / math.sqrt(3))
     html = rep.ranking.table
     assert list(html["single_seed"]) == [False, True]

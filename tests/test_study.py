@@ -15,6 +15,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 from studyfiles import write_study
+from waiting_model import interrupt_when_waiting, waiting_env, waiting_study
 
 from bptt_harness.cli import main
 from bptt_harness.study import open_storage, progress
@@ -188,22 +189,15 @@ def test_sigkill_mid_trial_then_resume(tmp_path: Path) -> None:
 
 
 def test_sigint_marks_the_trial_and_exits_130(tmp_path: Path) -> None:
-    study_file = _slow_study(tmp_path, "interrupted")
+    # The second trial waits for the signal (an event this test controls, not a timer), so there is a
+    # finished trial to report and a running one to mark, however busy the machine is.
+    study_file = waiting_study(write_study(tmp_path, "interrupted", search="bptt = [4, 8, 16]\nbatch_size = [2]"))
     results = tmp_path / "results"
     url = sqlite_url(results, "interrupted")
     args = ["sweep", str(study_file), "--results-dir", str(results)]
     proc = subprocess.Popen([sys.executable, "-m", "bptt_harness", *args], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    try:
-        # Interrupt the second trial, so there is a finished one to report.
-        _wait_for(lambda: _states(url, "interrupted").count(TrialState.COMPLETE) >= 1
-                  and TrialState.RUNNING in _states(url, "interrupted"), 120, "a finished and a running trial")
-        time.sleep(0.5)
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+                            stderr=subprocess.PIPE, text=True, env=waiting_env(tmp_path / "wait"))
+    _, err = interrupt_when_waiting(proc, tmp_path / "wait")
     assert proc.returncode == 130
     assert "Resume with: bptt-harness sweep" in err and "Traceback" not in err
     # The report covers what finished before the interrupt.
@@ -214,7 +208,7 @@ def test_sigint_marks_the_trial_and_exits_130(tmp_path: Path) -> None:
     (marked,) = [t for t in trials if t.user_attrs.get("interrupted")]
     assert marked.state == TrialState.FAIL and "interrupted" in marked.user_attrs["record"]["error"]
 
-    done = run_cli(*args)
+    done = run_cli(*args, env=waiting_env(tmp_path / "wait"))  # "sent" is there: no trial waits now
     assert done.returncode == 0, done.stderr
     study = load(url, "interrupted")
     assert progress(study).done == 3

@@ -306,7 +306,7 @@ def test_checkpoints_and_curve_points(syn: Corpus) -> None:
     assert r.status == "ok" and r.steps == 120
     assert [p["step"] for p in r.val_curve] == [40, 80, 120]
     for curve, keys in ((r.val_curve, {"step", "tokens", "seconds", "loss", "ppl"}),
-                        (r.train_curve, {"step", "tokens", "seconds", "loss"})):
+                        (r.train_curve, {"step", "tokens", "seconds", "loss", "grad_norm", "lr"})):
         assert curve and all(set(p) == keys for p in curve)
         assert all(a["step"] < b["step"] and a["tokens"] < b["tokens"] and a["seconds"] <= b["seconds"]
                    for a, b in zip(curve, curve[1:]))
@@ -314,6 +314,18 @@ def test_checkpoints_and_curve_points(syn: Corpus) -> None:
     assert r.val_curve[-1]["tokens"] == r.train_tokens == 120 * 80
     assert r.val_loss == r.val_curve[-1]["loss"] and r.val_ppl == pytest.approx(math.exp(r.val_loss))
     assert r.best_val_loss == min(p["loss"] for p in r.val_curve)
+    # Each point's gradient norm is the interval's mean before clipping: positive, never above the trial's largest.
+    assert all(0 < p["grad_norm"] <= r.max_grad_norm * (1 + 1e-6) for p in r.train_curve)
+    assert {p["lr"] for p in r.train_curve} == {1e-2}
+
+
+def test_train_curve_lr_follows_sgd_annealing(syn: Corpus) -> None:
+    """SGD anneals when validation stops improving: the curve's lr is the lr each interval trained with."""
+    r = trial(syn, optimizer="sgd", lr=1e3, anneal=4.0, clip=0.0, spike_factor=1e9, tokens=9_600, checkpoints=6,
+              log_every=5)
+    lrs = [p["lr"] for p in r.train_curve]
+    assert r.status == "ok" and lrs[0] == 1e3 and lrs[-1] == r.final_lr < 1e3   # it annealed
+    assert all(b in (a, a / 4.0) for a, b in zip(lrs, lrs[1:]))
 
 
 def test_metrics_are_filled(syn: Corpus) -> None:

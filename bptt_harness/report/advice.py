@@ -15,14 +15,16 @@ import pandas as pd
 
 from bptt_harness.report import numbers
 from bptt_harness.report.budget import BudgetVerdict
-from bptt_harness.report.frame import label, varying_fields
+from bptt_harness.report.confounds import BpttEvidence, Confounds
+from bptt_harness.report.frame import CURVE, label, varying_fields
 from bptt_harness.report.memory import MemoryFit, MemoryWall
-from bptt_harness.report.noise import PPL_TOL, interval_text
+from bptt_harness.report.noise import PPL_TOL, interval_text, table_means
 from bptt_harness.report.rank import EqualTime, Ranking
-from bptt_harness.seeds import Z
+from bptt_harness.seeds import Leaders, leaders, seed_means
+from bptt_harness.stats import COVERAGE
 
 NEAR_BEST = 0.02  # "within 2% of the best perplexity"
-PLATEAU = 0.01  # a longer window that improves perplexity by less than 1% has stopped helping
+RISE = 0.01  # a validation perplexity more than 1% above the previous checkpoint's is a rise
 
 
 @dataclass(frozen=True)
@@ -43,8 +45,8 @@ class Advice:
     notes: list[str] = field(default_factory=list)
 
 
-def sentence_num(v: float, digits: int = 4) -> str:
-    """A number as a sentence of the advice writes it ("n/a" when missing): ``123.4``, ``0.3612``, ``45,210`` (bptt_harness.report.numbers)."""
+def g(v: float, digits: int = 4) -> str:
+    """A number for a sentence: ``123.4``, ``0.3612``, ``45,210`` (bptt_harness.report.numbers)."""
     return numbers.num(v, digits, missing="n/a")
 
 
@@ -53,12 +55,12 @@ def fmt_cost(v: float, cost: str) -> str:
 
 
 def _ppl(row: pd.Series) -> str:
-    text = sentence_num(row["val_ppl"])
+    text = g(row["val_ppl"])
     if "val_ppl_lo" in row.index:  # n and the interval over seeds (bptt_harness.report.noise)
         return f"{text} [{interval_text(row)}]"
     std, n = row.get("val_ppl_std"), row.get("n", 1)
     if n and n > 1 and std is not None and math.isfinite(std):
-        text += f" ± {sentence_num(std, 2)}"
+        text += f" ± {g(std, 2)}"
     return text
 
 
@@ -75,7 +77,8 @@ def near_best(table: pd.DataFrame, cost: str, tol: float = NEAR_BEST) -> tuple[p
 
 
 def advise(trials: pd.DataFrame, configs: pd.DataFrame, ranking: Ranking, equal_time: EqualTime | None,
-           fits: list[MemoryFit], wall: MemoryWall, n_running: int = 0, budget: BudgetVerdict | None = None) -> Advice:
+           fits: list[MemoryFit], wall: MemoryWall, n_running: int = 0, budget: BudgetVerdict | None = None,
+           confounds: Confounds | None = None, evidence: BpttEvidence | None = None) -> Advice:
     table, cost = ranking.table, ranking.cost
     extra = varying_fields(configs)
     notes = list(ranking.notes) + _data_notes(trials, n_running)
@@ -111,12 +114,15 @@ def advise(trials: pd.DataFrame, configs: pd.DataFrame, ranking: Ranking, equal_
                 headline += (" Within the measured spread it ties with "
                              + ", ".join(label(r, extra) for _, r in tied.head(3).iterrows()) + ".")
     headline += _failed_seeds(rec) + _test_clause(rec, best, extra)
+    if confounds is not None and len(table) > 1:
+        headline += confounds.caution()
     findings = [f for f in (
         _cheapest(table, cost, best, cheap, extra),
-        _bptt_helps(table, rec, extra),
+        _bptt_helps(evidence),
+        _confounds(confounds),
         _memory(wall, fits, extra),
         _instability(trials, configs, extra),
-        _interaction(table, rec, extra),
+        _interaction(table, rec, extra, trials),
         _equal_time(equal_time, table, extra),
         _by_budget(budget),
         _lr_rule(trials, table),
@@ -130,22 +136,28 @@ def _lr_note(row: pd.Series) -> str:
     if not isinstance(rule, str) or not rule or lr is None or pd.isna(lr):
         return ""
     if rule == "fixed":
-        return f" (lr {sentence_num(lr, 3)}, the same for every shape)"
-    return f" (lr {sentence_num(lr, 3)}, {'tuned' if rule == 'tuned' else f'by the {rule} rule'})"
+        return f" (lr {g(lr, 3)}, the same for every shape)"
+    return f" (lr {g(lr, 3)}, {'tuned' if rule == 'tuned' else f'by the {rule} rule'})"
+
+
+def _tests_text(lead: Leaders) -> str:
+    k = lead.comparisons
+    return f"Welch tests at {COVERAGE:.0%}, Holm-adjusted over {k} comparison{'s' if k != 1 else ''}"
 
 
 def _seed_noise_clause(table: pd.DataFrame, rec: pd.Series, extra: list[str]) -> str:
     """Whether the recommendation's perplexity is distinguishable from the others' (bptt_harness.seeds)."""
-    if table[PPL_TOL].isna().all():
+    means = table_means(table)
+    if all(m.se is None for m in means.values()):
         return (" Every configuration ran with one seed, so the seed noise is unknown and small gaps may not be "
                 "real (add repeats or a [race] table).")
-    ties = [r for _, r in table.iterrows() if r["config_key"] != rec["config_key"]
-            and abs(r["val_ppl"] - rec["val_ppl"]) <= math.hypot(r[PPL_TOL], rec[PPL_TOL])]
-    if not ties:
-        return (f" Its perplexity differs from every other configuration's by more than the seed noise "
-                f"({Z:g} standard errors).")
-    return (f" Within the seed noise ({Z:g} standard errors of the difference) its perplexity ties with "
-            + ", ".join(f"{label(r, extra)} ({sentence_num(r['val_ppl'])})" for r in ties[:4])
+    lead = leaders(means, anchor=str(rec["config_key"]))
+    if lead.separated:
+        return f" Its perplexity is separated from every other configuration's ({_tests_text(lead)})."
+    rows = table.set_index(table["config_key"].astype(str))
+    ties = [rows.loc[k] for k in lead.tied]
+    return (f" Within the seed noise ({_tests_text(lead)}) its perplexity ties with "
+            + ", ".join(f"{label(r, extra)} ({g(r['val_ppl'])})" for r in ties[:4])
             + (f" and {len(ties) - 4} more" if len(ties) > 4 else "") + ".")
 
 
@@ -161,8 +173,8 @@ def _test_clause(rec: pd.Series, best: pd.Series, extra: list[str]) -> str:
     if t_rec is None or pd.isna(t_rec):
         return ""
     if rec["config_key"] == best["config_key"] or t_best is None or pd.isna(t_best):
-        return f" Test perplexity: {sentence_num(t_rec)}."
-    return f" Test perplexity: {sentence_num(t_rec)}; the best by validation, {label(best, extra)}, {sentence_num(t_best)}."
+        return f" Test perplexity: {g(t_rec)}."
+    return f" Test perplexity: {g(t_rec)}; the best by validation, {label(best, extra)}, {g(t_best)}."
 
 
 def _by_budget(budget: BudgetVerdict | None) -> Finding | None:
@@ -179,13 +191,13 @@ def _lr_rule(trials: pd.DataFrame, table: pd.DataFrame) -> Finding | None:
     lrs = table["lr"].dropna()
     out = f"{text.iloc[0][0].upper()}{text.iloc[0][1:]}."
     if len(lrs) and lrs.nunique() > 1:
-        out += f" The configurations used lr {sentence_num(lrs.min(), 3)} to {sentence_num(lrs.max(), 3)} (configs.csv has each one)."
+        out += f" The configurations used lr {g(lrs.min(), 3)} to {g(lrs.max(), 3)} (configs.csv has each one)."
     tune = pd.to_numeric(trials["lr_tune_tokens"], errors="coerce").fillna(0) if "lr_tune_tokens" in trials else None
     trained = trials["train_tokens"].fillna(0).sum()
     if tune is not None and tune.sum() > 0 and trained > 0:
         seconds = pd.to_numeric(trials["lr_tune_s"], errors="coerce").fillna(0).sum()
         out += (f" Tuning cost {int(tune.sum()):,} training tokens ({tune.sum() / trained:.0%} on top of the "
-                f"{int(trained):,} the trials trained on) and {sentence_num(seconds, 3)} s.")
+                f"{int(trained):,} the trials trained on) and {g(seconds, 3)} s.")
     return Finding("lr", "How was the learning rate set?", out)
 
 
@@ -211,8 +223,30 @@ def _most_common_error(trials: pd.DataFrame) -> str:
     return f" Most common error: {status} ({len(of_kind)} of {len(trials)} trials){example}."
 
 
+# How each evaluation rule (a model family's, stored per trial as ``evaluation``) scores validation.
+EVALUATION_TEXT = {
+    "carried": "fixed windows of eval_bptt with the state carried through the whole split, so every target "
+               "sees all the text before it whatever bptt the model trained with",
+    "sliding": "overlapping windows of eval_bptt tokens moving by half a window, each target scored once with "
+               "no state carried: every target gets the same context, the span the model trained on (for a "
+               "model that carries nothing, bptt is its whole context)",
+}
+
+
+def evaluation_note(trials: pd.DataFrame) -> str | None:
+    """Which rule scored validation, per model family, from the trials' ``evaluation`` column (None when no
+    trial recorded one)."""
+    if "evaluation" not in trials or "model" not in trials:
+        return None
+    known = trials[trials["evaluation"].isin(list(EVALUATION_TEXT))]
+    parts = [f"{', '.join(sorted(map(str, g['model'].dropna().unique()))) or 'the model'}: {EVALUATION_TEXT[rule]}"
+             for rule, g in known.groupby("evaluation", sort=True)]
+    return ("Validation perplexity is scored by each model family's rule; " + "; ".join(parts) + ".") if parts \
+        else None
+
+
 def _data_notes(trials: pd.DataFrame, n_running: int) -> list[str]:
-    notes = []
+    notes = [n for n in (evaluation_note(trials),) if n]
     if n_running:
         notes.append(f"{n_running} trial(s) were still running and are not in this report.")
     ok = trials[trials["status"] == "ok"]
@@ -256,45 +290,52 @@ def _same_family(table: pd.DataFrame, rec: pd.Series, extra: list[str]) -> pd.Da
     return t
 
 
-def _bptt_helps(table: pd.DataFrame, rec: pd.Series, extra: list[str]) -> Finding | None:
-    fam = _same_family(table, rec, extra)
-    per_bs = []
-    for bs, grp in fam.groupby("batch_size"):
-        if grp["bptt"].nunique() < 2:
-            continue
-        grp = grp.sort_values("bptt")
-        p = grp["val_ppl"].to_numpy(dtype=float)
-        s = np.nan_to_num(grp["val_ppl_std"].to_numpy(dtype=float))
-        b = grp["bptt"].to_numpy(dtype=float)
-        i_best = int(np.argmin(p))
-        # Where it stops helping: the first bptt already within 1% (or the spread) of the best.
-        close = np.where(p <= p[i_best] + np.maximum(PLATEAU * p[i_best], s + s[i_best]))[0]
-        i_plateau = int(close[0])
-        per_bs.append((int(bs), b, p, i_best, i_plateau))
+def _bptt_helps(evidence: BpttEvidence | None) -> Finding | None:
+    """The bptt verdict: only from configurations that differ only in bptt, and only when nothing else
+    (bptt_harness.report.confounds) could explain their order."""
     title = "Does a longer bptt help at this budget?"
-    if not per_bs:
-        return Finding("bptt", title, "Cannot tell: no batch size was run with more than one bptt.")
-    main = next((x for x in per_bs if x[0] == int(rec["batch_size"])), per_bs[0])
-    bs, b, p, i_best, i_plateau = main
-    if i_best == 0 or i_plateau == 0:
-        text = (f"No: at batch size {bs} the shortest window that finished, bptt {int(b[0])}, is already "
-                + ("the best" if i_best == 0 else f"within {PLATEAU:.0%} (or the spread) of the best")
-                + f" (perplexity {sentence_num(p[0])}); at bptt {int(b[-1])} it is {sentence_num(p[-1])}. At this budget a longer window "
-                "costs optimiser steps and does not pay them back.")
-    elif i_plateau == len(b) - 1:
-        text = (f"Yes, all the way: at batch size {bs} perplexity falls from {sentence_num(p[0])} (bptt {int(b[0])}) to "
-                f"{sentence_num(p[-1])} at the longest window tried (bptt {int(b[-1])}); try longer windows.")
-    else:
-        after = p[i_plateau + 1:]
-        beyond = ("gets worse" if after.size and after.max() > p[i_best] * (1 + PLATEAU) else
-                  f"changes by less than {PLATEAU:.0%}")
-        text = (f"Up to bptt {int(b[i_plateau])}: at batch size {bs} perplexity falls from {sentence_num(p[0])} (bptt {int(b[0])}) "
-                f"to {sentence_num(p[i_plateau])} at bptt {int(b[i_plateau])}; beyond that it {beyond} "
-                f"(best {sentence_num(p[i_best])} at bptt {int(b[i_best])}).")
-    if len(per_bs) > 1:
-        text += " Best bptt per batch size: " + ", ".join(
-            f"bs {x[0]} → {int(x[1][x[3]])}" for x in per_bs[:12]) + ("…" if len(per_bs) > 12 else "") + "."
-    return Finding("bptt", title, text)
+    if evidence is None:
+        return None
+    found = evidence.confounds.found()
+    piece = evidence.slice
+    if piece is None:
+        return Finding("bptt", title, "Cannot tell: no configurations of this study differ only in bptt (the same "
+                       "tokens per step, lr, steps, schedule and model), so nothing here says what bptt does."
+                       + (" Between the configurations compared, " + "; ".join(c.text for c in found) + "."
+                          if found else ""))
+    cells = ", ".join(f"bptt {int(r['bptt'])}: {g(r['val_ppl'])} [{interval_text(r)}]" for _, r in piece.iterrows())
+    measured = f"Among {evidence.confounds.scope}, perplexity was {cells}."
+    if found:
+        return Finding("bptt", title, f"Inconclusive at this budget: {'; '.join(c.text for c in found)}. {measured}")
+    lead = evidence.leaders
+    by_key = piece.set_index(piece["config_key"].astype(str))
+    if lead is None or not lead.noise_known:
+        best = piece.loc[piece["val_ppl"].idxmin()]
+        return Finding("bptt", title, f"Cannot tell yet: bptt {int(best['bptt'])} had the lowest perplexity, but with "
+                       f"one seed each the seed noise is unknown, so no difference is called real. {measured}")
+    best_bptt = int(by_key.loc[lead.best, "bptt"])
+    if not lead.separated:
+        tied = ", ".join(f"bptt {int(by_key.loc[k, 'bptt'])}" for k in lead.tied)
+        return Finding("bptt", title, f"No difference beyond the seed noise: bptt {best_bptt} had the lowest perplexity "
+                       f"but is not separated from {tied} ({_tests_text(lead)}). {measured}")
+    shorter, longer = bool((piece["bptt"] < best_bptt).any()), bool((piece["bptt"] > best_bptt).any())
+    worse = " and ".join(w for w, on in (("shorter", shorter), ("longer", longer)) if on)
+    return Finding("bptt", title, f"bptt {best_bptt} is best: {worse} windows are worse beyond the seed noise "
+                   f"({_tests_text(lead)}). {measured}")
+
+
+def _confounds(confounds: Confounds | None) -> Finding | None:
+    if confounds is None or not confounds.items:
+        return None
+    title = "What else differs between the compared configurations?"
+    found = confounds.found()
+    unknown = [c for c in confounds.items if c.applies is None]
+    text = ("Besides the searched knobs: " + "; ".join(f"{c.name}: {c.text}" for c in found) + "."
+            if found else "Nothing found besides the searched knobs (steps, lr, schedule, data seen, grid edge and "
+            "the leader's stability over the budget were checked).")
+    if unknown:
+        text += " " + " ".join(f"{c.name}: {c.text[0].upper()}{c.text[1:]}." for c in unknown)
+    return Finding("confounds", title, text)
 
 
 def _memory(wall: MemoryWall, fits: list[MemoryFit], extra: list[str]) -> Finding | None:
@@ -337,8 +378,12 @@ def _instability(trials: pd.DataFrame, configs: pd.DataFrame, extra: list[str]) 
     ok = trials[trials["status"] == "ok"]
     clip = ok["clipped_frac"].dropna()
     clip_text = (f" Gradient clipping was active on {clip.mean():.0%} of steps on average." if len(clip) else "")
+    rises = _rises_text(trials, configs, extra)
     if div.empty:
-        return Finding("stability", title, "No configuration diverged." + clip_text)
+        if rises:
+            return Finding("stability", title, f"No configuration diverged, but {rises}" + clip_text)
+        return Finding("stability", title, f"No configuration diverged, and no validation perplexity rose by more "
+                       f"than {RISE:.0%} between checkpoints." + clip_text)
     # Configurations that only ran out of memory say nothing about stability.
     ran = configs[configs["n_oom"] < configs["n_trials"]]
     all_div = ran[(ran["n_diverged"] > 0) & (ran["n_diverged"] == ran["n_trials"] - ran["n_oom"])]
@@ -351,7 +396,33 @@ def _instability(trials: pd.DataFrame, configs: pd.DataFrame, extra: list[str]) 
     text = f"{len(div)} configuration(s) diverged: {listed}{more}."
     if pattern:
         text += f" {pattern}"
+    if rises:
+        text += f" Of the runs that finished, {rises}"
     return Finding("stability", title, text + clip_text)
+
+
+def _largest_rise(curve: object) -> float:
+    """The largest relative rise of validation perplexity from one checkpoint to the next (0: none)."""
+    losses = [float(p["loss"]) for p in curve if isinstance(p, dict) and p.get("loss") is not None] \
+        if isinstance(curve, list) else []
+    steps = [b - a for a, b in zip(losses, losses[1:]) if math.isfinite(a) and math.isfinite(b)]
+    return math.expm1(max(steps)) if steps and max(steps) > 0 else 0.0
+
+
+def _rises_text(trials: pd.DataFrame, configs: pd.DataFrame, extra: list[str]) -> str:
+    """``validation perplexity rose ... in 4 runs (...)``: ok runs whose validation got worse on the way."""
+    ok = trials[trials["status"] == "ok"]
+    if ok.empty or CURVE not in ok:
+        return ""
+    rise = ok[CURVE].map(_largest_rise)
+    bad = ok.assign(_rise=rise)[rise > RISE]
+    if bad.empty:
+        return ""
+    names = {r["config_key"]: label(r, extra) for _, r in configs.iterrows()}
+    worst = bad.groupby("config_key")["_rise"].max().sort_values(ascending=False)
+    listed = ", ".join(f"{names.get(k, k)} (+{v:.0%})" for k, v in worst.head(6).items())
+    return (f"validation perplexity rose by more than {RISE:.0%} between checkpoints in {len(bad)} run(s) of "
+            f"{len(worst)} configuration(s): {listed}{' …' if len(worst) > 6 else ''}.")
 
 
 def _first_step(trials: pd.DataFrame, key: str) -> float:
@@ -370,14 +441,34 @@ def _threshold(configs: pd.DataFrame, diverged: pd.DataFrame) -> str | None:
         is_div = configs["config_key"].isin(diverged["config_key"])
         lo = diverged[f].min()
         if (configs[f] >= lo).sum() and is_div[configs[f] >= lo].all() and not is_div.all():
-            return f"Every configuration with {word} ≥ {sentence_num(lo)} diverged: that is the stability edge."
+            return f"Every configuration with {word} ≥ {g(lo)} diverged: that is the stability edge."
         hi = diverged[f].max()
         if (configs[f] <= hi).sum() and is_div[configs[f] <= hi].all() and not is_div.all():
-            return f"Every configuration with {word} ≤ {sentence_num(hi)} diverged: that is the stability edge."
+            return f"Every configuration with {word} ≤ {g(hi)} diverged: that is the stability edge."
     return None
 
 
-def _interaction(table: pd.DataFrame, rec: pd.Series, extra: list[str]) -> Finding | None:
+def _pair_outcome(a: str, b: str, means: dict) -> str:
+    """``lower`` / ``higher`` (b against a, beyond the noise), ``tie`` (not separated) or ``untested``."""
+    if a not in means or b not in means:
+        return "untested"
+    lead = leaders({a: means[a], b: means[b]}, anchor=a)
+    if not lead.noise_known:
+        return "untested"
+    if not lead.separated:
+        return "tie"
+    return "lower" if means[b].estimate < means[a].estimate else "higher"
+
+
+def _counts_text(outcomes: list[str], lower: str, higher: str, noise: str) -> str:
+    n = {k: outcomes.count(k) for k in ("lower", "higher", "tie", "untested")}
+    parts = [f"{lower} in {n['lower']}", f"{higher} in {n['higher']}", f"no difference beyond the {noise} in {n['tie']}"]
+    if n["untested"]:
+        parts.append(f"untested in {n['untested']} (no repeats, so the {noise} is unknown)")
+    return ", ".join(parts)
+
+
+def _interaction(table: pd.DataFrame, rec: pd.Series, extra: list[str], trials: pd.DataFrame) -> Finding | None:
     title = "How does batch size interact with bptt?"
     fam = _same_family(table, rec, extra)
     groups = [grp.sort_values("bptt") for _, grp in fam.groupby("tokens_per_step") if len(grp) >= 2]
@@ -385,27 +476,34 @@ def _interaction(table: pd.DataFrame, rec: pd.Series, extra: list[str]) -> Findi
         # The example: the group of equal tokens per step with most members (ties: nearest the recommendation).
         groups.sort(key=lambda grp: (-len(grp), abs(math.log(grp["tokens_per_step"].iloc[0] / rec["tokens_per_step"]))))
         ex = groups[0]
-        cells = "; ".join(f"bptt {int(r['bptt'])} × bs {int(r['batch_size'])}: {sentence_num(r['tokens_per_s'])} tokens/s, "
-                          f"perplexity {sentence_num(r['val_ppl'])}" for _, r in ex.head(5).iterrows())
-        longer_better = faster_wider = 0
+        cells = "; ".join(f"bptt {int(r['bptt'])} × bs {int(r['batch_size'])}: {g(r['tokens_per_s'])} tokens/s, "
+                          f"perplexity {g(r['val_ppl'])}" for _, r in ex.head(5).iterrows())
+        ppl_means = table_means(table)
+        ok = trials[(trials["status"] == "ok") & trials["tokens_per_s"].notna()]
+        # Throughput noise is run-to-run, measured like perplexity's: own spread at n >= 2, else pooled.
+        tps_means = seed_means({str(k): [float(v) for v in grp] for k, grp in ok.groupby("config_key")["tokens_per_s"]})
+        ppl_out, tps_out = [], []
         for grp in groups:
-            short, long_ = grp.iloc[0], grp.iloc[-1]  # sorted by bptt: the long window has the small batch
-            longer_better += long_["val_ppl"] < short["val_ppl"]
-            faster_wider += short["tokens_per_s"] > long_["tokens_per_s"]
+            short, long_ = str(grp.iloc[0]["config_key"]), str(grp.iloc[-1]["config_key"])  # long window, small batch
+            ppl_out.append(_pair_outcome(short, long_, ppl_means))
+            tps_out.append(_pair_outcome(long_, short, tps_means))
         n = len(groups)
         text = (f"At the same tokens per step ({int(ex['tokens_per_step'].iloc[0]):,}) — {cells}. "
                 f"Over the {n} tokens-per-step value(s) run with several shapes, the longer window with the smaller "
-                f"batch gave the lower perplexity in {longer_better} and the wider batch with the shorter window the "
-                f"higher throughput in {faster_wider}.")
+                f"batch against the shorter window with the wider batch: perplexity "
+                + _counts_text(ppl_out, "lower", "higher", "seed noise")
+                + "; the shorter window with the wider batch against the longer one: throughput "
+                + _counts_text(tps_out, "lower", "higher", "run-to-run spread")
+                + f" (Welch tests at {COVERAGE:.0%}).")
         return Finding("interaction", title, text)
     # No shared products: how throughput scales with batch size at the recommended bptt.
     same_b = fam[fam["bptt"] == rec["bptt"]].sort_values("batch_size")
     if len(same_b) >= 2:
         a, b = same_b.iloc[0], same_b.iloc[-1]
         text = (f"At bptt {int(rec['bptt'])}, going from batch size {int(a['batch_size'])} to {int(b['batch_size'])} "
-                f"changes throughput from {sentence_num(a['tokens_per_s'])} to {sentence_num(b['tokens_per_s'])} tokens/s "
-                f"({b['tokens_per_s'] / a['tokens_per_s']:.2g}x) and perplexity from {sentence_num(a['val_ppl'])} to "
-                f"{sentence_num(b['val_ppl'])}. No two configurations share bptt × bs, so shapes cannot be compared "
+                f"changes throughput from {g(a['tokens_per_s'])} to {g(b['tokens_per_s'])} tokens/s "
+                f"({b['tokens_per_s'] / a['tokens_per_s']:.2g}x) and perplexity from {g(a['val_ppl'])} to "
+                f"{g(b['val_ppl'])}. No two configurations share bptt × bs, so shapes cannot be compared "
                 "at fixed tokens per step.")
         return Finding("interaction", title, text)
     return Finding("interaction", title, "Cannot tell: the study has too few batch sizes per bptt.")
@@ -434,13 +532,26 @@ def _equal_time(et: EqualTime | None, table: pd.DataFrame, extra: list[str]) -> 
                  + (f" (taken within {et.max_offset_s:.2g} s of it)" if et.max_offset_s is not None else "") + ".")
     else:
         tail += " Values are interpolated between validation checkpoints (set [train] time_grid_s to measure them)."
+    lead = et.leaders
+    noise = ""
+    if lead is not None and lead.noise_known:
+        noise = f" with the seed noise measured at that time ({_tests_text(lead)})"
+    elif lead is not None:
+        noise = " (no configuration has two runs there: the seed noise at that time is unknown, so this may not be real)"
+    interval = et.table.set_index("config_key")["ppl_at_time_interval"] if "ppl_at_time_interval" in et.table else {}
     if et.disagree:
-        text = (f"No. At the study's budget the best is {label(bb, extra)} (perplexity {sentence_num(bb['val_ppl'])}); "
+        text = (f"No. At the study's budget the best is {label(bb, extra)} (perplexity {g(bb['val_ppl'])}); "
                 f"at equal training time — {et.seconds:.3g} s, the latest time every configuration reached — it is "
-                f"{label(tb, extra)} (perplexity {sentence_num(at[et.best_time])}){rho}. The rankings disagree: at equal tokens a "
-                "small bptt × bs gets more optimiser steps; at equal time a large one processes more tokens.")
-    else:
-        still = "still best" if et.best_time == et.best_budget else "tied with the best within the spread"
+                f"{label(tb, extra)} (perplexity {g(at[et.best_time])}, {interval.get(et.best_time) or 'n/a'}){rho}, "
+                f"and the budget's best is separated from it{noise}.")
+    elif et.best_time == et.best_budget:
+        sep = " and separated from every other configuration" if lead is not None and lead.separated else ""
         text = (f"Yes. At equal training time — {et.seconds:.3g} s, the latest time every configuration reached — "
-                f"the study's best, {label(bb, extra)}, is {still} (perplexity {sentence_num(at[et.best_budget])}){rho}.")
+                f"the study's best, {label(bb, extra)}, is still best{sep} (perplexity {g(at[et.best_budget])}){rho}"
+                f"{noise if sep else ''}.")
+    else:
+        text = (f"Yes, within the noise. At equal training time — {et.seconds:.3g} s, the latest time every "
+                f"configuration reached — {label(tb, extra)} is lowest (perplexity {g(at[et.best_time])}), and the "
+                f"study's best, {label(bb, extra)} (perplexity {g(at[et.best_budget])}), is not separated from it"
+                f"{noise}{rho}.")
     return Finding("equal_time", title, text + tail)

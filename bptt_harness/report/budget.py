@@ -16,7 +16,7 @@ import pandas as pd
 
 from bptt_harness.report.frame import CURVE, TIME_CURVE, labels
 from bptt_harness.report.rank import grid_point
-from bptt_harness.seeds import tied
+from bptt_harness.seeds import Leaders, leaders, seed_means
 
 MAX_TIME_ROWS = 8
 
@@ -32,6 +32,7 @@ class Leg:
     values: pd.DataFrame
     moving: bool = False            # the leader changed between the last two points
     since: float | None = None      # from here on the final leader led (or tied for the lead) throughout
+    leaders: dict[float, Leaders] = field(default_factory=dict)  # at -> who led there (bptt_harness.seeds)
 
 
 @dataclass
@@ -59,39 +60,27 @@ def _fractions(trial: pd.Series) -> list[tuple[float, float]]:
     return out
 
 
-def _leaders(values: pd.DataFrame, counts: pd.DataFrame, cv: float | None) -> pd.DataFrame:
-    rows = []
-    for at in values.columns:
-        col = values[at].dropna().sort_values()
-        if col.empty:
-            continue
-        best = col.index[0]
-        runner = col.index[1] if len(col) > 1 else None
-        rows.append({"at": at, "best": best, "best_ppl": col.iloc[0], "runner": runner,
-                     "runner_ppl": col.iloc[1] if runner is not None else math.nan,
-                     "tie": runner is not None and _tied(col.iloc[0], counts.at[best, at], col.iloc[1],
-                                                         counts.at[runner, at], cv),
-                     "measured": len(col)})
-    return pd.DataFrame(rows)
+def _point(at: float, groups: dict[str, list[float]]) -> tuple[dict, Leaders]:
+    """The leaders at one point, with the seed noise measured at that point."""
+    lead = leaders(seed_means(groups))
+    means = {k: sum(v) / len(v) for k, v in groups.items()}
+    runner = lead.order[1] if len(lead.order) > 1 else None
+    return ({"at": at, "best": lead.best, "best_ppl": means[lead.best], "runner": runner,
+             "runner_ppl": means[runner] if runner is not None else math.nan,
+             "tie": runner is not None and runner in lead.tied, "separated": lead.separated,
+             "noise_known": lead.noise_known, "measured": len(lead.order)}, lead)
 
 
-def _tied(a: float, na: float, b: float, nb: float, cv: float | None) -> bool:
-    se = (lambda m, n: None if cv is None else cv * m / math.sqrt(max(n, 1)))  # noqa: E731
-    return tied(a, se(a, na), b, se(b, nb))
-
-
-def _settle(leg: Leg, counts: pd.DataFrame, cv: float | None) -> Leg:
-    """``moving`` and ``since`` from the table of leaders."""
+def _settle(leg: Leg) -> Leg:
+    """``moving`` and ``since`` from the leaders at each point."""
     t = leg.table
     if len(t) < 2:
         return leg
     final = t.iloc[-1]["best"]
 
-    def leads(i: int) -> bool:  # the final leader leads at point i, or is tied with the leader there
-        at, best = t.iloc[i]["at"], t.iloc[i]["best"]
-        v = leg.values.at[final, at] if final in leg.values.index else math.nan
-        return best == final or (pd.notna(v) and _tied(t.iloc[i]["best_ppl"], counts.at[best, at], v,
-                                                       counts.at[final, at], cv))
+    def leads(i: int) -> bool:  # the final leader leads at point i, or is not separated from the leader there
+        lead = leg.leaders[float(t.iloc[i]["at"])]
+        return lead.best == final or final in lead.tied
 
     leg.moving = not leads(len(t) - 2)
     i = len(t) - 1
@@ -101,14 +90,16 @@ def _settle(leg: Leg, counts: pd.DataFrame, cv: float | None) -> Leg:
     return leg
 
 
-def _leg(axis: str, rows: list[tuple[str, float, float]], cv: float | None) -> Leg | None:
+def _leg(axis: str, rows: list[tuple[str, float, float]]) -> Leg | None:
     """(config_key, at, ppl) of every run -> the leaders along one axis (None without rows)."""
     if not rows:
         return None
     long = pd.DataFrame(rows, columns=["config_key", "at", "ppl"])
     values = long.pivot_table(index="config_key", columns="at", values="ppl", aggfunc="mean")
-    counts = long.pivot_table(index="config_key", columns="at", values="ppl", aggfunc="count")
-    return _settle(Leg(axis, _leaders(values, counts, cv), values), counts, cv)
+    points = [_point(float(at), {str(k): [float(v) for v in grp["ppl"]] for k, grp in by_at.groupby("config_key")})
+              for at, by_at in long.groupby("at")]
+    table = pd.DataFrame([row for row, _ in points])
+    return _settle(Leg(axis, table, values, leaders={row["at"]: lead for row, lead in points}))
 
 
 def verdict_by_budget(trials: pd.DataFrame, ranked: pd.DataFrame, equal_time_s: float | None) -> BudgetVerdict:
@@ -118,23 +109,21 @@ def verdict_by_budget(trials: pd.DataFrame, ranked: pd.DataFrame, equal_time_s: 
         return out
     keys = set(ranked["config_key"])
     ok = trials[(trials["status"] == "ok") & trials["config_key"].isin(keys)]
-    cv_col = ranked["seed_noise_cv"].dropna() if "seed_noise_cv" in ranked else pd.Series(dtype=float)
-    cv = float(cv_col.iloc[0]) if len(cv_col) else None
     names = dict(zip(ranked["config_key"], labels(ranked)))
 
     rows = [(r["config_key"], f, math.exp(min(loss, 700))) for _, r in ok.iterrows() for f, loss in _fractions(r)]
-    out.tokens = _leg("tokens", rows, cv)
+    out.tokens = _leg("tokens", rows)
     if equal_time_s is not None and TIME_CURVE in ok:
         grid = sorted({p["grid_s"] for c in ok[TIME_CURVE] for p in c
                        if isinstance(p, dict) and p.get("grid_s") is not None and p["grid_s"] <= equal_time_s + 1e-9})
         rows = [(k, g, math.exp(min(p["loss"], 700))) for k, c in zip(ok["config_key"], ok[TIME_CURVE]) for g in grid
                 if (p := grid_point(c, g)) is not None]
-        out.time = _leg("time", rows, cv)
+        out.time = _leg("time", rows)
         if out.time is not None and len(out.time.table) > MAX_TIME_ROWS:  # evenly spaced rows, the last one kept
             step = math.ceil(len(out.time.table) / MAX_TIME_ROWS)
             keep = sorted({*range(len(out.time.table) - 1, -1, -step)})
             out.time.table = out.time.table.iloc[keep].reset_index(drop=True)
-    out.sentences = [s for s in (_sentence(out.tokens, names, cv), _sentence(out.time, names, cv)) if s]
+    out.sentences = [s for s in (_sentence(out.tokens, names), _sentence(out.time, names)) if s]
     return out
 
 
@@ -142,7 +131,7 @@ def at_text(leg: Leg, at: float) -> str:
     return f"{at:.0%} of the budget" if leg.axis == "tokens" else f"{at:.3g} s"
 
 
-def _sentence(leg: Leg | None, names: dict[str, str], cv: float | None) -> str | None:
+def _sentence(leg: Leg | None, names: dict[str, str]) -> str | None:
     if leg is None or leg.table.empty:
         return None
     where = "At equal tokens" if leg.axis == "tokens" else "At equal training time"
@@ -151,13 +140,14 @@ def _sentence(leg: Leg | None, names: dict[str, str], cv: float | None) -> str |
         return f"{where} there is one point only, so it cannot say whether the verdict was still moving."
     last, prev = t.iloc[-1], t.iloc[-2]
     final = names.get(last["best"], last["best"])
-    noise = "" if cv is not None else " (single-seed: no seed noise measured, so every difference counts)"
+    noise = "" if bool(last["noise_known"]) else " (single-seed: no seed noise measured, so every difference counts)"
     if leg.moving:
         span = (f"{prev['at']:.0%} and {last['at']:.0%} of the budget" if leg.axis == "tokens" else
                 f"{prev['at']:.3g} s and {last['at']:.3g} s of training")
         return (f"{where} the best changed between {span} "
                 f"(from {names.get(prev['best'], prev['best'])} to {final}): a longer run may change it again{noise}.")
-    if leg.since == float(t.iloc[0]["at"]):
-        return f"{where} {final} led (or tied for the lead) at every point, from {at_text(leg, leg.since)} on{noise}."
-    return (f"{where} {final} has led (or tied for the lead) since {at_text(leg, leg.since)}: the verdict was not "
+    since = leg.since if leg.since is not None else float(last["at"])
+    if since == float(t.iloc[0]["at"]):
+        return f"{where} {final} led (or tied for the lead) at every point, from {at_text(leg, since)} on{noise}."
+    return (f"{where} {final} has led (or tied for the lead) since {at_text(leg, since)}: the verdict was not "
             f"moving at the end{noise}.")

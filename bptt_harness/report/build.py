@@ -10,6 +10,7 @@ import pandas as pd
 from bptt_harness.record import COST_COLUMNS
 from bptt_harness.report.advice import Advice, advise
 from bptt_harness.report.budget import BudgetVerdict, verdict_by_budget
+from bptt_harness.report.confounds import BpttEvidence, Confounds, bptt_evidence, detect
 from bptt_harness.report.crosscheck import CrossCheck, profile_vs_trials
 from bptt_harness.report.frame import aggregate_configs
 from bptt_harness.report.memory import MemoryFit, MemoryWall, card_table, fit_memory, memory_wall
@@ -38,6 +39,8 @@ class Report:
     crosschecks: list[CrossCheck] = field(default_factory=list)  # the profile against the trials, per metric
     crosscheck_note: str | None = None    # why the two were not compared, when they were not
     rules: RulesOfThumb | None = None     # the forum's rules of thumb, checked (report/rules.py)
+    confounds: Confounds = field(default_factory=lambda: Confounds("every ranked configuration"))
+    bptt_evidence: BpttEvidence | None = None  # the controlled bptt slice and its confounds (report/confounds.py)
 
 
 def study_cost(trials: pd.DataFrame, info: dict | None = None) -> str:
@@ -60,9 +63,11 @@ def build(trials: pd.DataFrame, *, study_name: str, storage_display: str | None 
     cards = None
     if fits and fits[0].gpu and fits[0].slope_mib > 0:
         cards = card_table(fits[0], list(trials["batch_size"].dropna().unique()))
-    adv = advise(trials, configs, ranking, et, fits, wall, n_running, by_budget)
+    confounds = detect(ranking.table, trials, configs, by_budget, "every ranked configuration")
+    evidence = bptt_evidence(ranking.table, trials, configs, confounds)
+    adv = advise(trials, configs, ranking, et, fits, wall, n_running, by_budget, confounds, evidence)
     checks, note = profile_vs_trials(trials, profile)
     now = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     return Report(study_name, trials, configs, ranking, et, fits, cards, wall, adv, storage_display, info,
                   n_running, now, by_budget, profile, checks, note,
-                  check_rules(trials, profile, fits))
+                  check_rules(trials, profile, fits), confounds, evidence)

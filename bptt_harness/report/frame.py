@@ -47,14 +47,16 @@ CONFIG_COLUMNS: dict[str, str] = {
     **{k: TRIAL_COLUMNS[k] for k in CONFIG_FIELDS},
     "n": "trials of this configuration that finished ok (mean and std are over these)",
     "single_seed": "true when only one seed finished ok: its interval borrows the study's pooled seed noise",
-    "val_ppl_se": "standard error of the mean val_ppl over seeds: noise x val_ppl / sqrt(n), the noise being the "
-                  "larger of this configuration's own and the study's pooled seed noise (empty when no "
-                  "configuration has two seeds)",
-    "val_ppl_lo": "val_ppl - 2 x val_ppl_se: the interval's low end",
-    "val_ppl_hi": "val_ppl + 2 x val_ppl_se: the interval's high end; configurations whose difference is within "
-                  "2 standard errors of the difference tie",
-    "seed_noise_cv": "the study's seed noise: standard deviation / mean of val_ppl over seeds, pooled over the "
-                     "configurations with two or more",
+    "val_ppl_se": "standard error of the mean val_ppl over seeds: this configuration's own standard deviation / "
+                  "sqrt(n) at n >= 2; at n = 1 the pooled seed noise x val_ppl (borrowed, see noise_from); empty when "
+                  "no configuration has two seeds",
+    "val_ppl_dof": "degrees of freedom of val_ppl_se: n - 1 for its own noise, the pooled degrees of freedom when borrowed",
+    "val_ppl_lo": "low end of the 95% Student t interval of the mean val_ppl (t quantile on val_ppl_dof x val_ppl_se)",
+    "val_ppl_hi": "high end of the 95% Student t interval of the mean val_ppl",
+    "val_ppl_interval": "the interval's coverage, n and degrees of freedom in words (95% t interval, n=2, df=1)",
+    "noise_from": "own: the interval uses this configuration's seeds; otherwise where its noise was borrowed from",
+    "seed_noise_cv": "the study's pooled seed noise: standard deviation / mean of val_ppl over seeds, pooled over the "
+                     "configurations with two or more (what single-seed configurations borrow)",
     "n_trials": "trials of this configuration, any status",
     "n_oom": "trials that ran out of memory",
     "n_diverged": "trials that diverged",

@@ -22,7 +22,7 @@ from bptt_harness.report.build import Report
 from bptt_harness.report.crosscheck import DISAGREE
 from bptt_harness.report.frame import label, varying_fields
 from bptt_harness.report.page import Column, Drawn, esc, figure_block, meta_line, page, table
-from bptt_harness.seeds import Z
+from bptt_harness.stats import COVERAGE
 
 __all__ = ["render"]
 
@@ -106,8 +106,9 @@ def _ranking_section(rep: Report, limit: int = 40) -> str:
         ("", "Pareto rank", lambda x: str(int(x["pareto_rank"]))),
         ("", "val ppl (mean ± sd)", _cell("val_ppl", PPL_DIGITS)),
         ("", "n", lambda x: str(int(x["n"])) + (" (single-seed)" if str(x.get("single_seed")) == "True" else "")),
-        ("", f"interval (mean ± {Z:g} SE)",
-         lambda x: numbers.interval(x.get("val_ppl_lo"), x.get("val_ppl_hi"), PPL_DIGITS)),
+        ("", f"{COVERAGE:.0%} t interval (df)",
+         lambda x: numbers.interval(x.get("val_ppl_lo"), x.get("val_ppl_hi"), PPL_DIGITS)
+         + (f" ({x.get('val_ppl_dof'):.0f})" if pd.notna(x.get("val_ppl_dof")) else "")),
         ("", f"{COST_LABELS.get(cost, cost)} (mean ± sd)", _cell(cost)),
     ]
     for col, head in (("tokens_per_s", "tokens/s"), ("peak_mem_mib", "peak MiB"), ("joules_per_ktok", "J / 1k tok")):
@@ -127,12 +128,13 @@ def _ranking_intro(rep: Report, shown: pd.DataFrame) -> str:
     r = rep.ranking
     text = (f"From the trials: each configuration's mean over its seeds that finished. Pareto rank 1 = no other "
             f"configuration is better on both perplexity and {r.cost_label}; within a rank, lower perplexity first. "
-            "“± sd” is the standard deviation over seeds (the spread of single runs); the interval is the mean ± "
-            f"{Z:g} standard errors of the mean, the study's seed noise over √n")
-    text += ("; a single-seed configuration borrows the study's pooled seed noise." if (shown["n"] == 1).any() else ".")
+            "“± sd” is the standard deviation over seeds (the spread of single runs); the interval is the "
+            f"{COVERAGE:.0%} Student t interval of the mean on its degrees of freedom (df = n - 1 from its own seeds)")
+    text += ("; a single-seed configuration borrows the study's pooled seed noise and its degrees of freedom."
+             if (shown["n"] == 1).any() else ".")
     if shown["tie"].any():
-        text += (" Places marked “=” are ties: the configurations differ by less than "
-                 f"{Z:g} standard errors of the difference in perplexity and by less than the spread of repeats in cost.")
+        text += (" Places marked “=” are ties: Welch's test does not separate the perplexity from the row above at "
+                 f"{COVERAGE:.0%} (Holm-adjusted over the neighbouring pairs), and the cost is within the spread of repeats.")
     if rep.advice.recommended is not None and (shown["config_key"] == rep.advice.recommended).any():
         text += " The highlighted row is the recommendation."
     return f'<p class="small">{esc(text)}</p>'
@@ -157,16 +159,19 @@ def _equal_time_section(rep: Report, limit: int = 12) -> str:
         ("l", "configuration", lambda x: label(x, extra)),
         ("", f"ppl at {numbers.seconds(et.seconds)} (mean ± sd)",
          lambda x: numbers.pm(x["ppl_at_time"], x["ppl_at_time_std"], PPL_DIGITS)),
+        ("l", "noise there", lambda x: x.get("ppl_at_time_interval") or "not measured"),
         ("", "ppl at the budget", lambda x: numbers.num(x["val_ppl"], PPL_DIGITS)),
         ("", "place at the budget", lambda x: _place(x, "place", budget_ties)),
     ]
-    verdict = ("The two rankings disagree." if et.disagree else
+    verdict = ("The two rankings disagree: the budget's best is separated from the best at that time, with the seed "
+               "noise measured there." if et.disagree else
                "The two rankings agree on the best configuration." if et.comparable else
                "The study's best had no validation checkpoint by then, so the two cannot be compared.")
     how = ("measured on the study's common time grid" + (f" (each point within {numbers.seconds(et.max_offset_s, 2)} of it)"
                                                        if et.max_offset_s is not None else "")
            if et.on_grid else "interpolated between validation checkpoints (the study has no time grid)")
-    ties = " Places marked “=” tie within the seed noise." if time_ties or budget_ties else ""
+    ties = (" Places marked “=” are not separated from the row above by the seed noise (Welch, Holm-adjusted; at "
+            "that time, the noise measured there)." if time_ties or budget_ties else "")
     return (f"<section id=\"equal-time-section\"><h2>Ranking at equal training time</h2><p>From the trials: perplexity "
             f"of each configuration after {esc(numbers.seconds(et.seconds))} of training — the latest time every "
             f"configuration reached — {esc(how)}; a configuration without a point there is not measured and not "
@@ -190,6 +195,8 @@ def _budget_section(rep: Report) -> str:
             ("l", "runner-up", lambda x: names.get(x["runner"], x["runner"] or "")),
             ("", "ppl ", lambda x: numbers.num(x["runner_ppl"], PPL_DIGITS)),
             ("", "tie", lambda x: "yes" if x["tie"] else ""),
+            ("", "best separated from all", lambda x: ("yes" if x["separated"] else "no") if x["noise_known"]
+             else "noise unknown"),
             ("", "measured", lambda x: str(int(x["measured"]))),
         ]
         title = "at equal tokens" if leg.axis == "tokens" else "at equal training time (time grid)"

@@ -24,6 +24,7 @@ import pandas as pd
 from bptt_harness.report.numbers import num
 from bptt_harness.search_keys import SEARCH_KEYS
 from bptt_harness.spec import FACTORY, WINDOW_X_BS, MemoryTerm, find_family
+from bptt_harness.stats import t_quantile
 
 # Total memory as nvidia-smi reports it, MiB: what a process can address, not the nominal size
 # (an "80 GB" H100 offers 81,559 MiB, a "16 GB" T4 15,360). Variants of a card can differ a little.
@@ -42,14 +43,11 @@ DEFAULT_CONTEXT_MIB = 500.0
 SHAPE = ("model", *(k.name for k in SEARCH_KEYS.values() if k.model_size))
 # Statuses whose peak memory is a real measurement of the configuration (an oom trial's is not).
 _MEASURED = ("ok", "pruned", "timeout", "diverged")
-# Two-sided 95% Student t quantiles by degrees of freedom; 1.96 beyond the table.
-_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
-         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
-         2.045, 2.042)
 
 
 def t975(dof: int) -> float:
-    return _T975[dof - 1] if 1 <= dof <= len(_T975) else 1.96
+    """The two-sided 95% Student t quantile on ``dof`` degrees of freedom (bptt_harness.stats)."""
+    return t_quantile(0.975, dof)
 
 
 @dataclass(frozen=True)

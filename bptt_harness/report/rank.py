@@ -16,8 +16,8 @@ import pandas as pd
 
 from bptt_harness.record import COST_LABELS
 from bptt_harness.report.frame import CURVE, TIME_CURVE
-from bptt_harness.report.noise import PPL_TOL
-from bptt_harness.seeds import Z
+from bptt_harness.report.noise import PPL_TOL, table_means
+from bptt_harness.seeds import Leaders, SeedMean, adjacent_ties, leaders, seed_means
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +183,7 @@ def rank_configs(configs: pd.DataFrame, cost: str = "seconds_per_ktok") -> Ranki
 
 
 def _ppl_spread(table: pd.DataFrame) -> str:
-    """The perplexity tolerance column: Z standard errors over seeds (bptt_harness.report.noise), or for a
+    """The perplexity tolerance column: the half-width of the 95% t interval (bptt_harness.report.noise), or for a
     frame built without them the standard deviation of the repeats."""
     return PPL_TOL if PPL_TOL in table else "val_ppl_std"
 
@@ -198,20 +198,18 @@ def _within(a: float, b: float, sa: float, sb: float) -> bool:
 
 
 def _places(table: pd.DataFrame, cost: str) -> tuple[list[int], list[bool]]:
-    """Places 1, 2, 2, 4, ...: a row shares the place above it when it is in the same front and
-    within the spread of that row on perplexity and on cost (a tie, not a win)."""
+    """Places 1, 2, 2, 4, ...: a row shares the place above it when it is in the same front, not separated
+    from that row in perplexity by the seed noise (:func:`bptt_harness.seeds.adjacent_ties`) and within the
+    spread of repeats in cost (a tie, not a win)."""
     places: list[int] = []
     ties: list[bool] = []
-    cols = {"val_ppl": table["val_ppl"].to_numpy(dtype=float),
-            "val_ppl_std": table[_ppl_spread(table)].to_numpy(dtype=float)}
+    ppl_tie = _ppl_ties(table)
     cost_v = table[cost].to_numpy(dtype=float) if cost in table else np.full(len(table), np.nan)
     cost_v = np.where(np.isnan(cost_v), np.inf, cost_v)
     cost_s = table[f"{cost}_std"].to_numpy(dtype=float) if f"{cost}_std" in table else np.full(len(table), np.nan)
     ranks = table["pareto_rank"].to_numpy()
     for i in range(len(table)):
-        tie = i > 0 and ranks[i] == ranks[i - 1] \
-            and _within(cols["val_ppl"][i], cols["val_ppl"][i - 1], cols["val_ppl_std"][i], cols["val_ppl_std"][i - 1]) \
-            and _within(cost_v[i], cost_v[i - 1], cost_s[i], cost_s[i - 1])
+        tie = i > 0 and ranks[i] == ranks[i - 1] and ppl_tie[i] and _within(cost_v[i], cost_v[i - 1], cost_s[i], cost_s[i - 1])
         places.append(places[-1] if tie else i + 1)
         ties.append(bool(tie))
     # The row a tie refers to is part of the tie as well.
@@ -219,6 +217,16 @@ def _places(table: pd.DataFrame, cost: str) -> tuple[list[int], list[bool]]:
         if ties[i + 1]:
             ties[i] = True
     return places, ties
+
+
+def _ppl_ties(table: pd.DataFrame) -> list[bool]:
+    """Per row: its perplexity is not separated from the row above's (False for the first row)."""
+    if "val_ppl_se" in table and "val_ppl_dof" in table:
+        means = table_means(table)
+        return adjacent_ties([means[str(k)] for k in table["config_key"]]) if len(table) else []
+    # A frame built without seed intervals: within the spread of repeats.
+    p, s = table["val_ppl"].to_numpy(dtype=float), table["val_ppl_std"].to_numpy(dtype=float)
+    return [False] + [_within(p[i], p[i - 1], s[i], s[i - 1]) for i in range(1, len(table))]
 
 
 # --- equal wall time ---------------------------------------------------------------------------
@@ -234,11 +242,13 @@ class EqualTime:
             a configuration with no point at that time is not measured (NaN, no place, listed last).
         best_budget / best_time: config keys of the best configuration at the study's budget and at
             equal time.
-        disagree: the two bests differ by more than the measured spread.
+        disagree: the budget's best is separated from the best at equal time (not one of its ties).
         spearman: rank correlation of the two perplexity orders (None with fewer than 3 configurations).
         comparable: the budget's best has a checkpoint by ``seconds``; when False nothing can be said.
         on_grid: the values are validation points of the time grid; else interpolated between checkpoints.
         max_offset_s: on the grid, the largest distance between a point's training time and its grid time.
+        leaders: who leads at that time and whom the lead is separated from, with the seed noise measured
+            there (:func:`bptt_harness.seeds.leaders`). means: each configuration's mean and noise there.
     """
 
     seconds: float | None
@@ -250,6 +260,8 @@ class EqualTime:
     comparable: bool = True
     on_grid: bool = False
     max_offset_s: float | None = None
+    leaders: Leaders | None = None
+    means: dict[str, SeedMean] = field(default_factory=dict)
 
 
 def ppl_at(curve: list[dict], seconds: float) -> float:
@@ -310,46 +322,38 @@ def equal_time_ranking(trials: pd.DataFrame, ranked: pd.DataFrame) -> EqualTime:
     else:
         values = [ppl_at(c, t_star) for c in ok[CURVE]]
     at = ok.assign(_p=values).groupby("config_key")["_p"].agg(["mean", "std", "count"])
+    # The seed noise measured at this time point, not the budget's (the two differ: early in training
+    # seeds disagree more).
+    groups = {str(k): [float(v) for v in g.dropna()] for k, g in ok.assign(_p=values).groupby("config_key")["_p"]}
+    means = seed_means({k: v for k, v in groups.items() if v})
     table = ranked[["config_key", "bptt", "batch_size", "tokens_per_step", "val_ppl", "val_ppl_std", "place"]].copy()
     table["ppl_at_time"] = table["config_key"].map(at["mean"])
     table["ppl_at_time_std"] = table["config_key"].map(at["std"])
-    table["_tol"] = _time_tolerance(table, ranked, table["config_key"].map(at["count"]))
+    table["ppl_at_time_interval"] = [means[k].interval().label() if k in means else None
+                                     for k in table["config_key"].astype(str)]
     table = table.sort_values(["ppl_at_time", "val_ppl"], na_position="last", kind="mergesort").reset_index(drop=True)
+    measured = [str(k) for k, v in zip(table["config_key"], table["ppl_at_time"]) if pd.notna(v) and str(k) in means]
+    tie = dict(zip(measured, adjacent_ties([means[k] for k in measured])))
     places: list[float] = []
-    for i in range(len(table)):
-        if pd.isna(table.at[i, "ppl_at_time"]):
+    for i, key in enumerate(table["config_key"].astype(str)):
+        if key not in tie:
             places.append(math.nan)  # not measured at that time: never ranked
             continue
-        tie = i > 0 and _within(table.at[i, "ppl_at_time"], table.at[i - 1, "ppl_at_time"],
-                                table.at[i, "_tol"], table.at[i - 1, "_tol"])
-        places.append(places[-1] if tie else i + 1)
+        places.append(places[-1] if i > 0 and tie[key] else i + 1)
     table["place_time"] = places
-    table = table.drop(columns="_tol")
-    if table["ppl_at_time"].notna().sum() == 0:
+    if not measured:
         return EqualTime(t_star, table)
+    lead = leaders({k: means[k] for k in measured})
     b_budget = ranked.loc[ranked["val_ppl"].idxmin()]
-    b_time = table.loc[table["ppl_at_time"].idxmin()]
-    disagree = b_budget["config_key"] != b_time["config_key"]
-    row = table[table["config_key"] == b_budget["config_key"]].iloc[0]
-    comparable = bool(pd.notna(row["ppl_at_time"]))
-    if disagree:
-        # Not a disagreement if, at equal time, the budget's best is tied with the time's best; and no
-        # verdict at all if the budget's best had not been evaluated yet by then.
-        disagree = comparable and not _within(row["ppl_at_time"], b_time["ppl_at_time"], row["ppl_at_time_std"],
-                                              b_time["ppl_at_time_std"])
+    key_budget = str(b_budget["config_key"])
+    comparable = key_budget in means
+    # Not a disagreement if, at equal time, the budget's best is tied with the time's best; and no
+    # verdict at all if the budget's best had not been evaluated yet by then.
+    disagree = comparable and key_budget != lead.best and key_budget not in lead.tied
     both = table.dropna(subset=["ppl_at_time", "val_ppl"])
     rho = None
     if len(both) >= 3:
         rho = float(both["ppl_at_time"].rank().corr(both["val_ppl"].rank()))
         rho = None if math.isnan(rho) else rho
-    return EqualTime(t_star, table, str(b_budget["config_key"]), str(b_time["config_key"]), bool(disagree), rho,
-                     comparable, on_grid, offset)
-
-
-def _time_tolerance(table: pd.DataFrame, ranked: pd.DataFrame, n: pd.Series) -> pd.Series:
-    """Tie tolerance at equal time: Z standard errors from the study's seed noise, as at the budget
-    (without a measured seed noise: the spread of the repeats, as before)."""
-    cv = ranked["seed_noise_cv"].dropna() if "seed_noise_cv" in ranked else pd.Series(dtype=float)
-    if cv.empty:
-        return table["ppl_at_time_std"]
-    return Z * float(cv.iloc[0]) * table["ppl_at_time"] / np.sqrt(n.clip(lower=1))
+    return EqualTime(t_star, table, key_budget, lead.best, bool(disagree), rho, comparable, on_grid, offset, lead,
+                     {k: means[k] for k in measured})

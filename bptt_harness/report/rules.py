@@ -25,11 +25,12 @@ import numpy as np
 import pandas as pd
 
 from bptt_harness.report import numbers
-from bptt_harness.report.memory import MemoryFit, t975
+from bptt_harness.report.memory import MemoryFit
+from bptt_harness.stats import t_quantile
 
 __all__ = ["MEMORY_SAME", "SPEED_SAME", "STEP_WORK", "TRAINING", "VERDICTS", "RuleCheck", "RulesOfThumb", "Verdict",
            "check_memory", "check_rules", "check_speed", "check_stability", "confounded", "equal_step_groups",
-           "interval", "stratified_p", "t_quantile", "within_slope"]
+           "interval", "stratified_p", "within_slope"]
 
 Verdict = Literal["holds", "does not hold", "inconclusive", "not tested"]
 VERDICTS: tuple[Verdict, ...] = ("holds", "does not hold", "inconclusive", "not tested")
@@ -162,35 +163,12 @@ def within_slope(x: np.ndarray, y: np.ndarray, group: np.ndarray) -> tuple[float
     return slope, se, dof, len(frame)
 
 
-def t_quantile(p: float, dof: int) -> float:
-    """Student's t quantile for ``0.5 <= p < 1`` on ``dof`` degrees of freedom: closed forms for 1 and 2, else
-    the density integrated (trapezoids, 4,000 of them) and the CDF bisected, to about 1e-6."""
-    if dof == 1:
-        return math.tan(math.pi * (p - 0.5))
-    if dof == 2:
-        return (2 * p - 1) / math.sqrt(2 * p * (1 - p))
-    c = math.exp(math.lgamma((dof + 1) / 2) - math.lgamma(dof / 2)) / math.sqrt(dof * math.pi)
-
-    def cdf(x: float) -> float:
-        grid = np.linspace(0.0, x, 4001)
-        dens = c * (1 + grid * grid / dof) ** (-(dof + 1) / 2)
-        return 0.5 + float((dens.sum() - (dens[0] + dens[-1]) / 2) * (grid[1] - grid[0]))
-
-    lo, hi = 0.0, 2.0
-    while cdf(hi) < p:
-        lo, hi = hi, hi * 2
-    for _ in range(50):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if cdf(mid) < p else (lo, mid)
-    return (lo + hi) / 2
-
-
 def interval(estimate: float, se: float, dof: int, comparisons: int = 1) -> tuple[float, float]:
     """The 95% interval (t quantile on ``dof``), widened for ``comparisons`` made at once (Bonferroni, so
     that all of them hold together with 95%); the point itself when there is no standard error."""
     if not math.isfinite(se) or dof < 1:
         return estimate, estimate
-    half = (t975(dof) if comparisons == 1 else t_quantile(1 - 0.025 / comparisons, dof)) * se
+    half = t_quantile(1 - 0.025 / comparisons, dof) * se
     return estimate - half, estimate + half
 
 

@@ -18,7 +18,7 @@ from bptt_harness.config import load_study
 from bptt_harness.errors import HarnessError
 from bptt_harness.storage import open_storage, relocated
 from bptt_harness.stored import read_trials
-from bptt_harness.urls import STORAGE_ENV, hides_password, redact, same_storage, scrub
+from bptt_harness.urls import STORAGE_ENV, anchored, hides_password, redact, same_storage, scrub
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ def resolve(source: str | Path, *, storage: str | None = None, study_name: str |
         raise HarnessError(f"{str(path / STUDY_JSON)!r} has no 'storage' URL; pass --storage URL")
     if hides_password(url):
         url = _password_from_environment(url, path / STUDY_JSON)
-    moved = relocated(url, path)
+    moved = relocated(anchored(url, path), path)
     if moved != url:
         log.info("storage %s not found; using %s in the results folder", redact(url), redact(moved))
     url = moved

@@ -77,8 +77,28 @@ def summary(rep: Report) -> dict:
         "memory": {"fits": rep.fits, "cards": rep.cards if rep.cards is not None else [], "wall": rep.wall},
         "equal_time": rep.equal_time,
         "rules_of_thumb": rep.rules,
+        # name -> {applies (null: not measured), text, numbers}: what else differs between the ranked configurations.
+        "confounds": rep.confounds.as_dict(),
+        "bptt_verdict": _bptt(rep),
         "profile_vs_trials": {"checks": rep.crosschecks, "note": rep.crosscheck_note},
     })
+
+
+def _bptt(rep: Report) -> dict:
+    """The bptt verdict's evidence: the controlled slice it compared (empty: none) and that slice's confounds."""
+    ev = rep.bptt_evidence
+    if ev is None:
+        return {"slice": [], "confounds": {}, "conclusive": False}
+    piece = ev.slice
+    cols = [c for c in (*RANKING_COLUMNS, "val_ppl_lo", "val_ppl_hi", "val_ppl_interval", "steps", "lr") if
+            piece is not None and c in piece.columns]
+    lead = ev.leaders
+    return {"scope": ev.confounds.scope,
+            "slice": piece[cols] if piece is not None else [],
+            "confounds": ev.confounds.as_dict(),
+            "best": lead.best if lead is not None else None,
+            "separated": bool(lead.separated) if lead is not None else False,
+            "conclusive": piece is not None and not ev.confounds.found() and lead is not None and lead.separated}
 
 
 def summary_json(rep: Report) -> str:

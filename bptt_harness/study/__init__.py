@@ -53,6 +53,7 @@ from bptt_harness.study.run import (
     RACE_POLL_S,
     check_corpus_fits,
     check_cost_measurable,
+    check_same_corpus,
     config_from_storage,
     load_corpus,
     plan_budget,
@@ -63,7 +64,7 @@ from bptt_harness.study.run import (
 
 __all__ = [
     "CANONICAL", "GRACE_S", "HEARTBEAT_S", "MAY_CHANGE", "RACE_KEY", "RACE_POLL_S", "Objective", "Progress", "Standing",
-    "TrialFailed", "check_corpus_fits", "check_cost_measurable", "config_from_storage", "cost_value", "create_study",
+    "TrialFailed", "check_corpus_fits", "check_cost_measurable", "check_same_corpus", "config_from_storage", "cost_value", "create_study",
     "enqueue_grid", "first_line", "grid_points", "has_repeats", "load_corpus", "make_pruner", "make_record",
     "make_sampler", "metric_names", "now_iso", "observe_until", "open_storage", "plan_budget", "plan_round", "prepare",
     "progress", "race_round", "raced", "reap", "recorded_storage", "resolve_storage", "retry_trial", "run_worker",

@@ -12,9 +12,13 @@ import optuna
 
 from bptt_harness.config import ParamSpace, StudyConfig
 from bptt_harness.corpus import Corpus
+from bptt_harness.interrupt import StopRequest
+from bptt_harness.loggers import RunInfo, hparams_of, trial_loggers
+from bptt_harness.observers import StopCheck
 from bptt_harness.probe import make_probe
 from bptt_harness.profile_csv import PROFILE_CSV, doesnt_fit
 from bptt_harness.record import (
+    FAIL_STATUSES,
     INFEASIBLE,
     Hardware,
     LrChoice,
@@ -80,7 +84,8 @@ def cost_value(result: TrialResult, cost: str, per_ktok: bool = True) -> float |
 def study_info(config: StudyConfig, corpus: Corpus, host_workers: int = 1) -> StudyInfo:
     t = config.train
     return StudyInfo(name=config.name, corpus=corpus.name, corpus_source=corpus.source,
-                     corpus_licence=corpus.licence, vocab_size=corpus.vocab_size, budget=t.budget,
+                     corpus_licence=corpus.licence, vocab_size=corpus.vocab_size,
+                     corpus_hash=corpus.content_hash or None, budget=t.budget,
                      budget_tokens=resolve_budget_tokens(t, corpus.train.numel()),
                      budget_epochs=t.epochs if t.budget == "tokens" else None,
                      budget_seconds=t.seconds if t.budget == "seconds" else None,
@@ -144,6 +149,7 @@ class Objective:
     profile: Any = None    # the study's profile.csv (bptt_harness.profile): cells it saw run out of memory are skipped
     # Called at each validation checkpoint with the trial and the point (index, of, tokens, seconds, ppl).
     on_checkpoint: Callable[[optuna.Trial, dict], None] | None = None
+    stop: StopRequest | None = None  # a recorded Ctrl-C or SIGTERM, acted on after each training step
     _named: bool | None = None  # whether the study's objectives are named (and so in trials.csv's units)
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
@@ -184,8 +190,13 @@ class Objective:
                     spec = self._tuned(trial, spec, config_key(params), choice, options)
                     options = replace(options, warm_up_steps=0)
                 options = replace(options, time_grid_until_s=observe_until(trial.study, spec))
+                key = config_key(params)
+                run = RunInfo(self.config.name, f"{trial.number:04d}-{key}-seed{spec.train.seed}",
+                              hparams_of(spec, trial=trial.number, config_key=key, repeat=repeat))
                 result = run_trial(spec, self.corpus, self.device, probe=make_probe(self.device),
-                                   on_checkpoint=on_checkpoint, options=options)
+                                   on_checkpoint=on_checkpoint, options=options,
+                                   observers=[*trial_loggers(self.config.log, run),
+                                              *([StopCheck(self.stop)] if self.stop is not None else [])])
         except KeyboardInterrupt:
             interrupted = TrialResult(status="failed", error="interrupted (SIGINT); retried on resume",
                                       bptt=spec.bptt, batch_size=spec.batch_size, seed=spec.train.seed)
@@ -255,7 +266,7 @@ class Objective:
         status, result = record.status, record.result
         if status == "pruned":
             raise optuna.TrialPruned(record.error)
-        if status in ("timeout", "failed"):
+        if status in FAIL_STATUSES:
             raise TrialFailed(record.error)
         budget_mib = self.config.max_memory_gib * 1024 if self.config.max_memory_gib else None
         peak = result.probe.peak_mem_mib

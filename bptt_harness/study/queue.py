@@ -94,7 +94,7 @@ def _constraints(trial: FrozenTrial) -> tuple[float, ...]:
 
 # Keys a resumed study may change: how it is run, not what a trial measures. A grid may also be
 # extended; a sampled search space may not (Optuna cannot change a categorical's choices).
-MAY_CHANGE = ("trials", "workers", "device", "description", "storage", "race")
+MAY_CHANGE = ("trials", "workers", "device", "description", "storage", "race", "log")
 
 
 def _changed_keys(a: Any, b: Any, prefix: str = "") -> list[str]:

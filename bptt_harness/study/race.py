@@ -1,9 +1,10 @@
 """Racing: more seeds only where the verdict depends on them (the study file's ``[race]`` table).
 
-After the first pass, the contenders (configurations tied with the best under the seed noise of
-:mod:`bptt_harness.seeds`) run again with new seeds, one round at a time, until the best is separated
-from all of them, every contender has ``max_seeds`` runs, or the race has spent ``trials`` runs.
-While no configuration has two seeds the noise is unknown: the first round runs the two leaders
+After the first pass, the contenders (the best and the configurations it is not separated from under
+the seed noise of :mod:`bptt_harness.seeds`) run again with new seeds, one round at a time, those with
+the fewest seeds first and the runner-up before the others, until the best is separated from all of
+them, every contender has ``max_seeds`` runs, or the race has spent ``trials`` runs. While no
+configuration has two seeds the noise is unknown: the first round runs the runner-up and the best
 again, which measures it. :func:`plan_round` is the decision; :func:`race_round` applies it to a study.
 """
 
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 import optuna
 
 from bptt_harness.config import RaceConfig
-from bptt_harness.seeds import mean, pooled_cv, standard_error, tied
+from bptt_harness.seeds import leaders, seed_means
 from bptt_harness.stored import final_trials, trial_params
 
 RACE_KEY = "race_key"     # user attribute of a racing trial: "<config_key>#<repeat>"
@@ -29,23 +30,23 @@ class Standing:
 
 
 def plan_round(standings: dict[str, Standing], max_seeds: int, left: int) -> list[str]:
-    """The configurations that get one more seed this round, best first (empty: the race is over)."""
-    ranked = sorted((k for k, s in standings.items() if s.ppl), key=lambda k: mean(standings[k].ppl))
-    if len(ranked) < 2 or left <= 0:
-        return []
-    noise = pooled_cv(s.ppl for s in standings.values())
-    if noise is None:
-        contenders = ranked[:2]
-    else:
-        def se(k: str) -> float | None:
-            return standard_error(standings[k].ppl, noise)
+    """The configurations that get one more seed this round, in the order they should run (empty: over).
 
-        best = ranked[0]
-        rivals = [k for k in ranked[1:] if tied(mean(standings[best].ppl), se(best), mean(standings[k].ppl), se(k))]
-        if not rivals:
-            return []  # separated
-        contenders = [best, *rivals]
-    return [k for k in contenders if standings[k].runs < max_seeds][:left]
+    The contenders are the best and every configuration not separated from it (:func:`bptt_harness.seeds.leaders`;
+    while no configuration has two seeds, the best and the runner-up). Runs go to the contenders with the
+    fewest seeds first, and among equals to the closest rival first: the runner-up, then the best, then the
+    others by mean. So no run is left unused while a rival still has one seed, and the budget is spent on
+    the comparisons the verdict depends on."""
+    ppl = {k: s.ppl for k, s in standings.items() if s.ppl}
+    if len(ppl) < 2 or left <= 0:
+        return []
+    lead = leaders(seed_means(ppl))
+    if lead.separated:
+        return []
+    rivals = lead.tied if lead.noise_known else lead.order[1:2]
+    closeness = {k: i for i, k in enumerate([*rivals[:1], lead.best, *rivals[1:]])}
+    open_ = [k for k in closeness if standings[k].runs < max_seeds]
+    return sorted(open_, key=lambda k: (len(standings[k].ppl), closeness[k]))[:left]
 
 
 def raced(study: optuna.Study) -> int:

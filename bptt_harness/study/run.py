@@ -16,6 +16,7 @@ from bptt_harness.config import StudyConfig, parse_study
 from bptt_harness.corpus import Corpus, check_fits, load
 from bptt_harness.errors import HarnessError
 from bptt_harness.hardware import fingerprint, resolve_device
+from bptt_harness.interrupt import StopRequest
 from bptt_harness.model import check_model
 from bptt_harness.profile_csv import cells, doesnt_fit, load_profile, plan_tokens
 from bptt_harness.storage import first_line, open_storage, write_study_json
@@ -49,6 +50,30 @@ def load_corpus(config: StudyConfig) -> Corpus:
     return load(config.corpus, check=lambda corpus: check_corpus_fits(config, corpus))
 
 
+CORPUS_HASH_ATTR = "corpus_hash"
+
+
+def check_same_corpus(study: optuna.Study, config: StudyConfig, corpus: Corpus) -> None:
+    """A study measures one corpus: refuse to add trials on other data (a corpus file edited, replaced or
+    regenerated since the study started), as a changed study file is refused. The first run records the
+    corpus's content hash in the study; a study from before that is checked against its trials' records."""
+    if not corpus.content_hash:
+        return
+    stored = study.user_attrs.get(CORPUS_HASH_ATTR)
+    if stored is None:
+        hashes = {((t.user_attrs.get("record") or {}).get("study") or {}).get("corpus_hash")
+                  for t in study.get_trials(deepcopy=False)} - {None}
+        stored = next(iter(hashes)) if len(hashes) == 1 else None
+    if stored is None:
+        study.set_user_attr(CORPUS_HASH_ATTR, corpus.content_hash)
+    elif stored != corpus.content_hash:
+        raise HarnessError(
+            f"study {config.name!r} measured corpus {corpus.source or corpus.name} with content hash {stored[:12]}, "
+            f"but it now hashes to {corpus.content_hash[:12]}: the data changed, and its trials would not be "
+            f"comparable. Restore the data it measured, or use a new study name, or delete {config.results_dir} "
+            "to start over")
+
+
 def check_cost_measurable(config: StudyConfig, device: Any) -> None:
     if config.cost == "joules_per_token" and len(config.objectives) > 1 and device.type != "cuda":
         readable = [p for p in glob.glob("/sys/class/powercap/intel-rapl:*/energy_uj") if os.access(p, os.R_OK)]
@@ -60,14 +85,18 @@ def check_cost_measurable(config: StudyConfig, device: Any) -> None:
 def run_worker(study: optuna.Study, config: StudyConfig, corpus: Corpus, device: Any, n_target: int,
                on_result: Callable[[optuna.Trial, dict], None] | None = None,
                on_start: Callable[[optuna.Trial, dict], None] | None = None, host_workers: int = 1,
-               on_checkpoint: Callable[[optuna.Trial, dict], None] | None = None) -> None:
+               on_checkpoint: Callable[[optuna.Trial, dict], None] | None = None,
+               stop: StopRequest | None = None) -> None:
     """Run trials until the study holds ``n_target`` finished ones (counting every worker's).
 
     ``host_workers``: how many workers run on this host at once (recorded with each trial: on CPU they
-    share the machine, so their timings are marked)."""
+    share the machine, so their timings are marked). ``stop``: a recorded Ctrl-C or SIGTERM
+    (:func:`bptt_harness.interrupt.deferred_signals`), acted on after every training step and between trials."""
     objective = Objective(config, corpus, device, fingerprint(device), on_result, on_start, host_workers,
-                          profile=load_profile(config.results_dir), on_checkpoint=on_checkpoint)
+                          profile=load_profile(config.results_dir), on_checkpoint=on_checkpoint, stop=stop)
     while True:
+        if stop is not None:
+            stop.check()
         reap(study)
         p = progress(study)
         target = n_target + (raced(study) if config.race else 0)
@@ -126,6 +155,7 @@ def prepare(config: StudyConfig, storage_url: str, device_name: str | None) -> t
     corpus = load_corpus(config)
     check_model(config.model, corpus.vocab_size)  # a user's model factory: one line now, not a failed trial later
     study = create_study(config, open_storage(storage_url, on_stale_trial=retry_trial))
+    check_same_corpus(study, config, corpus)
     if config.sampler == "grid":
         enqueue_grid(study, config)
     write_study_json(config, storage_url)

@@ -23,6 +23,7 @@ import torch
 from bptt_harness.config import StudyConfig, load_study
 from bptt_harness.corpus import Corpus
 from bptt_harness.errors import HarnessError
+from bptt_harness.interrupt import StopRequest
 from bptt_harness.progress import Display
 from bptt_harness.report import ReportPaths, generate
 from bptt_harness.storage import resolve_storage, storage_failure
@@ -55,16 +56,17 @@ class Sweep:
         study, corpus, device = prepare(config, storage_url, device_name)
         return cls(config, storage_url, study, corpus, device, workers)
 
-    def run(self, display: Display) -> None:
-        """Run trials until the study holds its ``n_trials()`` final ones (and any racing rounds)."""
+    def run(self, display: Display, stop: StopRequest | None = None) -> None:
+        """Run trials until the study holds its ``n_trials()`` final ones (and any racing rounds). ``stop``: a
+        recorded Ctrl-C or SIGTERM (:func:`bptt_harness.interrupt.deferred_signals`), acted on at safe points."""
         n_target = self.config.n_trials()
         if self.workers == 1:
             run_worker(self.study, self.config, self.corpus, self.device, n_target, on_result=display.result,
-                       on_start=display.start, on_checkpoint=display.checkpoint)
+                       on_start=display.start, on_checkpoint=display.checkpoint, stop=stop)
         else:
-            self._run_pool(n_target, display)
+            self._run_pool(n_target, display, stop)
 
-    def _run_pool(self, n_target: int, display: Display) -> None:
+    def _run_pool(self, n_target: int, display: Display, stop: StopRequest | None) -> None:
         procs = [subprocess.Popen(cmd, env=env) for cmd, env in
                  (self._worker_command(i, n_target) for i in range(self.workers))]
         seen: set[int] = set()
@@ -77,6 +79,8 @@ class Sweep:
                         display.result(t, t.user_attrs["record"], self.study)
                 if not alive:
                     break
+                if stop is not None:
+                    stop.check()
                 time.sleep(1.0)
         except KeyboardInterrupt:
             for p in procs:
@@ -105,6 +109,8 @@ class Sweep:
             if cores:
                 cmd += ["--cpus", ",".join(map(str, cpu_share(index, self.workers, cores)))]
         cmd += ["--host-workers", str(self.workers)]
+        for target in self.config.log:
+            cmd += ["--log", str(target)]
         return cmd, env
 
 

@@ -1,0 +1,241 @@
+"""Issue 22: the Transformer (with and without a carried memory) and the AWD-LSTM families.
+
+Known answers on ``synthetic:k=8`` (a value token is decided by the key 8 tokens back): a Transformer whose
+context is 8 tokens or less cannot predict the value tokens better than a guess among the values, one
+with a longer context can, and a carried memory of 8 tokens teaches a window of 4 the dependency. The
+memory law each family declares predicts held-out cells within 5% on CPU (where memory is counted).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bptt_harness.awd_lstm import AWDLSTM, embedding_dropout, locked_dropout
+from bptt_harness.batching import batchify, windows
+from bptt_harness.corpus import Corpus, load
+from bptt_harness.errors import HarnessError
+from bptt_harness.model import family_of
+from bptt_harness.report.advice import evaluation_note
+from bptt_harness.report.memory import make_fit
+from bptt_harness.spec import ModelConfig, TrainConfig, TrialSpec
+from bptt_harness.trainer import run_trial
+from bptt_harness.transformer import TransformerLM, band_mask
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TINY_T = ModelConfig(type="transformer", emsize=32, nhid=64, layers=1, heads=2, dropout=0.0)
+TINY_AWD = ModelConfig(type="awd-lstm", emsize=16, nhid=24, layers=2, tied=True, dropout=0.2)
+VOCAB = 4   # keys and values of the synthetic corpus
+
+
+@pytest.fixture(scope="module")
+def k8() -> Corpus:
+    return load(f"synthetic:k=8,vocab={VOCAB},noise=2,tokens=12000")
+
+
+class Keep:
+    """An observer that keeps the trained model."""
+
+    model: Any = None
+
+    def after_training(self, loop: Any) -> None:
+        self.model = loop.model
+
+    def __getattr__(self, name: str) -> Any:   # every other hook: nothing to do
+        return lambda *args: None
+
+
+def value_loss(model: torch.nn.Module, cfg: ModelConfig, matrix: torch.Tensor, eval_bptt: int) -> float:
+    """Cross-entropy on the value tokens of a batchified split, each target with the context the family's
+    rule gives it: a carried memory through fixed windows, or (no memory) one pass in which every query
+    sees the context the model trained with."""
+    model.eval()
+    family = family_of(cfg)
+    outs = []
+    with torch.inference_mode():
+        if family.info.evaluation_of(cfg) == "carried":
+            state = family.init_state(model, matrix.size(1))
+            for x, y in windows(matrix, eval_bptt):
+                logits, state = model(x, state)
+                outs.append((logits, y))
+        else:
+            logits, _ = model(matrix[:-1], None)
+            outs.append((logits, matrix[1:].reshape(-1)))
+    logits, y = torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
+    values = (y >= 2 + VOCAB) & (y < 2 + 2 * VOCAB)
+    return F.cross_entropy(logits[values], y[values]).item()
+
+
+def train(corpus: Corpus, model: ModelConfig, bptt: int, bs: int = 16, tokens: int = 24_000,
+          **train: Any) -> tuple[Any, Keep]:
+    keep = Keep()
+    t = TrainConfig(**{"optimizer": "adamw", "lr": 5e-3, "clip": 1.0, "tokens": tokens, "checkpoints": 1,
+                       "eval_bptt": 16, "eval_batch_size": 4, "spike_factor": 50.0, **train})
+    r = run_trial(TrialSpec(bptt=bptt, batch_size=bs, model=model, train=t), corpus, "cpu", observers=[keep])
+    assert r.status == "ok", r.error
+    return r, keep
+
+
+# --------------------------------------------------------------------------- known answers
+
+@pytest.mark.parametrize("bptt, mem_len, learns", [(8, 0, False), (12, 0, True), (4, 8, True)])
+def test_a_transformer_reads_the_key_only_when_its_context_reaches_it(k8: Corpus, bptt: int, mem_len: int,
+                                                                      learns: bool) -> None:
+    cfg = ModelConfig(**{**vars(TINY_T), "mem_len": mem_len})
+    r, keep = train(k8, cfg, bptt)
+    loss = value_loss(keep.model, cfg, batchify(k8.valid, 4), eval_bptt=4)
+    guess = math.log(VOCAB)   # memoryless: a value is one of VOCAB, each as likely
+    if learns:
+        assert loss < 0.6 * guess
+    else:
+        assert loss > 0.9 * guess
+    assert r.evaluation == ("carried" if mem_len else "sliding")
+    assert keep.model.context == bptt + mem_len   # the span of keys it trained on
+
+
+# --------------------------------------------------------------------------- the transformer's parts
+
+def test_a_carried_memory_gives_the_same_logits_as_one_long_window() -> None:
+    """Rotary positions are relative: the second window with the first's keys and values carried scores
+    its tokens exactly as one pass over both windows does."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(type="transformer", emsize=16, nhid=32, layers=2, heads=2, dropout=0.0, mem_len=6)
+    model = TransformerLM(cfg, 11).eval()
+    x = torch.randint(0, 11, (10, 3))
+    whole, _ = model(x, None)
+    first, memory = model(x[:6], None)
+    second, memory = model(x[6:], memory)
+    assert torch.allclose(torch.cat([first, second]), whole, atol=1e-5)
+    assert memory is not None and len(memory) == 2 and memory[0][0].shape == (3, 2, 6, 8)   # the last 6 tokens
+
+
+def test_evaluated_on_a_longer_window_each_query_sees_only_the_context_it_trained_with() -> None:
+    """Exactly so for one layer; stacked layers reach further back through each other, as sliding-window
+    attention does, but no attention ever spans a distance the model did not train on."""
+    torch.manual_seed(0)
+    model = TransformerLM(ModelConfig(type="transformer", emsize=16, nhid=32, layers=1, heads=2, dropout=0.0), 11)
+    x = torch.randint(0, 11, (12, 2))
+    model.train()
+    model(x[:4], None)
+    assert model.context == 4
+    model.eval()
+    long, _ = model(x, None)
+    last, _ = model(x[-4:], None)   # the last query's four tokens alone
+    assert torch.allclose(long.view(12, 2, 11)[-1], last.view(4, 2, 11)[-1], atol=1e-5)
+    assert band_mask(3, 2, 2, torch.device("cpu")).tolist() == [[False, True, True, False, False],
+                                                                 [False, False, True, True, False],
+                                                                 [False, False, False, True, True]]
+
+
+def test_transformer_keys_flops_and_checks(k8: Corpus) -> None:
+    cfg = ModelConfig(type="transformer", emsize=32, nhid=64, layers=2, heads=4, mem_len=16)
+    family = family_of(cfg)
+    assert cfg.describe() == "transformer 2x32 h4 mem16" and family.info.carries(cfg)
+    assert not family.info.carries(TINY_T) and family.info.evaluation_of(TINY_T) == "sliding"
+    model = family.build(cfg, 100)
+    # Weights: 6 per multiply-add of the projections, feed-forward and decoder; attention grows with the window.
+    weights = 6.0 * (2 * (4 * 32 * 32 + 2 * 32 * 64) + 32 * 100)
+    assert family.flops(cfg, 100, model, 8) == weights + 6.0 * 2 * 2 * 32 * (4.5 + 16)
+    assert family.flops(cfg, 100, model, 64) > family.flops(cfg, 100, model, 8)
+    assert isinstance(model.encoder, torch.nn.Embedding)   # the embedding the diagnostics hook
+    rec = cfg.recorded()
+    assert (rec["heads"], rec["mem_len"], rec["emsize"], rec["embed_dropout"]) == (4, 16, 32, None)
+    with pytest.raises(HarnessError, match=r"emsize=30 must split into heads=4") as e:
+        ModelConfig(type="transformer", emsize=30, heads=4)
+    assert "\n" not in str(e.value)
+    with pytest.raises(HarnessError, match=r"mem_len=-1 must be an integer >= 0"):
+        ModelConfig(type="transformer", mem_len=-1)
+    with pytest.raises(HarnessError, match="does not carry"):
+        TrialSpec(bptt=8, batch_size=4, model=TINY_T, train=TrainConfig(reset_every=2))
+    ModelConfig(type="transformer", emsize=32, nhid=64, heads=2, tied=True)   # tying needs no equal sizes here
+    with pytest.raises(HarnessError, match="tied weights need emsize == nhid"):
+        ModelConfig(type="lstm", emsize=32, nhid=64, tied=True)
+
+
+# --------------------------------------------------------------------------- the AWD-LSTM's parts
+
+def test_locked_and_embedding_dropout_share_their_masks() -> None:
+    torch.manual_seed(0)
+    out = locked_dropout(torch.ones(7, 3, 5), 0.5, training=True)
+    assert torch.equal(out, out[:1].expand_as(out))            # one mask for every time step
+    assert set(out.unique().tolist()) <= {0.0, 2.0} and (out == 0).any()
+    assert torch.equal(locked_dropout(torch.ones(2, 2, 2), 0.5, training=False), torch.ones(2, 2, 2))
+    emb = torch.nn.Embedding(6, 4)
+    x = torch.tensor([[1, 2, 1], [2, 1, 2]])
+    e = embedding_dropout(emb, x, 0.5, training=True)
+    # A word is dropped everywhere or nowhere: the same token has the same (scaled) vector at every place.
+    assert torch.equal(e[0, 0], e[1, 1]) and torch.equal(e[0, 1], e[1, 0])
+    assert torch.equal(embedding_dropout(emb, x, 0.5, training=False), emb(x))
+
+
+def test_weight_drop_changes_the_recurrent_weights_per_window_and_trains_the_raw_ones() -> None:
+    torch.manual_seed(0)
+    model = AWDLSTM(ModelConfig(type="awd-lstm", emsize=8, nhid=12, layers=2, tied=True, dropout=0.0,
+                                embed_dropout=0.0, input_dropout=0.0, hidden_dropout=0.0, weight_dropout=0.5), 9)
+    assert model.decoder.weight is model.encoder.weight and model.rnns[-1].lstm.hidden_size == 8   # tied
+    x = torch.randint(0, 9, (5, 2))
+    a, _ = model(x, model.init_hidden(2))
+    b, _ = model(x, model.init_hidden(2))
+    assert not torch.allclose(a, b)   # a new DropConnect mask per forward
+    a.sum().backward()
+    assert model.rnns[0].lstm.weight_hh_l0.grad is not None
+    model.eval()
+    c, _ = model(x, model.init_hidden(2))
+    d, _ = model(x, model.init_hidden(2))
+    assert torch.equal(c, d)
+
+
+def test_the_awd_lstm_trains_with_variable_windows(k8: Corpus) -> None:
+    r, keep = train(k8, TINY_AWD, bptt=12, tokens=3_000, variable_bptt=True, optimizer="sgd", lr=5.0, clip=0.25)
+    assert r.evaluation == "carried" and r.val_ppl < k8.vocab_size
+    assert TINY_AWD.describe() == "awd-lstm 2x24"
+    # Layers of (inputs, units): 16 -> 24, 24 -> 16 (tied: the last has emsize units), then the decoder.
+    macs = 4 * 24 * (16 + 24) + 4 * 16 * (24 + 16) + 16 * k8.vocab_size
+    assert r.flops_per_token == 6.0 * macs
+    rec = TINY_AWD.recorded()
+    assert (rec["weight_dropout"], rec["hidden_dropout"], rec["heads"], rec["mem_len"]) == (0.5, 0.3, None, None)
+
+
+# --------------------------------------------------------------------------- the memory law, held out
+
+CELLS = [(b, bs) for b in (4, 8, 16) for bs in (2, 4, 8)]
+HELD_OUT = [(12, 6), (24, 3), (24, 12)]
+
+
+@pytest.mark.parametrize("model", [TINY_AWD, ModelConfig(**{**vars(TINY_T), "layers": 2}),
+                                   ModelConfig(**{**vars(TINY_T), "mem_len": 8})], ids=lambda m: m.describe())
+def test_each_familys_memory_law_predicts_held_out_cells_on_cpu(k8: Corpus, model: ModelConfig) -> None:
+    def peak(bptt: int, bs: int) -> float:
+        t = TrainConfig(optimizer="adamw", lr=1e-3, tokens=3 * bptt * bs, checkpoints=1, eval_bptt=8,
+                        eval_batch_size=2, warmup_steps=1)
+        r = run_trial(TrialSpec(bptt=bptt, batch_size=bs, model=model, train=t), k8, "cpu")
+        assert r.status == "ok", r.error
+        return float(r.probe.peak_mem_mib)
+
+    terms = family_of(model).info.memory_terms
+    fitted = np.array([[b, bs, peak(b, bs)] for b, bs in CELLS])
+    fit = make_fit(fitted[:, 0] * fitted[:, 1], fitted[:, 2], model.describe(), False, 0.0, "profile", terms,
+                   fitted[:, 1])
+    for b, bs in HELD_OUT:
+        assert float(fit.predict_at(b, bs)) == pytest.approx(peak(b, bs), rel=0.05), (b, bs, fit.law())
+
+
+# --------------------------------------------------------------------------- the report names the rule
+
+def test_the_report_names_each_familys_evaluation_rule_only_where_trials_used_it() -> None:
+    carried = pd.DataFrame({"model": ["lstm", "awd-lstm"], "evaluation": ["carried", "carried"]})
+    note = evaluation_note(carried)
+    assert note is not None and "awd-lstm, lstm: fixed windows" in note and "sliding" not in note
+    assert "overlapping windows" not in note
+    both = pd.DataFrame({"model": ["lstm", "transformer"], "evaluation": ["carried", "sliding"]})
+    note = evaluation_note(both)
+    assert note is not None and "transformer: overlapping windows of eval_bptt" in note and "lstm: fixed" in note
+    assert evaluation_note(pd.DataFrame({"model": ["lstm"], "evaluation": [None]})) is None
+    assert evaluation_note(pd.DataFrame({"model": ["lstm"]})) is None   # records from before the rule was stored
