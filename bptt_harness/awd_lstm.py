@@ -38,11 +38,14 @@ def locked_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
 
 
 def embedding_dropout(embed: nn.Embedding, x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """The embedding of ``x`` with whole words (rows of the matrix) dropped with probability ``p``."""
+    """The embedding of ``x`` with whole words (rows of the matrix) dropped with probability ``p``. The
+    module itself runs (with the dropped matrix for this call), so hooks on it see every lookup."""
+    if not training or p == 0.0:
+        return embed(x)
     weight = embed.weight
-    if training and p > 0.0:
-        weight = weight * (weight.new_empty((weight.size(0), 1)).bernoulli_(1.0 - p) / (1.0 - p))
-    return F.embedding(x, weight)
+    dropped = weight * (weight.new_empty((weight.size(0), 1)).bernoulli_(1.0 - p) / (1.0 - p))
+    out: torch.Tensor = functional_call(embed, {"weight": dropped}, (x,))
+    return out
 
 
 class WeightDropLSTM(nn.Module):

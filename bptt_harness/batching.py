@@ -45,8 +45,10 @@ class VariableBptt:
     With probability ``p`` the centre is ``bptt``, else ``bptt / 2``; the length is drawn from a
     normal with standard deviation ``sd`` around it, then clamped to ``[min_len, max_len]``. The
     cap ``max_len`` (default ``bptt + 3 * sd``) makes the longest window, and so peak activation
-    memory, known in advance. The learning rate of a step is scaled by ``seq_len / bptt`` so that
-    long windows do not take larger steps per token.
+    memory, known in advance. The learning rate of a step is multiplied by ``seq_len / bptt``: a window
+    longer than ``bptt`` gets a larger lr and a shorter one a smaller lr. The loss is a mean over the
+    window's targets, so without the rescale a short window's few tokens would move the weights as much
+    as a long window's many; with it each step moves them in proportion to the tokens it trained on.
     """
 
     bptt: int
@@ -72,6 +74,7 @@ class VariableBptt:
         return int(min(max(self.min_len, length), self.cap))
 
     def lr_factor(self, seq_len: int) -> float:
+        """The step's lr multiplier: above 1 for a window longer than ``bptt``, below 1 for a shorter one."""
         return seq_len / self.bptt
 
 

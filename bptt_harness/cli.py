@@ -98,10 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--if-missing", action="store_true",
                    help="do nothing when the study already has its profile.csv (make sweep profiles this way)")
 
-    from bptt_harness import study_cli
+    from bptt_harness import diagnose_cli, study_cli
     from bptt_harness.report import cli as report_cli
 
     study_cli.add_commands(sub)
+    diagnose_cli.add_commands(sub)
     report_cli.add_commands(sub)
     return parser
 
@@ -194,19 +195,19 @@ def cmd_profile(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from bptt_harness.config import load_study
+    from bptt_harness.fileio import check_writable_dir
     from bptt_harness.hardware import fingerprint, resolve_device
     from bptt_harness.profile import run_profile, write_profile
-    from bptt_harness.profile_csv import cells, walls_table
+    from bptt_harness.profile_csv import PROFILE_CSV, cells, walls_table
     from bptt_harness.study import load_corpus
 
     if args.steps < 1:
         raise HarnessError(f"--steps {args.steps} must be >= 1")
-    from bptt_harness.profile import PROFILE_CSV
-
     config = load_study(args.study, results_root=Path(args.results_dir))
     if args.if_missing and (config.results_dir / PROFILE_CSV).is_file():
         print(f"profile: {config.results_dir / PROFILE_CSV} exists; kept (delete it to measure again)", file=sys.stderr)
         return 0
+    check_writable_dir(config.results_dir)  # before the work: profile.csv is written at the end
     device = resolve_device(args.device or config.device)
     corpus = load_corpus(config)
     started = time.monotonic()
@@ -265,10 +266,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     _quiet_libraries(args.verbose)
-    from bptt_harness import study_cli
+    from bptt_harness import diagnose_cli, study_cli
     from bptt_harness.report import cli as report_cli
 
-    handler = COMMANDS.get(args.command) or study_cli.COMMANDS.get(args.command) or report_cli.COMMANDS[args.command]
+    handler = (COMMANDS.get(args.command) or study_cli.COMMANDS.get(args.command)
+               or diagnose_cli.COMMANDS.get(args.command) or report_cli.COMMANDS[args.command])
     try:
         return handler(args)
     except HarnessError as e:

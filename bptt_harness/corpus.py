@@ -8,7 +8,11 @@ Sources (``CorpusSpec.source``):
   ``ptb.train.txt``, or plain ``train.txt``);
 * a single text file, split by lines (first 90% train, next 5% valid, last 5% test);
 * ``"synthetic:k=12"``: a calibration stream whose value tokens are determined by a key ``k`` tokens
-  earlier, so only a model trained with windows longer than ``k`` can predict them.
+  earlier. The known answer is "much better once bptt >= k": a model trained with windows of at least
+  ``k`` learns the dependency; shorter windows learn only part of it, since the state carried from the
+  previous window still holds the key and the output layer learns to read it (bptt 4 on
+  ``synthetic:k=8`` reached 2.15 nats on value tokens, against 2.77 without the key), though no
+  gradient ever reaches back to where the key was written.
 
 The vocabulary is built on train only; other splits map unseen tokens to ``<unk>``. Numericalised
 splits are cached on disk keyed by (content hash, tokenizer options), so trials never re-tokenise.
@@ -27,7 +31,7 @@ import re
 import zipfile
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -256,8 +260,10 @@ class SyntheticSpec:
     """Segments of ``k + 1`` tokens: ``key, noise x (k - 2), <mark>, value(key)``.
 
     The value is a fixed permutation of the key, ``k`` tokens back; noise tokens are uniform.
-    A model can predict the value only by carrying the key across ``k`` steps, which truncated BPTT
-    can learn only when windows are longer than ``k``.
+    A model can predict the value only by carrying the key across ``k`` steps. Truncated BPTT learns
+    that fully once windows reach ``k`` (perplexity drops sharply there); shorter windows learn part of
+    it, because the carried state still holds the key and the output layer learns to read it even
+    though no gradient reaches the step that wrote it.
     """
 
     k: int = 12
@@ -486,6 +492,15 @@ def load(spec: CorpusSpec | str = "default", *, use_cache: bool = True,
     if cached is None and use_cache:  # only a corpus that passed the checks is cached
         _cache_write(key, directory, arrays, {"vocab": vocab, "name": name})
     return corpus
+
+
+def hold_out(corpus: Corpus, tokens: int, at_least: int = 1) -> Corpus:
+    """The corpus with the last ``tokens`` of its train split (at least ``at_least``, at most half of it)
+    as its validation split, and the rest as train: a choice made on it (an lr ladder) never sees the
+    validation split that the results are ranked on. Test is left as it is."""
+    n = min(max(tokens, at_least), corpus.train.numel() // 2)
+    return replace(corpus, train=corpus.train[:-n], valid=corpus.train[-n:],
+                   extra={**corpus.extra, "held_out_train_tokens": n})
 
 
 def check_fits(corpus: Corpus, batch_size: int, bptt: int, eval_batch_size: int) -> None:

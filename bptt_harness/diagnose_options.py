@@ -46,9 +46,10 @@ class DiagnoseOptions:
             by less than this fraction (0.1: 10%).
         bias_factor: the long (reference) backpropagation covers this many times the largest bptt.
         bias_columns: sequences per draw for the truncation bias.
+        bias_draws: draws averaged for the truncation bias.
         noise_small, noise_big: the two batch sizes (sequences of bptt tokens) of the noise-scale estimator;
             ``noise_big`` must be a multiple of ``noise_small``.
-        draws: draws averaged (truncation bias and noise scale).
+        noise_draws: draws of ``noise_big`` sequences whose estimates are averaged.
         every: at which checkpoints a trial measures them (1: every checkpoint, 2: every other one, ...);
             always at the end of training.
         seed: the positions' seed.
@@ -63,11 +64,12 @@ class DiagnoseOptions:
     reach_fraction: float = 0.01
     reach_factor: int = 2
     bias_tolerance: float = 0.1
-    bias_factor: int = 4
+    bias_factor: int = 2
     bias_columns: int = 8
+    bias_draws: int = 1
     noise_small: int = 4
     noise_big: int = 32
-    draws: int = 4
+    noise_draws: int = 4
     every: int = 1
     seed: int = 0
     save_model: bool = False
@@ -79,7 +81,7 @@ class DiagnoseOptions:
             raise HarnessError(f"diagnostics measure={self.measure!r} is invalid; use a non-empty list of "
                                f"{', '.join(MEASUREMENTS)}")
         for key in ("positions", "context_factor", "warm_tokens", "reach_factor", "bias_factor", "bias_columns",
-                    "noise_small", "noise_big", "draws", "every"):
+                    "bias_draws", "noise_small", "noise_big", "noise_draws", "every"):
             value = getattr(self, key)
             if not _whole(value) or value < 1:
                 raise HarnessError(f"diagnostics {key}={value!r} is invalid; it must be an integer >= 1")

@@ -104,3 +104,15 @@ def write_files_atomic(files: Mapping[Path, str | bytes]) -> None:
         for tmp, _ in temps:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
+
+
+def check_writable_dir(directory: Path, option: str = "--results-dir") -> None:
+    """Create ``directory`` if needed and write (and remove) a file in it: a command that writes its results
+    at the end checks this first, so a folder it cannot write is one line before the work, not after."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-check-"):
+            pass
+    except OSError as e:
+        raise HarnessError(f"results folder {str(directory)!r} cannot be written ({e.strerror or type(e).__name__}); "
+                           f"pass a {option} that is a folder you can write to") from None

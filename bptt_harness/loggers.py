@@ -21,7 +21,9 @@ tool that fails while a trial runs loses its own run, never the trial: the failu
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import importlib.util
 import json
 import logging
@@ -29,7 +31,8 @@ import math
 import os
 import sys
 import time
-from collections.abc import Iterable, Sequence
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -64,8 +67,8 @@ def check_installed(targets: Iterable[LogTarget]) -> None:
     for target in targets:
         module, extra = PACKAGES[target.kind]
         if importlib.util.find_spec(module) is None:
-            raise HarnessError(f"--log {target}: the {module} package is not installed; install it with "
-                               f".venv/bin/pip install -e '.[{extra}]' (make venv tries to), or leave --log {target.kind} out")
+            raise HarnessError(f"log target {target}: the {module} package is not installed; install it with "
+                               f".venv/bin/pip install -e '.[{extra}]' (make venv tries to), or leave it out of --log and the study's log")
 
 
 @dataclass(frozen=True)
@@ -137,6 +140,17 @@ class TensorBoardSink:
         self.writer.close()
 
 
+@contextlib.contextmanager
+def _exclusive(lock: Path) -> Iterator[None]:
+    """Inside, no other process holds ``lock`` (an advisory lock on the file; it is left in place, empty)."""
+    with open(lock, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def mlflow_uri(directory: Path) -> str:
     """MLflow's tracking store in ``directory``: one SQLite file (MLflow 3 refuses its old folder-of-files store
     unless a process-wide environment variable allows it; SQLite is what it asks for instead)."""
@@ -151,20 +165,15 @@ class MlflowSink:
         from mlflow.tracking import MlflowClient
 
         directory.mkdir(parents=True, exist_ok=True)
-        self.client = MlflowClient(tracking_uri=mlflow_uri(directory))
-        experiment = self.client.get_experiment_by_name(run.study)
-        if experiment is not None:
-            experiment_id = experiment.experiment_id
-        else:
-            try:
-                experiment_id = self.client.create_experiment(
-                    run.study, artifact_location=(directory.resolve() / "artifacts").as_uri())
-            except Exception:  # noqa: BLE001 - another worker created it between our look and our create
-                found = self.client.get_experiment_by_name(run.study)
-                if found is None:
-                    raise
-                experiment_id = found.experiment_id
-        self.run_id = self.client.create_run(experiment_id, run_name=run.name).info.run_id
+        # Several workers may open the store at once: MLflow creates and migrates its tables when a client
+        # first opens it, which two processes must not do together; its migrations also warn about SQLite.
+        with _exclusive(directory / "mlflow.db.lock"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self.client = MlflowClient(tracking_uri=mlflow_uri(directory))
+            experiment = self.client.get_experiment_by_name(run.study)
+            experiment_id = experiment.experiment_id if experiment is not None else self.client.create_experiment(
+                run.study, artifact_location=(directory.resolve() / "artifacts").as_uri())
+            self.run_id = self.client.create_run(experiment_id, run_name=run.name).info.run_id
         params = [Param(k, str(v)[:6000]) for k, v in sorted(run.hparams.items())]
         for i in range(0, len(params), 100):   # MLflow takes at most 100 parameters per batch
             self.client.log_batch(self.run_id, params=params[i:i + 100])

@@ -40,7 +40,8 @@ class LrRule:
         tune_from: ``tuned`` only: the rule whose lr is the middle of the ladder.
         ladder: ``tuned`` only: multipliers of that lr that are tried.
         tune_fraction: ``tuned`` only: each ladder run trains on this fraction of the budget; the
-            lowest validation loss after it wins.
+            lowest loss after it on a held-out slice of the training data wins (another seed than the
+            measured runs', and never the validation split the report ranks on).
         max_lr: no shape gets a larger lr than this (a scaled-up lr can pass plain SGD's stability edge).
     """
 
@@ -94,8 +95,8 @@ class LrRule:
         if self.rule != "tuned":
             return f"{self.rule} rule: {formula}"
         ladder = "/".join(f"×{m:g}" for m in sorted(self.ladder))
-        return (f"tuned: the best of {ladder} around the {self.scaling} rule ({formula}), chosen on validation "
-                f"loss after {self.tune_fraction:.0%} of the budget")
+        return (f"tuned: the best of {ladder} around the {self.scaling} rule ({formula}), chosen after "
+                f"{self.tune_fraction:.0%} of the budget on a held-out slice of the training data, with another seed")
 
 
 def parse_lr_table(table: Any) -> LrRule:

@@ -31,7 +31,8 @@ from bptt_harness.transformer import TransformerLM, attention_flops_per_token, t
 
 __all__ = ["ModelFamily", "FamilyInfo", "RNNModel", "register_family", "unregister_family", "family_of", "build_model",
            "check_model", "resolve_factory", "repackage_hidden", "count_params", "evaluate_carried",
-           "evaluate_sliding", "rnn_flops_per_token", "estimated_flops_per_token", "no_state"]
+           "evaluate_sliding", "rnn_flops_per_token", "estimated_flops_per_token", "no_state",
+           "find_embedding"]
 
 Hidden = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
@@ -59,6 +60,12 @@ class RNNModel(nn.Module):
         out, hidden = self.rnn(emb, hidden)
         logits = self.decoder(self.drop(out))
         return logits.view(-1, logits.size(-1)), hidden
+
+    def advance(self, x: torch.Tensor, hidden: Hidden) -> Hidden:
+        """The state after reading ``x``, without the decoder (the diagnostics read many tokens whose logits
+        they do not need: :func:`bptt_harness.diagnose.common.advance`)."""
+        _, hidden = self.rnn(self.drop(self.encoder(x)), hidden)
+        return hidden
 
     def init_hidden(self, bs: int) -> Hidden:
         w = next(self.parameters())
@@ -123,6 +130,15 @@ def init_hidden(model: nn.Module, bs: int) -> Any:
     return make(bs) if callable(make) else None
 
 
+def find_embedding(model: nn.Module) -> nn.Embedding | None:
+    """The model's token embedding, where the diagnostics hook: ``model.encoder`` when it is an
+    ``nn.Embedding`` (every built-in family), else the model's first ``nn.Embedding``; None without one."""
+    encoder = getattr(model, "encoder", None)
+    if isinstance(encoder, nn.Embedding):
+        return encoder
+    return next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
+
+
 @dataclass(frozen=True)
 class ModelFamily:
     """A model family's torch side; ``info`` is its torch-free declaration.
@@ -135,6 +151,8 @@ class ModelFamily:
         init_state: ``(model, bs) -> the state a pass starts from`` (None for a model that keeps none).
         window_flops_per_token: ``(model_config, window) -> training FLOPs per token`` that grow with the
             window (attention's), added to ``flops_per_token`` by :meth:`flops`; None: none.
+        embedding: ``model -> its token embedding`` (an ``nn.Embedding``, or None), for measurements that
+            hook the model's input (the diagnostics).
     """
 
     info: FamilyInfo
@@ -142,6 +160,7 @@ class ModelFamily:
     flops_per_token: Callable[[ModelConfig, int, nn.Module], float]
     init_state: Callable[[nn.Module, int], Any] = init_hidden
     window_flops_per_token: Callable[[ModelConfig, int], float] | None = None
+    embedding: Callable[[nn.Module], nn.Embedding | None] = find_embedding
 
     @property
     def name(self) -> str:
@@ -226,7 +245,7 @@ def build_factory_model(cfg: ModelConfig, ntoken: int) -> nn.Module:
     make = resolve_factory(cfg.factory)
     try:
         model = make(cfg, ntoken)
-    except Exception as e:  # noqa: BLE001 - the user's code: any error is one line naming it
+    except (Exception, SystemExit) as e:  # noqa: BLE001 - the user's code: any error (an exit too) is one line
         raise HarnessError(f"model factory {cfg.factory!r} raised {_one_line(e)}") from None
     if not isinstance(model, nn.Module):
         raise HarnessError(f"model factory {cfg.factory!r} returned {type(model).__name__}, not a torch.nn.Module")
@@ -273,23 +292,57 @@ def _import(name: str) -> Any:
 
 def check_model(cfg: ModelConfig, ntoken: int) -> None:
     """Before any training: a factory's model has the trainer's interface (one window of 3 x 2 tokens
-    through ``forward(x, init_hidden(2))`` on CPU), or one line saying what is wrong. The built-in
-    families need no check."""
+    through ``forward(x, init_hidden(2))`` on CPU, in eval mode), or one line saying what is wrong. The
+    built-in families need no check.
+
+    The shape alone does not say the logits are in the targets' order: ``(seq_len * bs, ntoken)`` is the
+    same shape batch-major, and the loss would then silently compare each logit with another position's
+    target. So the last token of column 0 is changed: of the logits only row ``(seq_len - 1) * bs``, the
+    last position of column 0 in the trainer's (sequence-major) order, may change (batch-major, row
+    ``seq_len - 1`` would)."""
     if cfg.factory is None:
         return
     model = build_model(cfg, ntoken)
-    x = torch.zeros((3, 2), dtype=torch.long)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise HarnessError(f"model factory {cfg.factory!r}: {type(model).__name__} has no trainable parameters "
+                           "(nothing for the optimiser to train); register its weights as nn.Parameter or submodules")
+    was_training = model.training
+    model.eval()   # dropout would change every row
+    seq, bs = 3, 2
+    x = (torch.arange(seq * bs, dtype=torch.long) % ntoken).view(seq, bs)
+    changed = x.clone()
+    changed[-1, 0] = (x[-1, 0] + 1) % ntoken
+    try:
+        logits = _window_logits(cfg, model, x, ntoken)
+        other = _window_logits(cfg, model, changed, ntoken)
+    finally:
+        model.train(was_training)
+    moved = [int(r) for r in ((logits - other).abs().amax(dim=1) > 0).nonzero().flatten()]
+    expected = (seq - 1) * bs
+    if any(r != expected for r in moved):
+        raise HarnessError(f"model factory {cfg.factory!r}: changing the last token of column 0 of x (shape "
+                           f"({seq}, {bs})) changed logits rows {moved}, but only row {expected} may change: the "
+                           "logits must be sequence-major, row t * batch_size + b for position t of column b "
+                           "(e.g. output.view(-1, ntoken) of a (seq_len, batch_size, ntoken) tensor, not a "
+                           "batch-first one)")
+
+
+def _window_logits(cfg: ModelConfig, model: nn.Module, x: torch.Tensor, ntoken: int) -> torch.Tensor:
+    """The logits of one window from a fresh state, or one line saying why the interface is wrong."""
+    seq, bs = x.shape
     try:
         with torch.no_grad():
-            out = model(x, family_of(cfg).init_state(model, 2))
-    except Exception as e:  # noqa: BLE001
-        raise HarnessError(f"model factory {cfg.factory!r}: forward(x, hidden) with x of shape (3, 2) raised "
-                           f"{_one_line(e)}") from None
+            out = model(x, family_of(cfg).init_state(model, bs))
+    except (Exception, SystemExit) as e:  # noqa: BLE001
+        raise HarnessError(f"model factory {cfg.factory!r}: forward(x, hidden) with x of shape ({seq}, {bs}) "
+                           f"raised {_one_line(e)}") from None
     logits = out[0] if isinstance(out, tuple) and len(out) == 2 else None
-    if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != (6, ntoken):
+    if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != (seq * bs, ntoken):
         got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(out).__name__
         raise HarnessError(f"model factory {cfg.factory!r}: forward(x, hidden) must return (logits of shape "
-                           f"(seq_len * batch_size, ntoken) = (6, {ntoken}), hidden) for x of shape (3, 2); got {got}")
+                           f"(seq_len * batch_size, ntoken) = ({seq * bs}, {ntoken}), hidden) for x of shape "
+                           f"({seq}, {bs}); got {got}")
+    return logits.float()
 
 
 def _one_line(e: BaseException) -> str:

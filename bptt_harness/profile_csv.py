@@ -19,6 +19,7 @@ from typing import Any
 import pandas as pd
 
 from bptt_harness.config import StudyConfig
+from bptt_harness.design import union_points
 from bptt_harness.errors import HarnessError
 
 log = logging.getLogger(__name__)
@@ -108,6 +109,9 @@ def grid_values(config: StudyConfig, name: str) -> list[int]:
 
 
 def cells(config: StudyConfig) -> list[tuple[int, int]]:
+    """The (bptt, batch size) cells of a study: its grid's, or the shapes its slices list."""
+    if config.slices:
+        return sorted({(int(p["bptt"]), int(p["batch_size"])) for p in union_points(config.slices)})
     return list(itertools.product(grid_values(config, "bptt"), grid_values(config, "batch_size")))
 
 

@@ -105,6 +105,7 @@ class Display:
         self.console = Console(stderr=True, highlight=False, soft_wrap=True)
         self.live = self.console.is_terminal and not quiet
         self.started = time.monotonic()
+        self.done = 0  # the counter shown: one step per line, never back
         self.bar = None
         if self.live:
             self.bar = RichProgress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -113,6 +114,7 @@ class Display:
             self.bar.start()
 
     def set_done(self, done: int) -> None:
+        self.done = done
         self.eta.done = done
         if self.bar:
             self.bar.update(self.task, completed=done)
@@ -137,8 +139,12 @@ class Display:
     def result(self, trial: Any, record: dict, study: Any = None) -> None:
         """A trial's record is stored (it counts as final from then on, see :mod:`bptt_harness.stored`)."""
         p = progress(trial.study if study is None else study)
-        self.set_done(p.done)
-        self.eta.finish_trial(p.done)
+        if study is None:  # this process's trial: other machines' workers may have finished trials too
+            done = max(self.done + 1, p.done)
+        else:  # the pool's lines, one per trial its workers finished, however many finished since the last look
+            done = self.done + 1
+        self.set_done(done)
+        self.eta.finish_trial(done)
         if self.quiet:
             return
         rec = TrialRecord.from_dict(record)
@@ -151,7 +157,7 @@ class Display:
         eta = fmt_s(left) if left is not None else "?"
         counts = " ".join(f"{k} {v}" for k, v in sorted(p.counts.items()))
         error = f" ({rec.error[:80]})" if rec.status != "ok" and rec.error else ""
-        self.console.print(f"[{p.done}/{self.total}] {rec.config_key}: {rec.status}{error} "
+        self.console.print(f"[{done}/{self.total}] {rec.config_key}: {rec.status}{error} "
                            f"{ppl} {tps} {r.wall_s:.1f}s | {best_s} | {counts} | ETA {eta}")
 
     def close(self) -> None:

@@ -156,6 +156,30 @@ class TrialResult:
     time_curve: list[dict] = col(csv=False, factory=list,
                                  doc="validation on the study's time grid (time_grid_s): grid_s, seconds, step, "
                                      "tokens, loss, ppl")
+    # The diagnostics ([diagnostics] in the study file; bptt_harness.diagnose), at the end of training.
+    effective_context_tokens: int | None = col(
+        None, "diagnostics: the smallest n of the context ladder (1, 2, 4, ... to 4 x the study's largest bptt) "
+              "whose loss, with only the last n tokens real (the state warmed on text from elsewhere), is within "
+              "context_tolerance (default 1%) of the carried-state loss; empty: not measured, or more than the "
+              "ladder's top", "tokens")
+    gradient_reach_tokens: int | None = col(
+        None, "diagnostics: the largest lag k (up to 2 x the study's largest bptt) at which |d loss_t / d "
+              "embedding_(t-1-k)| is at least reach_fraction (default 1%) of its largest value", "tokens")
+    truncation_bias_k: int | None = col(
+        None, "diagnostics: the smallest truncation length K (2, 8, 32, ... and the trial's bptt) whose gradient "
+              "differs from backpropagation through 2 x the study's largest bptt by less than bias_tolerance "
+              "(default 10%): ||E[g_K - g_long]|| / ||E g_long||; empty: none of the ladder", "tokens")
+    noise_scale_tokens: float | None = col(
+        None, "diagnostics: the gradient noise scale B_simple = tr(Sigma) / |G|^2 at the trial's bptt, in tokens "
+              "per step (from gradients at noise_small and noise_big sequences; McCandlish et al. 2018): batches "
+              "above it gain little per token at this loss; empty: |G|^2 not resolved", "tokens")
+    diagnose_s: float | None = col(None, "seconds the diagnostics took inside the trial (not training time)", "s")
+    diagnose_energy_j: float | None = col(None, "energy the diagnostics used (probe phase 'diagnose'; not training's)",
+                                          "J")
+    model_path: str | None = col(None, "where the trained weights were kept ([diagnostics] save_model = true)")
+    diagnostics: list[dict] = col(csv=False, factory=list,
+                                  doc="the diagnostics at each measured point: phase (init, checkpoint, end), step, "
+                                      "tokens, the four columns and their curves")
     probe: ProbeReport = field(default_factory=ProbeReport)
 
     def __post_init__(self) -> None:
@@ -195,6 +219,10 @@ class TrialConfig:
     optimizer: str | None = col(None, "sgd or adamw")
     seed: int | None = col(None, "random seed of the trial")
     repeat: int | None = col(None, "repeat index of the configuration (0 for the first run)")
+    slices: str | None = col(None, "the study's named slices ([slices.NAME]) this configuration belongs to, "
+                                   "comma-separated (a configuration two slices share is in both); the "
+                                   "configurations of one slice differ only in what it varies "
+                                   "(slices_description); empty for a study without slices")
 
     def value(self, name: str) -> Any:
         """A searched key's value (None when the record does not hold it)."""
@@ -205,7 +233,8 @@ class TrialConfig:
 class LrChoice:
     """How the trial's learning rate (``lr``) was set: the study's ``[lr]`` rule and what tuning cost."""
 
-    rule: str | None = col(None, "the study's lr rule: fixed, linear, sqrt or tuned", name="lr_rule")
+    rule: str | None = col(None, "the study's lr rule: fixed, linear, sqrt or tuned (fixed for a configuration "
+                                "whose slice holds the lr fixed)", name="lr_rule")
     rule_lr: float | None = col(None, "the rule's lr for this shape (for tuned: the middle of the ladder)",
                                 name="lr_rule_value")
     tune_tokens: int | None = col(
@@ -256,6 +285,10 @@ class StudyInfo:
     cost: str | None = col(None, "the study's cost objective (seconds_per_token, peak_memory or joules_per_token)")
     lr_rule_text: str | None = col(None, "the study's lr rule in words ([lr]): how each shape's lr was set",
                                    name="lr_rule_description")
+    slices_text: str | None = col(
+        None, "the study's slices in words, `; `-separated: each one's name, what varies across it, its tokens "
+              "per step and its lr (fixed across the slice, or from the [lr] rule); empty without slices",
+        name="slices_description")
     race_max_seeds: int | None = col(None, "[race] max_seeds: seeds a contender may get (empty: no racing)")
     race_trials: int | None = col(None, "[race] trials: extra runs the race may spend (empty: no racing)")
     host_workers: int | None = col(
@@ -412,9 +445,9 @@ def user_attrs(rec: TrialRecord) -> dict[str, Any]:
     """The main metrics of a record as flat Optuna user attributes, named like their ``trials.csv`` columns:
     optuna-dashboard sorts and plots user attributes, but not the fields inside the nested ``record`` (it
     shows that blob cut at 1,024 characters). The columns marked ``attr=True`` and the diagnostics' headline
-    numbers where the record has them."""
+    numbers where the record has measured them."""
     row = flatten(rec)
-    names = [c.name for c in trial_columns() if c.attr] + [n for n in HEADLINE_DIAGNOSTICS if n in row]
+    names = [c.name for c in trial_columns() if c.attr] + [n for n in HEADLINE_DIAGNOSTICS if row.get(n) is not None]
     return finite_or_none({name: row[name] for name in dict.fromkeys(names)})
 
 

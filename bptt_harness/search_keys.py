@@ -50,13 +50,14 @@ class SearchKey:
     model_size: bool = False
     attr: bool = False
 
-    def check_bounds(self, lo: Any, hi: Any) -> None:
-        """One line when searched values ``lo..hi`` leave the key's bounds."""
+    def check_bounds(self, lo: Any, hi: Any, where: str = "") -> None:
+        """One line when searched values ``lo..hi`` leave the key's bounds; ``where`` names the key in the
+        study file (default ``search.NAME``; a slice's is ``slices.SLICE.NAME``)."""
         if self.kind == "bool" or self.low is None or self.high is None:
             return
         if lo < self.low or hi > self.high:
-            raise HarnessError(f"study file: search.{self.name} values must lie in [{self.low:g}, {self.high:g}]; "
-                               f"got {lo:g}..{hi:g}")
+            raise HarnessError(f"study file: {where or 'search.' + self.name} values must lie in "
+                               f"[{self.low:g}, {self.high:g}]; got {lo:g}..{hi:g}")
 
     def parse(self, text: str, where: str) -> Any:
         """A value written as text (``--config bptt=35``) -> the key's kind; one line when it is not one."""

@@ -109,6 +109,7 @@ class Leaders:
         noise_known: every comparison had a noise to test against.
         tests: key -> Welch test of (best, key); None where the noise is unknown.
         adjusted: key -> Holm-adjusted p value (missing where untested).
+        borrowed: how many of the compared configurations had one seed and borrowed the pooled noise.
     """
 
     best: str
@@ -118,6 +119,7 @@ class Leaders:
     noise_known: bool
     tests: dict[str, Welch | None] = field(default_factory=dict)
     adjusted: dict[str, float] = field(default_factory=dict)
+    borrowed: int = 0   # compared configurations whose noise is borrowed (single seeds)
 
     @property
     def comparisons(self) -> int:
@@ -149,7 +151,8 @@ def leaders(means: Mapping[str, SeedMean], alpha: float = ALPHA, anchor: str | N
     adj = dict(zip(testable, holm([t.p for k in testable if (t := tests[k]) is not None])))
     tied = [k for k in others if means[k].estimate == means[best].estimate or (k in adj and adj[k] >= alpha)]
     known = len(testable) == len(others)
-    return Leaders(best, [best, *others], tied, known and not tied and bool(others), known, tests, adj)
+    borrowed = sum(1 for m in means.values() if m.se is not None and m.source != "own")
+    return Leaders(best, [best, *others], tied, known and not tied and bool(others), known, tests, adj, borrowed)
 
 
 def adjacent_ties(ordered: Sequence[SeedMean], alpha: float = ALPHA) -> list[bool]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import math
 import re
+import string
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
@@ -103,8 +104,9 @@ class FamilyInfo:
 
     def describe(self, values: Mapping[str, Any]) -> str:
         """``lstm 2x200`` from a config's (or a trials.csv row's) keys; the name alone if one is missing."""
+        named = {name for _, name, _, _ in string.Formatter().parse(self.shape) if name}   # not every key: tied
         try:
-            shape = self.shape.format(**{k: _plain(values.get(k)) for k in self.keys})
+            shape = self.shape.format(**{k: _plain(values.get(k)) for k in named})
         except (KeyError, TypeError, ValueError):
             return self.name
         return f"{self.name} {shape}" if shape else self.name
@@ -339,12 +341,22 @@ class TrainConfig:
             ``timeout`` (building the model and a process's warm-up come before it).
         seed: seeds the model initialisation, dropout and variable-length windows.
         eval_batch_size: columns used for validation and test (fixed, so every configuration is
-            evaluated the same way; the state is carried through the whole split).
-        eval_bptt: window length for evaluation. With the state carried it only changes speed.
+            evaluated the same way, by its family's rule).
+        eval_bptt: window length for evaluation. A family that carries a state carries it through the
+            whole split, so this only changes speed; a stateless one (a transformer without mem_len) is
+            scored in sliding windows of eval_bptt moving by half of it, each target once (set it to at
+            least twice the longest bptt so that every target gets the whole context it trained with).
         test: also evaluate the test split at the end.
         variable_bptt: AWD-LSTM variable window lengths around ``bptt`` with the lr scaled by length.
         reset_every: reset the hidden state to zeros every N windows (None: carry it for the whole pass).
-        anneal: SGD learning-rate divisor when a checkpoint does not improve validation loss.
+        anneal: SGD learning-rate divisor when a checkpoint does not improve validation loss (or, with
+            ``anneal_at``, at each of those fractions of the budget).
+        anneal_at: fractions of the budget (each in (0, 1), increasing) at which the lr is divided by
+            ``anneal``, whatever validation says: every configuration of a token budget then has the same lr
+            at the same fraction of its tokens, however many steps its shape takes between checkpoints
+            (the plateau rule decides at checkpoints, and a shape with 3 steps between them is judged on
+            noise where one with 600 is not). None: the canonical plateau rule at the checkpoints; ``()``:
+            no annealing at all.
         amp: ``"bf16"`` autocast on CUDA, or ``None``.
         tf32: allow TF32 matmuls on CUDA.
         compile: wrap the model in ``torch.compile``.
@@ -373,6 +385,7 @@ class TrainConfig:
     variable_bptt: bool = False
     reset_every: int | None = None
     anneal: float = 4.0
+    anneal_at: tuple[float, ...] | None = None
     amp: Literal["bf16"] | None = None
     tf32: bool = True
     compile: bool = False
@@ -410,6 +423,8 @@ class TrainConfig:
             raise bad("seed", "it must be an integer in [0, 2**32)")
         if not _finite_number(self.anneal) or self.anneal < 1:
             raise bad("anneal", "it must be a number >= 1 (1 disables annealing)")
+        if not _fractions_ok(self.anneal_at):
+            raise bad("anneal_at", "it must be increasing fractions of the budget, each in (0, 1), e.g. [0.5, 0.75]")
         if not _finite_number(self.weight_decay) or self.weight_decay < 0:
             raise bad("weight_decay", "it must be a number >= 0")
         if not isinstance(self.warmup_steps, int) or isinstance(self.warmup_steps, bool) or self.warmup_steps < 1:
@@ -423,7 +438,10 @@ class TrainConfig:
         training tokens, or ``seconds`` of training, then one validation; no test split, no time grid."""
         if (tokens is None) == (seconds is None):
             raise HarnessError("TrainConfig.short needs exactly one of tokens or seconds")
-        quick = replace(self, epochs=None, checkpoints=1, test=False, time_grid_s=None)
+        # No annealing in a quick run: one validation at its end cannot plateau, and fractions of the full
+        # budget are not fractions of this one (study.tuning.short_train rescales them for a ladder's rung).
+        quick = replace(self, epochs=None, checkpoints=1, test=False, time_grid_s=None,
+                        anneal_at=None if self.anneal_at is None else ())
         if tokens is not None:
             return replace(quick, budget="tokens", tokens=tokens)
         return replace(quick, budget="seconds", seconds=seconds)
@@ -507,6 +525,14 @@ def parse_log_targets(values: Iterable[Any], where: str = "--log") -> tuple[LogT
         if target not in out:
             out.append(target)
     return tuple(out)
+
+
+def _fractions_ok(value: Any) -> bool:
+    """None, or a tuple of increasing numbers each in (0, 1)."""
+    if value is None:
+        return True
+    return (isinstance(value, tuple) and all(_finite_number(f) and 0 < f < 1 for f in value)
+            and list(value) == sorted(set(value)))
 
 
 def _finite_number(v: Any) -> bool:

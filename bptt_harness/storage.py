@@ -258,7 +258,7 @@ def _storage_cause(e: BaseException) -> BaseException | None:
     caller as Optuna's own error raised while it handled the driver's (e.g. ``UnboundLocalError:
     'updated_state'``), so the whole chain (causes and contexts) is searched."""
 
-    kinds = (OSError, sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError)
+    kinds = (OSError, sqlite3.Error, sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError)
     seen: set[int] = set()
     current: BaseException | None = e
     while current is not None and id(current) not in seen:

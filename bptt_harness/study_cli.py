@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import shutil
 import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from bptt_harness.config import check_storage_url
 from bptt_harness.errors import HarnessError
 from bptt_harness.interrupt import deferred_signals
 from bptt_harness.spec import LOG_HELP
@@ -120,7 +122,40 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 def _given_storage(args: argparse.Namespace) -> str | None:
     """--storage, else $BPTT_HARNESS_STORAGE (a URL with a password stays out of shell history and `ps`)."""
-    return args.storage if args.storage is not None else (os.environ.get(STORAGE_ENV) or None)
+    if args.storage is not None:
+        return args.storage
+    url = os.environ.get(STORAGE_ENV) or None
+    if url is not None:
+        try:
+            check_storage_url(url)
+        except HarnessError as e:
+            raise HarnessError(f"${STORAGE_ENV}: {e}") from None
+    return url
+
+
+def invoked_as(argv0: str | None = None) -> list[str]:
+    """The command that started this tool, as the user can type it again: ``bptt-harness`` when that is
+    what PATH finds, else the path used (``.venv/bin/bptt-harness``), or ``python -m bptt_harness``; plain
+    ``bptt-harness`` when it was not started as a command (a notebook, a test runner)."""
+    path = Path(argv0 if argv0 is not None else sys.argv[0])
+    if path.name == "__main__.py" and path.parent.name == "bptt_harness":
+        return [_typed(Path(sys.executable)), "-m", "bptt_harness"]
+    if not path.name.startswith("bptt-harness"):
+        return ["bptt-harness"]
+    return [_typed(path)]
+
+
+def _typed(path: Path) -> str:
+    """``path`` as a user types it: its bare name when PATH finds this very file, else relative to the
+    current folder when it lies inside it, else absolute."""
+    found = shutil.which(path.name)
+    try:
+        if found and Path(found).resolve() == path.resolve():
+            return path.name
+        # Not resolved: a virtual environment's python is a link, and the user typed the link.
+        return str(Path(os.path.abspath(path)).relative_to(os.path.abspath(Path.cwd())))
+    except (OSError, ValueError):
+        return str(path)
 
 
 def resume_hint(args: argparse.Namespace, storage_url: str) -> str:
@@ -128,7 +163,7 @@ def resume_hint(args: argparse.Namespace, storage_url: str) -> str:
     by itself, and for a password, where it must come from (it is never printed)."""
     from bptt_harness.urls import redact
 
-    parts = ["bptt-harness", "sweep", args.study]
+    parts = [*invoked_as(), "sweep", args.study]
     if args.results_dir != "results":
         parts += ["--results-dir", args.results_dir]
     note = ""
@@ -156,6 +191,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from bptt_harness.study import check_same_corpus, config_from_storage, load_corpus, run_worker
     from bptt_harness.study.sweep import storage_errors_as_one_line
 
+    for flag, value in (("--threads", args.threads), ("--host-workers", args.host_workers), ("--trials", args.trials)):
+        if value is not None and value < 1:
+            raise HarnessError(f"{flag} {value} must be >= 1")
     storage_url = _given_storage(args)
     if storage_url is None:
         raise HarnessError(f"bptt-harness worker needs the study's storage: pass --storage URL or set {STORAGE_ENV}")
@@ -165,7 +203,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         except (AttributeError, ValueError, OSError) as e:
             raise HarnessError(f"--cpus {args.cpus!r} cannot be used here ({e}); give cores this process may "
                                "use, e.g. 0,1, or leave it out") from None
-    if args.threads:
+    if args.threads is not None:
         import torch
 
         torch.set_num_threads(args.threads)

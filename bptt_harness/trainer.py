@@ -36,11 +36,13 @@ import torch.nn.functional as F
 
 from bptt_harness.batching import VariableBptt, batchify, epoch_windows, get_batch
 from bptt_harness.corpus import Corpus, check_fits
+from bptt_harness.corpus import load as load_corpus
+from bptt_harness.errors import HarnessError
 from bptt_harness.hardware import resolve_device
 from bptt_harness.model import count_params, family_of, repackage_hidden
 from bptt_harness.observers import CpuMemoryCounter, ProbePhases, TimeGrid, TrialObserver, oom_error_type
 from bptt_harness.record import TrialResult, derive
-from bptt_harness.spec import ModelConfig, RunOptions, TrainConfig, TrialSpec, resolve_budget_tokens
+from bptt_harness.spec import CorpusSpec, ModelConfig, RunOptions, TrainConfig, TrialSpec, resolve_budget_tokens
 
 __all__ = ["ModelConfig", "TrainConfig", "TrialSpec", "RunOptions", "TrialResult", "TrialLoop", "TrialObserver",
            "Budget", "DivergenceGuard", "TrainClock", "run_trial", "is_oom", "release_memory", "resolve_device",
@@ -104,11 +106,14 @@ class Budget:
     seconds: float | None
     checkpoints: int
     next_checkpoint: int = 1
+    anneal_at: tuple[float, ...] = ()   # fractions of the budget that divide the lr (TrainConfig.anneal_at)
+    next_anneal: int = 0
 
     @classmethod
     def of(cls, t: TrainConfig, train_split_tokens: int) -> Budget:
         tokens = resolve_budget_tokens(t, train_split_tokens)
-        return cls(tokens=tokens, seconds=t.seconds if tokens is None else None, checkpoints=t.checkpoints)
+        return cls(tokens=tokens, seconds=t.seconds if tokens is None else None, checkpoints=t.checkpoints,
+                   anneal_at=t.anneal_at or ())
 
     def cut(self, seq_len: int, bs: int, tokens_done: int) -> tuple[int, int | None]:
         """-> (rows to run, targets to keep or None for all) for a window of ``seq_len`` rows."""
@@ -133,6 +138,13 @@ class Budget:
             self.next_checkpoint += 1
             due = True
         return due
+
+    def anneals_due(self, progress: float) -> int:
+        """How many of the ``anneal_at`` fractions progress has just passed (a step can pass several)."""
+        start = self.next_anneal
+        while self.next_anneal < len(self.anneal_at) and progress >= self.anneal_at[self.next_anneal]:
+            self.next_anneal += 1
+        return self.next_anneal - start
 
     @property
     def done(self) -> bool:
@@ -406,7 +418,10 @@ class TrialLoop:
                     self.state = self.family.init_state(self.model, bs)   # each pass (and reset_every) starts afresh
                 seq_len, keep = self.budget.cut(seq_len, bs, self.tokens)
                 self.step(i, seq_len, keep, self.lr * (variable.lr_factor(seq_len) if variable else 1.0))
-                due = self.budget.checkpoint_due(self.budget.progress(self.tokens, self.clock.seconds()))
+                progress = self.budget.progress(self.tokens, self.clock.seconds())
+                # A schedule on progress: the same lr at the same fraction of the budget for every shape.
+                self.lr /= t.anneal ** self.budget.anneals_due(progress)
+                due = self.budget.checkpoint_due(progress)
                 if self.steps % t.log_every == 0 or due:
                     self.read_losses()
                 if due:
@@ -472,7 +487,7 @@ class TrialLoop:
         self.guard.check_val(val, self.steps)
         if val < self.best_val:
             self.best_val = val
-        elif t.optimizer == "sgd":
+        elif t.optimizer == "sgd" and t.anneal_at is None:
             self.lr /= t.anneal  # the canonical recipe: anneal when validation stops improving
         for o in self.observers:
             o.on_validate(self, point)
@@ -650,14 +665,15 @@ def cuda_pool_fraction(cap_mib: float, total_bytes: int, outside_pool_bytes: int
     return max(0.0, min(1.0, (cap_mib * 2**20 - outside_pool_bytes) / total_bytes))
 
 
-def run_trial(spec: TrialSpec, corpus: Corpus, device: torch.device | str | None = None,
+def run_trial(spec: TrialSpec, corpus: Corpus | CorpusSpec | str, device: torch.device | str | None = None,
               probe: Any | None = None, on_checkpoint: CheckpointCallback | None = None, *,
               options: RunOptions | None = None, observers: Sequence[TrialObserver] = ()) -> TrialResult:
     """Train and evaluate one configuration. Never raises for a trial outcome; see ``TrialResult.status``.
 
     ``spec`` is the configuration (bptt, batch size, :class:`ModelConfig` with an optional ``factory`` for
     your own model, :class:`TrainConfig`); ``corpus`` comes from :func:`bptt_harness.corpus.load`
-    (``bptt_harness.load_corpus``); ``device`` is ``"auto"`` (None), ``"cpu"``, ``"cuda"`` or a ``torch.device``.
+    (``bptt_harness.load_corpus``), or is what it takes (``"synthetic:k=6"``, a path, a ``CorpusSpec``);
+    ``device`` is ``"auto"`` (None), ``"cpu"``, ``"cuda"`` or a ``torch.device``.
 
     ``probe`` is a :class:`bptt_harness.probe.Probe` (or anything with ``__enter__``/``__exit__`` and a
     ``report()``) wrapped around the training part; its ``phase("eval")`` marks the checkpoint
@@ -670,6 +686,11 @@ def run_trial(spec: TrialSpec, corpus: Corpus, device: torch.device | str | None
     for a configuration that cannot run at all on this corpus (e.g. a split too short for one window),
     before anything is trained.
     """
+    if isinstance(corpus, (str, CorpusSpec)):
+        corpus = load_corpus(corpus)
+    elif not isinstance(corpus, Corpus):
+        raise HarnessError(f"corpus {type(corpus).__name__} is not a corpus: pass bptt_harness.load_corpus(...) or a "
+                           "corpus spec such as 'synthetic:k=6' or a text file's path")
     device = resolve_device(device) if not isinstance(device, torch.device) else device
     options = options if options is not None else RunOptions()
     t = spec.train
@@ -692,6 +713,8 @@ def run_trial(spec: TrialSpec, corpus: Corpus, device: torch.device | str | None
         status, error = "timeout", str(e)
     except Pruned as e:
         status, error = "pruned", str(e)
+    except SystemExit as e:  # a user's model (or code it calls) exiting ends its trial, not the sweep
+        status, error = "failed", f"SystemExit({e.code!r}) raised inside the trial"
     except Exception as e:  # noqa: BLE001 - a trial's failure is a result, not the caller's crash
         if is_oom(e):
             status, error = "oom", str(e).strip().splitlines()[0][:500]

@@ -110,7 +110,8 @@ class TransformerLM(nn.Module):
             band_mask(T, m, None if self.training else self.context, x.device)
         angles = torch.outer(torch.arange(m + T, device=x.device, dtype=self.inv_freq.dtype), self.inv_freq)
         cos, sin = angles.cos(), angles.sin()
-        h = self.drop(self.encoder(x.t()))
+        # The embedding is looked up time-major, as in every family (hooks on model.encoder see (T, bs, width)).
+        h = self.drop(self.encoder(x)).transpose(0, 1).contiguous()
         kept = []
         for i, block in enumerate(self.blocks):
             h, layer_memory = block(h, memory[i] if memory else None, cos, sin, mask, self.mem_len)

@@ -56,6 +56,22 @@ def attribute_docs(cls: type) -> dict[str, str]:
     return {k: v.replace("``", "") for k, v in docs.items()}
 
 
+def fractions(text: str) -> tuple[float, ...]:
+    """``--anneal-at 0.5,0.75`` -> ``(0.5, 0.75)``; an empty value is ``()`` (no annealing)."""
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} must be comma-separated numbers, e.g. 0.5,0.75") from None
+
+
+def _option_type(f: dataclasses.Field, name: str | None) -> Any:
+    """The argparse type of a field's option: its kind's, :func:`fractions` for a tuple of floats
+    (``anneal_at``); None for a field that has no option."""
+    if name:
+        return OPTION_TYPES.get(name)
+    return fractions if str(f.type).startswith("tuple[float, ...]") else None
+
+
 def _add_section(p: argparse.ArgumentParser, section: str, cls: type, skip: tuple[str, ...] = ()) -> None:
     docs = attribute_docs(cls)
     kinds = field_kinds(cls)
@@ -64,7 +80,7 @@ def _add_section(p: argparse.ArgumentParser, section: str, cls: type, skip: tupl
         if f.name in skip:
             continue
         name, choices = kinds[f.name]
-        kind = OPTION_TYPES.get(name) if name else None
+        kind = _option_type(f, name)
         if kind is None:
             continue
         dest = f"{section}:{f.name}"
@@ -83,6 +99,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a study's results folder (results/<study>), study file or storage URL: run one of its "
                         "configurations with its corpus, model and train settings (options given as well "
                         "override them); with --config")
+    p.add_argument("--study-name", default=None, help="with --from: the study, when its storage holds several")
+    p.add_argument("--storage", default=None, metavar="URL",
+                   help="with --from: the full URL (with its password) of a storage its study.json shows as ***")
     p.add_argument("--config", default=None, metavar="KEY=VALUE,...",
                    help="the configuration, as in the config_key column of trials.csv, e.g. bptt=35,batch_size=5 "
                         "(every key the study searches)")
@@ -124,7 +143,7 @@ def parse_config(text: str, required: tuple[str, ...] = ()) -> dict[str, Any]:
     return params
 
 
-def load_from(source: str) -> tuple[Any, Any]:
+def load_from(source: str, study_name: str | None = None, storage: str | None = None) -> tuple[Any, Any]:
     """``--from``: (the study's StudyConfig as stored with it, its LoadedTrials; None for a study file
     that has not run yet)."""
     from pathlib import Path
@@ -137,7 +156,7 @@ def load_from(source: str) -> tuple[Any, Any]:
         if not (config.results_dir / "study.json").is_file():
             return config, None
         source = str(config.results_dir)
-    loaded = load_trials(resolve(source))
+    loaded = load_trials(resolve(source, study_name=study_name, passwords_from=[storage] if storage else []))
     if loaded.study_config is None:
         if source.endswith(".toml"):
             return load_study(source), loaded
@@ -151,11 +170,13 @@ def setup(args: argparse.Namespace) -> TrialSetup:
     if args.repeats < 1:
         raise HarnessError(f"--repeats {args.repeats} must be >= 1")
     study = loaded = None
+    if args.from_ is None and (args.study_name is not None or args.storage is not None):
+        raise HarnessError("--study-name and --storage choose the study of --from; pass --from RESULTS as well")
     if args.from_ is not None:
         if args.config is None:
             raise HarnessError("--from needs --config with the configuration to run, e.g. --config "
                                "bptt=35,batch_size=5 (the config_key column of trials.csv)")
-        study, loaded = load_from(args.from_)
+        study, loaded = load_from(args.from_, args.study_name, args.storage)
     given = {k: getattr(args, k) for k in CANONICAL if getattr(args, k) is not None}
     required = tuple(k for k in (*(study.search if study else ()), *CANONICAL) if k not in given)
     params = {**(parse_config(args.config, required) if args.config else CANONICAL), **given}

@@ -92,8 +92,12 @@ def scrub(text: str, *urls: str | None) -> str:
             # A parser that split the password at an '@' or ':' quotes a piece of it ("invalid port 'w0rd'").
             forms |= {piece for form in list(forms) for piece in re.split(r"[^A-Za-z0-9]+", form) if len(piece) >= 4}
             for form in sorted(forms, key=len, reverse=True):
-                if form:
+                if len(form) >= 4:
                     text = text.replace(form, HIDDEN)
+                elif form:
+                    # A short password is hidden only where it stands alone: hiding every 'p' in a message
+                    # ("invalid port 'nota***ort'") would show what it is (URLs are redacted by position below).
+                    text = re.sub(rf"(?<![A-Za-z0-9]){re.escape(form)}(?![A-Za-z0-9])", HIDDEN, text)
     text = _URL_IN_TEXT.sub(lambda m: redact(m.group(0)) or "", text)
     return _KEYWORD_PASSWORD.sub(lambda m: f"{m.group(1)}{m.group(2)}{HIDDEN}", text)
 
@@ -128,6 +132,20 @@ def _query_start(url: str, after: int) -> int:
     """Where a ``password=`` query begins (its '@'s are not the userinfo's), else the end of ``url``."""
     q = _QUERY_PASSWORD.search(url, after)
     return q.start() if q else len(url)
+
+
+def database_name(url: str) -> str:
+    """The database a server URL names (``postgresql://user:pw@host:5432/db`` -> ``db``), '' if none;
+    the userinfo (whose password may hold '/') is skipped first."""
+    m = _SCHEME.match(url)
+    if m is None:
+        return ""
+    end = _query_start(url, m.end())
+    rest = url[m.end():end]
+    at = rest.rfind("@")
+    rest = rest[at + 1:] if at >= 0 else rest
+    _, slash, path = rest.partition("/")
+    return path.split("?")[0].strip() if slash else ""
 
 
 FILE_PREFIXES = ("sqlite:///", "journal:")

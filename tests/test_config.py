@@ -42,7 +42,8 @@ def with_change(path: tuple, value) -> dict:
 DELETE = object()
 
 
-@pytest.mark.parametrize("name", ["smoke", "default", "calibration", "wikitext2-gpu", "memory-wall", "stability"])
+@pytest.mark.parametrize("name", ["smoke", "default", "map", "calibration", "wikitext2-gpu", "memory-wall",
+                                  "stability"])
 def test_shipped_studies_are_valid(name: str) -> None:
     config = load_study(STUDIES / f"{name}.toml")
     assert config.name == name
@@ -50,8 +51,8 @@ def test_shipped_studies_are_valid(name: str) -> None:
     assert {"bptt", "batch_size"} <= set(config.search)
 
 
-def test_default_study_maps_at_least_twelve_configurations() -> None:
-    config = load_study(STUDIES / "default.toml")
+def test_the_map_study_maps_at_least_twelve_configurations() -> None:
+    config = load_study(STUDIES / "map.toml")
     assert config.sampler == "grid" and config.grid_size() >= 12
     assert config.search["bptt"].contains(35) and config.search["batch_size"].contains(20)
 

@@ -11,6 +11,7 @@ import pytest
 from bptt_harness.report.build import Report, build
 from bptt_harness.report.confounds import CONTEXT_COLUMN, controlled_slice, detect, spearman
 from bptt_harness.report.frame import records_to_frame
+from bptt_harness.report.noise import table_means
 from bptt_harness.report.summary import summary, summary_json
 from bptt_harness.stats import holm, t_interval, t_quantile, t_sf, welch
 from tests.synthetic import synthetic_records
@@ -275,3 +276,18 @@ def test_equal_time_still_best_and_separated_only_when_it_is() -> None:
     recs += [rec(20, 20, p, s, tps=10_000) for s, p in enumerate((101.0, 105.0))]
     text = answers(report(recs))["equal_time"]
     assert "is still best (perplexity" in text and "separated" not in text
+
+
+def test_a_frame_without_seed_intervals_gives_means_of_unknown_noise() -> None:
+    frame = records_to_frame([rec(10, 40, 100.0)]).assign(n=1)
+    means = table_means(frame[["config_key", "val_ppl", "n"]])
+    assert means["bptt=10,batch_size=40"].se is None and means["bptt=10,batch_size=40"].estimate == 100.0
+
+
+def test_a_verdict_resting_on_borrowed_noise_says_so() -> None:
+    recs = [rec(10, 40, p, s) for s, p in enumerate((100.0, 101.0))] + [rec(20, 20, 150.0)]
+    h = report(recs).advice.headline
+    assert "Its perplexity is separated from every other configuration's (Welch tests at 95%, Holm-adjusted over 1 " \
+        "comparison; 1 single-seed configuration borrows the pooled seed noise of the others)" in h
+    recs = [rec(10, 40, p, s) for s, p in enumerate((100.0, 101.0))] + [rec(20, 20, p, s) for s, p in enumerate((150.0, 151.0))]
+    assert "borrow" not in report(recs).advice.headline

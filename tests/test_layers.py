@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "bptt_harness"
 # The command-line entry points: they import a command's stack only when that command runs, so that
 # `bptt-harness --help` and `bptt-harness report` do not load torch.
-CLI_ENTRY_POINTS = {"cli.py", "study_cli.py", "trial_cli.py", "report/cli.py", "__main__.py"}
+CLI_ENTRY_POINTS = {"cli.py", "study_cli.py", "trial_cli.py", "diagnose_cli.py", "report/cli.py", "__main__.py"}
 
 
 def _modules() -> list[tuple[str, ast.Module]]:

@@ -10,7 +10,6 @@ import logging
 import os
 import re
 import shlex
-import signal
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ import optuna
 import pytest
 import studyfiles
 from optuna.trial import TrialState
+from waiting_model import interrupt_when_waiting, waiting_env, waiting_study
 
 from bptt_harness.cli import main
 
@@ -291,46 +291,40 @@ def _states(storage: str, name: str) -> list[TrialState]:
         return []
 
 
-def _interrupt_mid_trial(args: list[str], storage: str, name: str) -> str:
-    """Start ``bptt-harness sweep ARGS``, Ctrl-C it during its second trial, return its stderr."""
+def _interrupt_mid_trial(args: list[str], wait: Path) -> str:
+    """Start ``bptt-harness sweep ARGS`` (a study of :func:`waiting_study`), Ctrl-C it while its second trial
+    waits for the signal (an event, not a timer), return its stderr."""
     proc = subprocess.Popen([sys.executable, "-m", "bptt_harness", *args], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            states = _states(storage, name)
-            if states.count(TrialState.COMPLETE) >= 1 and TrialState.RUNNING in states:
-                break
-            if proc.poll() is not None:
-                raise AssertionError(f"the sweep ended before it could be interrupted: {proc.communicate()}")
-            time.sleep(0.2)
-        time.sleep(0.5)
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=90)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+                            stderr=subprocess.PIPE, text=True, env=waiting_env(wait))
+    _, err = interrupt_when_waiting(proc, wait)
     assert proc.returncode == 130, err
     return err
 
 
 def _hint(err: str) -> list[str]:
-    m = re.search(r"Resume with: (.*?bptt-harness sweep .*?)(?: \(|$)", err, re.M)
+    """The resume command: the command as invoked (here ``python -m bptt_harness``), then ``sweep ...``."""
+    m = re.search(r"Resume with: (.*? sweep .*?)(?: \(|$)", err, re.M)
     assert m, err
     return shlex.split(m.group(1))
 
 
+def _run_hint(hint: list[str], wait: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Exactly the command the hint gives, from where the sweep ran ("sent" is there: no trial waits)."""
+    return subprocess.run(hint, capture_output=True, text=True, timeout=300, cwd=REPO,
+                          env={**waiting_env(wait), **(env or {})})
+
+
 def test_the_resume_hint_names_the_storage_and_results_folder_and_resumes(tmp_path: Path) -> None:
     name = "hinted"
-    study_file = write_study(tmp_path, name, search="bptt = [4, 8, 16]\nbatch_size = [2]", tokens=30000,
-                             corpus_tokens=40000)
+    study_file = waiting_study(write_study(tmp_path, name, search="bptt = [4, 8, 16]\nbatch_size = [2]"))
     results = tmp_path / "elsewhere"
     journal = f"journal:{tmp_path / 'store' / 'j.log'}"
+    wait = tmp_path / "wait"
     err = _interrupt_mid_trial(["sweep", str(study_file), "--results-dir", str(results), "--storage", journal,
-                                "--no-report"], journal, name)
+                                "--no-report"], wait)
     hint = _hint(err)
-    assert hint[:2] == ["bptt-harness", "sweep"] and "--results-dir" in hint and "--storage" in hint, hint
-    done = run_cli(*hint[1:], timeout=300)  # exactly what it says, after the command
+    assert hint[1:4] == ["-m", "bptt_harness", "sweep"] and "--results-dir" in hint and "--storage" in hint, hint
+    done = _run_hint(hint, wait)  # exactly what it says
     assert done.returncode == 0, done.stderr
     assert "already done" in done.stderr and not (results / name / "study.db").exists()
     assert _states(journal, name).count(TrialState.COMPLETE) == 3
@@ -341,12 +335,12 @@ def test_the_resume_hint_of_a_postgresql_study_says_where_the_password_comes_fro
     name = f"hintpg-{uuid.uuid4().hex[:8]}"
     password = PASSWORDS["at-and-colon"]
     url = url_forms(password)["userinfo-readme-form"]
-    study_file = write_study(tmp_path, name, search="bptt = [4, 8, 16]\nbatch_size = [2]", tokens=30000,
-                             corpus_tokens=40000)
+    study_file = waiting_study(write_study(tmp_path, name, search="bptt = [4, 8, 16]\nbatch_size = [2]"))
     results = tmp_path / "med"
+    wait = tmp_path / "wait"
     try:
         err = _interrupt_mid_trial(["sweep", str(study_file), "--results-dir", str(results), "--storage", url,
-                                    "--no-report"], url, name)
+                                    "--no-report"], wait)
         assert_no_marker("stderr", err)
         line = next(ln for ln in err.splitlines() if "Resume with:" in ln)
         assert "BPTT_HARNESS_STORAGE" in line and "***" in line
@@ -360,8 +354,8 @@ def test_the_resume_hint_of_a_postgresql_study_says_where_the_password_comes_fro
         assert (results / name / "study.json").read_bytes() == meta and not (results / name / "study.db").exists()
         # The hint with the password supplied as it says: the URL in the environment, --storage left out.
         i = hint.index("--storage")
-        without = hint[1:i] + hint[i + 2:]
-        done = run_cli(*without, timeout=300, env={"BPTT_HARNESS_STORAGE": url})
+        without = hint[:i] + hint[i + 2:]
+        done = _run_hint(without, wait, env={"BPTT_HARNESS_STORAGE": url})
         assert done.returncode == 0, done.stderr
         assert "already done" in done.stderr
         assert _states(url, name).count(TrialState.COMPLETE) == 3

@@ -77,7 +77,7 @@ def test_a_missing_package_is_one_line_before_anything_runs(monkeypatch: pytest.
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real(name, *a))
     check_installed([LogTarget("tensorboard", "x")] if real("tensorboard") else [])
-    with pytest.raises(HarnessError, match=r"--log mlflow:ml: the mlflow package is not installed; .*\[mlflow\]"):
+    with pytest.raises(HarnessError, match=r"log target mlflow:ml: the mlflow package is not installed; .*\[mlflow\]"):
         check_installed([LogTarget("mlflow", "ml")])
 
 
@@ -186,6 +186,24 @@ def test_mlflow_run_per_trial_with_parameters_and_curves(syn: Corpus, tmp_path: 
     assert run.data.metrics["final/val_ppl"] == pytest.approx(r.val_ppl)
     assert run.data.metrics["final/peak_mem_mib"] == pytest.approx(r.probe.peak_mem_mib)
     assert math.isfinite(run.data.metrics["train/tokens_per_s"])
+
+
+@needs_mlflow
+def test_two_workers_open_one_fresh_mlflow_store_together(tmp_path: Path) -> None:
+    """MLflow creates its tables when the first client opens the store: two workers doing it at once lost a run."""
+    import subprocess
+
+    from mlflow.tracking import MlflowClient
+
+    code = ("import sys; from pathlib import Path; from bptt_harness.loggers import MlflowSink, RunInfo; "
+            "s = MlflowSink(Path(sys.argv[1]), RunInfo('pool', sys.argv[2], {'bptt': 4})); s.finish(1, {'x': 1.0}, 'ok')")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "ml"), f"run{i}"], stderr=subprocess.PIPE)
+             for i in range(2)]
+    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    assert not any(b"could not" in p.stderr.read() for p in procs)
+    client = MlflowClient(tracking_uri=mlflow_uri(tmp_path / "ml"))
+    runs = client.search_runs([client.get_experiment_by_name("pool").experiment_id])
+    assert sorted((r.info.run_name, r.info.status) for r in runs) == [("run0", "FINISHED"), ("run1", "FINISHED")]
 
 
 # --------------------------------------------------------------------------- W&B offline, read back

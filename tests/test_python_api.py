@@ -74,6 +74,17 @@ class Unflattened(TinyGRU):
         return self.out(y), hidden  # (seq_len, bs, ntoken): not what the loss takes
 
 
+class BatchMajor(TinyGRU):
+    def forward(self, x: torch.Tensor, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y, hidden = self.rnn(self.emb(x), hidden)
+        # The right shape, the wrong order: row b * seq_len + t, so the loss meets other positions' targets.
+        return self.out(y).transpose(0, 1).reshape(-1, self.out.out_features), hidden
+
+
+def batch_major(cfg: ModelConfig, ntoken: int) -> nn.Module:
+    return BatchMajor(cfg, ntoken)
+
+
 def tiny_gru(cfg: ModelConfig, ntoken: int) -> nn.Module:
     return TinyGRU(cfg, ntoken)
 
@@ -163,11 +174,18 @@ def test_harness_trial_runs_a_users_own_model(capsys: pytest.CaptureFixture[str]
     (f"{__name__}:not_a_module", "returned str, not a torch.nn.Module"),
     (f"{__name__}:no_init_hidden", "Linear has no init_hidden(batch_size)"),
     (f"{__name__}:unflattened", "must return (logits of shape (seq_len * batch_size, ntoken) = (6, 5), hidden)"),
+    (f"{__name__}:batch_major", "changed logits rows [2], but only row 4 may change: the logits must be "
+                                "sequence-major"),
 ])
 def test_a_bad_factory_is_one_line(factory: str, message: str) -> None:
     with pytest.raises(HarnessError) as e:
         check_model(ModelConfig(factory=factory, emsize=4, nhid=4), 5)
     assert message in str(e.value) and "\n" not in str(e.value) and factory in str(e.value)
+
+
+def test_a_sequence_major_factory_passes_the_ordering_check() -> None:
+    model_cfg = ModelConfig(factory=FACTORY, emsize=4, nhid=4, dropout=0.5)
+    check_model(model_cfg, 5)  # TinyGRU: sequence-major, as the trainer's loss reads it
 
 
 @pytest.mark.parametrize("factory", ["mymodels", "mymodels:", "my-models:make", ":make", "a.b:c.d"])

@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SUBCOMMANDS = "sweep|worker|report|compare|trial|doctor|profile|corpus"
+SUBCOMMANDS = "sweep|worker|report|compare|trial|doctor|profile|corpus|diagnose"
 
 
 def commands(markdown: str) -> list[str]:

@@ -150,9 +150,21 @@ def test_small_memory_keeps_its_figures_everywhere(tmp_path: Path) -> None:
     legend = [t.name for t in figures.memory(rep.trials, rep.fits[0], None, None).fig.data if t.name.startswith("fit")]
     assert legend == ["fit: 0.3 + 0.0001 × bptt × bs"]
     assert "peak memory ≈ 0.3 MiB + 0.0001 MiB" in page
-    # The answers' sentences are advice.py's (issue 20 rewrites them with bptt_harness.report.numbers).
-    ours = page.split('<section id="answers">')[0] + page.split('<section id="ranking-section">')[1]
-    assert not re.search(r"[^.\d]0 MiB|[^.\d]1 MiB", ours)
+    # The answers too: "fit error: RMS 0 MiB" and "peaking at 0 MiB" were advice.py's own formatting.
+    answers = page.split('<section id="answers">')[1].split("</section>")[0]
+    assert re.search(r"peaking at 0\.\d+ MiB", answers) and "Fitted memory model: peak ≈ 0.3 MiB + 0.0001 MiB" in answers
+    assert not re.search(r"[^.\d]0 MiB|[^.\d]1 MiB", page)
+
+
+def test_the_memory_answer_keeps_a_small_fit_error(tmp_path: Path) -> None:
+    """"fit error: RMS 0 MiB" was 0.36 MiB printed with ``:,.0f``."""
+    recs = synthetic_records(bptts=(35, 70, 140), batch_sizes=(20, 40), law=SyntheticLaw(mem_base_mib=5.0, mem_slope_mib=0.001),
+                             gpu_name=None)
+    for i, r in enumerate(recs):
+        r["result"]["probe"]["peak_mem_mib"] += 0.4 if i % 2 else -0.4
+    page = generate_from_records(recs, study_name="tiny", out_dir=tmp_path).html.read_text()
+    rms = re.search(r"fit error: RMS ([\d.,]+) MiB", page)
+    assert rms and 0.1 < float(rms[1]) < 1 and rms[1].startswith("0.")
 
 
 def test_training_curves_draw_what_was_logged() -> None:
@@ -173,6 +185,11 @@ def test_training_curves_draw_what_was_logged() -> None:
     drawn = figures.training(rep.trials, rep.ranking)
     assert "from left to right: training loss" in words(drawn) and "did not log" not in drawn.caption
     assert {t.xaxis for t in drawn.fig.data} == {"x", "x2", "x3"}
+    # Quantities as titles above the panels (y-axis titles ran into the next panel at 800 px), and a
+    # constant lr drawn on an axis from 0, not centred on it.
+    assert [a.text for a in drawn.fig.layout.annotations] == ["training loss (nats/token)", "gradient norm", "learning rate"]
+    assert not any(drawn.fig.layout[f"yaxis{i}"].title.text for i in ("", "2", "3"))
+    assert drawn.fig.layout.yaxis3.range[0] == 0 and drawn.fig.layout.yaxis3.range[1] > 0.5
 
 
 def test_parallel_coordinates_only_beyond_two_searched_keys(tmp_path: Path) -> None:

@@ -87,6 +87,12 @@ def test_the_race_spends_its_runs_on_rivals_with_one_seed_first() -> None:
     st = {"best": Standing((200.0, 201.0), 2), "runner": Standing((202.0,), 1), "far": Standing((260.0, 262.0), 2)}
     assert plan_round(st, max_seeds=3, left=1) == ["runner"]
     assert plan_round(st, max_seeds=3, left=4) == ["runner", "best"]
+    # The published CPU study after its first racing round: bptt 10 x bs 20 (n = 1) is nearer the best than
+    # bptt 35 x bs 5, which is not separated from it; it gets the next run, before anyone with two seeds
+    # (then the best, then the others).
+    published = {"10x5": Standing((126.59, 127.60), 2), "35x5": Standing((135.61, 138.65), 2),
+                 "10x20": Standing((136.48,), 1), "70x5": Standing((160.92,), 1), "35x20": Standing((225.8,), 1)}
+    assert plan_round(published, max_seeds=3, left=3) == ["10x20", "10x5", "35x5"]
 
 
 RACE = """
@@ -179,7 +185,7 @@ def test_a_difference_below_the_seed_noise_is_a_tie_and_the_recommendation_says_
     rep = build(records_to_frame(recs), study_name="s")
     t = rep.ranking.table.set_index("config_key")
     assert t.at["bptt=35,batch_size=5", "n"] == 3 and not t.at["bptt=35,batch_size=5", "single_seed"]
-    # 100.7 against 102: 1.3 apart, well inside 2 standard errors (each about 1.8): a tie on perplexity.
+    # 100.7 against 102: 1.3 apart, far inside the 95% t intervals (df = 2 each): a tie on perplexity.
     assert t.at["bptt=35,batch_size=5", "val_ppl_lo"] < t.at["bptt=10,batch_size=5", "val_ppl"] < \
         t.at["bptt=35,batch_size=5", "val_ppl_hi"]
     h = rep.advice.headline

@@ -199,7 +199,7 @@ def test_sigint_marks_the_trial_and_exits_130(tmp_path: Path) -> None:
                             stderr=subprocess.PIPE, text=True, env=waiting_env(tmp_path / "wait"))
     _, err = interrupt_when_waiting(proc, tmp_path / "wait")
     assert proc.returncode == 130
-    assert "Resume with: bptt-harness sweep" in err and "Traceback" not in err
+    assert "Resume with: " in err and " -m bptt_harness sweep " in err and "Traceback" not in err
     # The report covers what finished before the interrupt.
     assert (results / "interrupted" / "report.html").is_file()
     assert "bptt" in (results / "interrupted" / "trials.csv").read_text()

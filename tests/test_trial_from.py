@@ -81,6 +81,8 @@ def test_options_are_named_like_the_study_keys() -> None:
 def _other(value: object, hint: object) -> object:
     """A valid value other than the default, for an option generated from a field."""
     kind, choices = field_kind(hint)
+    if kind is None and any(typing.get_origin(a) is tuple for a in (hint, *typing.get_args(hint))):
+        return (0.25, 0.5)   # a tuple of fractions (anneal_at): --anneal-at 0.25,0.5
     if kind == "bool":
         return not value
     if choices:
@@ -96,7 +98,8 @@ def test_every_train_key_reaches_the_trial() -> None:
     for f in dataclasses.fields(TrainConfig):
         value = _other(f.default, hints[f.name])
         flag = "--" + f.name.replace("_", "-")
-        argv += [flag if value else f"--no-{flag[2:]}"] if isinstance(value, bool) else [flag, str(value)]
+        text = ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+        argv += [flag if value else f"--no-{flag[2:]}"] if isinstance(value, bool) else [flag, text]
         want[f.name] = value
     ts = trial_cli.setup(trial_parser().parse_args(argv[1:] + ["--max-memory-gib", "2"]))
     for name, value in want.items():

@@ -12,9 +12,7 @@ from torch import nn
 
 from bptt_harness.model import ModelFamily, repackage_hidden
 
-__all__ = ["measuring_mode", "columns", "sample_ends", "warm_state", "device_of", "flat_grad", "Model"]
-
-Model = nn.Module
+__all__ = ["measuring_mode", "columns", "sample_ends", "warm_state", "device_of", "flat_grad", "advance"]
 
 
 def device_of(model: nn.Module) -> torch.device:
@@ -55,6 +53,14 @@ def columns(split: torch.Tensor, ends: torch.Tensor, length: int) -> torch.Tenso
     return split[ends.to(split.device).unsqueeze(0) + rows]
 
 
+def advance(model: nn.Module, x: torch.Tensor, state: Any) -> Any:
+    """The state after ``model`` read ``x`` from ``state``: the model's own ``advance(x, state)`` where it has
+    one (the built-in RNNs: no decoder, whose logits over a large vocabulary cost most of a forward pass and
+    are not needed here), else its forward pass's state."""
+    step = getattr(model, "advance", None)
+    return step(x, state) if callable(step) else model(x, state)[1]
+
+
 def warm_state(model: nn.Module, family: ModelFamily, split: torch.Tensor, starts: torch.Tensor, length: int) -> Any:
     """The state after the model read ``split[s - length : s]`` for each ``s`` in ``starts`` (one column each),
     without a graph: the carried state a window starting at ``s`` would have in training."""
@@ -62,7 +68,7 @@ def warm_state(model: nn.Module, family: ModelFamily, split: torch.Tensor, start
     if length <= 0:
         return state
     with torch.no_grad():
-        _, state = model(columns(split, starts, length), state)
+        state = advance(model, columns(split, starts, length), state)
     return repackage_hidden(state)
 
 

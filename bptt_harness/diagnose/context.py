@@ -12,12 +12,13 @@ perplexities in the thousands at n = 2).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bptt_harness.diagnose.common import columns, device_of, measuring_mode, sample_ends
+from bptt_harness.diagnose.common import advance, columns, device_of, measuring_mode, sample_ends, warm_state
 from bptt_harness.model import ModelFamily
 
 __all__ = ["ContextUse", "context_use", "context_ladder"]
@@ -83,30 +84,34 @@ def context_use(model: nn.Module, family: ModelFamily, split: torch.Tensor, ladd
     """Context use of ``model`` on ``split`` (1-D token ids) for each n of ``ladder``.
 
     Targets are ``positions`` positions drawn from ``seed``; each configuration with the same ladder, warm
-    length and seed is measured on the same targets. The stretch that replaces the text before the last n
-    tokens ends ``shift`` tokens before them (one shift for all targets, a multiple of ``period``, far enough
-    that the two stretches do not overlap); ``period`` is the text's period where it has one (synthetic
-    corpora), else 1."""
+    length and seed is measured on the same targets. The ``warm`` tokens that replace the text before the
+    last n end ``shift + n % period`` tokens before the target (``shift``: a multiple of ``period`` beyond the
+    whole real stretch), so they end at the same phase as the text they replace; ``period`` is the text's
+    period where it has one (synthetic corpora), else 1 (then one warmed state serves every n)."""
     device = device_of(model)
     split = split.to(device)
     top = max(ladder)
     span = warm + top
     shift = period * -(-span // period)   # the replacing stretch lies wholly before the real one
-    ends = sample_ends(split.numel(), positions, span + shift, seed).to(device)
+    ends = sample_ends(split.numel(), positions, span + shift + period, seed).to(device)
     targets = split[ends]
     with measuring_mode(model), torch.no_grad():
-        carried = _target_loss(model, family, columns(split, ends, span), targets)
+        carried = _target_loss(model, family.init_state(model, len(ends)), columns(split, ends, span), targets)
+        warmed: dict[int, Any] = {}   # the replacing state, by phase
         losses = []
         for n in ladder:
-            foreign = columns(split, ends - n - shift, warm)
-            x = torch.cat([foreign, columns(split, ends, n)])
-            losses.append(_target_loss(model, family, x, targets))
+            phase = n % period
+            if phase not in warmed:
+                warmed[phase] = warm_state(model, family, split, ends - shift - phase, warm)
+            losses.append(_target_loss(model, warmed[phase], columns(split, ends, n), targets))
     return ContextUse(ladder=list(ladder), losses=torch.stack(losses).cpu(), carried=carried.cpu(),
                       targets=targets.cpu(), tolerance=tolerance)
 
 
-def _target_loss(model: nn.Module, family: ModelFamily, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Each column's loss at the token after its last row, read from a fresh state."""
-    logits, _ = model(x, family.init_state(model, x.size(1)))
-    last = logits.view(x.size(0), x.size(1), -1)[-1]
-    return F.cross_entropy(last.float(), targets, reduction="none")
+def _target_loss(model: nn.Module, state: Any, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Each column's loss at the token after its last row, read from ``state``: the rows before the last
+    only advance the state (no logits), the last row is decoded."""
+    if x.size(0) > 1:
+        state = advance(model, x[:-1], state)
+    logits, _ = model(x[-1:], state)
+    return F.cross_entropy(logits.float(), targets, reduction="none")

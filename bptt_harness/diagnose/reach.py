@@ -8,6 +8,7 @@ function, but differentiable in eval mode)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bptt_harness.diagnose.common import columns, device_of, measuring_mode, sample_ends, warm_state
+from bptt_harness.diagnose.common import advance, columns, device_of, measuring_mode, sample_ends, warm_state
 from bptt_harness.errors import HarnessError
 from bptt_harness.model import ModelFamily
 
@@ -49,11 +50,14 @@ class GradientReach:
         p = self.profile(mask)
         return max(range(len(p)), key=p.__getitem__)
 
-    def reach(self, mask: torch.Tensor | None = None) -> int:
-        """The largest lag (tokens back) whose mean norm is at least ``fraction`` x the largest."""
+    def reach(self, mask: torch.Tensor | None = None) -> int | None:
+        """The largest lag (tokens back) whose mean norm is at least ``fraction`` x the largest; None when no
+        gradient reaches the input (all zero: the model ignores it) or a norm is not finite."""
         p = self.profile(mask)
         top = max(p)
-        return max((k for k, v in enumerate(p) if v >= self.fraction * top), default=0)
+        if not all(math.isfinite(v) for v in p) or top <= 0:
+            return None
+        return max(k for k, v in enumerate(p) if v >= self.fraction * top)
 
     def censored(self, mask: torch.Tensor | None = None) -> bool:
         """True when the reach is the last lag measured: the gradient reaches at least that far."""
@@ -85,17 +89,17 @@ def gradient_reach(model: nn.Module, family: ModelFamily, split: torch.Tensor, m
 
     with measuring_mode(model):
         state = warm_state(model, family, split, ends - length, warm)
+        x = columns(split, ends, length)
         handle = input_embedding(model).register_forward_hook(catch)
-        try:
-            logits, _ = model(columns(split, ends, length), state)
+        try:   # the rows before the last only advance the state; the last is decoded
+            state = advance(model, x[:-1], state) if length > 1 else state
+            logits, _ = model(x[-1:], state)
         finally:
             handle.remove()
-        if not caught or not caught[-1].requires_grad:
+        if not caught or not all(c.requires_grad for c in caught):
             raise HarnessError("gradient reach: the embedding output does not require a gradient (frozen weights?)")
-        last = logits.view(length, len(ends), -1)[-1]
         # Each column's loss depends only on its own inputs: one backward of the sum gives every column's.
-        F.cross_entropy(last.float(), targets, reduction="sum").backward(inputs=[caught[-1]])
-        grad = caught[-1].grad
-        assert grad is not None
-        norms = grad.float().norm(dim=-1).flip(0)   # row length-1 is lag 0
+        F.cross_entropy(logits.float(), targets, reduction="sum").backward(inputs=caught)
+        grad = torch.cat([c.grad if c.grad is not None else torch.zeros_like(c) for c in caught])
+        norms = grad.float().norm(dim=-1).flip(0)   # the last row is lag 0
     return GradientReach(norms=norms.detach().cpu(), targets=targets.cpu(), fraction=fraction)

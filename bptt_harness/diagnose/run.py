@@ -16,18 +16,27 @@ from bptt_harness.diagnose.reach import GradientReach, gradient_reach
 from bptt_harness.diagnose_options import DiagnoseOptions
 from bptt_harness.model import ModelFamily
 
-__all__ = ["Diagnosis", "diagnose", "bias_ladder", "COLUMNS"]
+__all__ = ["Diagnosis", "diagnose", "bias_ladder", "text_period", "COLUMNS"]
 
 # The flat summary of a diagnosis: diagnostics.csv's columns and trials.csv's end-of-training values.
 COLUMNS = ("effective_context_tokens", "gradient_reach_tokens", "truncation_bias_k", "noise_scale_tokens")
 
 
+def text_period(extra: dict[str, Any]) -> int:
+    """The period of a corpus's text (``Corpus.extra``): a synthetic corpus's segment, ``k + 1`` tokens; 1 for
+    text without one."""
+    k = extra.get("dependency_distance")
+    return int(k) + 1 if isinstance(k, int) and k > 0 else 1
+
+
 def bias_ladder(bptt: int, long: int) -> list[int]:
-    """Truncation lengths 1, 2, 4, ... below ``long``, and the configuration's own ``bptt``."""
-    ladder, k = {bptt} if bptt < long else set(), 1
+    """Truncation lengths 2, 8, 32, ... (x4) below ``long``, and the configuration's own ``bptt``: each length
+    costs a forward and backward pass over the stretch, so the ladder is sparse (K = 1 alone, a pass per
+    token, costs as much as three others)."""
+    ladder, k = {bptt} if bptt < long else set(), 2
     while k < long:
         ladder.add(k)
-        k *= 2
+        k *= 4
     return sorted(ladder)
 
 
@@ -96,9 +105,9 @@ def diagnose(model: nn.Module, family: ModelFamily, split: torch.Tensor, bptt: i
     if o.wants("bias"):
         long = o.bias_factor * longest_bptt
         out.bias = truncation_bias(model, family, split, bias_ladder(bptt, long), long,
-                                   columns_per_draw=o.bias_columns, draws=o.draws, warm=o.warm_tokens,
+                                   columns_per_draw=o.bias_columns, draws=o.bias_draws, warm=o.warm_tokens,
                                    tolerance=o.bias_tolerance, seed=o.seed)
     if o.wants("noise"):
-        out.noise = noise_scale(model, family, split, bptt, small=o.noise_small, big=o.noise_big, draws=o.draws,
+        out.noise = noise_scale(model, family, split, bptt, small=o.noise_small, big=o.noise_big, draws=o.noise_draws,
                                 warm=o.warm_tokens, seed=o.seed)
     return out

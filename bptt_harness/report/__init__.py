@@ -19,6 +19,7 @@ from bptt_harness.fileio import write_files_atomic
 from bptt_harness.profile_csv import load_profile
 from bptt_harness.report import console, html
 from bptt_harness.report.build import Report, build
+from bptt_harness.report.diagnostics import load_diagnostics
 from bptt_harness.report.frame import CONFIG_COLUMNS, csv_frame, records_to_frame
 from bptt_harness.report.source import load_trials, resolve, shown_storage
 from bptt_harness.report.summary import summary_json
@@ -70,9 +71,12 @@ def generate(source: str | Path, *, storage: str | None = None, study_name: str 
         raise HarnessError(f"study {loaded.study_name!r} in storage {loaded.storage_display} has no finished "
                            f"trials{extra}; run 'bptt-harness sweep' first")
     out = src.out_dir if src.out_dir is not None else Path("results") / safe_dirname(loaded.study_name)
+    # A results folder reported elsewhere (--out): its storage and its profile.csv are still the folder's.
+    folder = Path(source) if Path(source).is_dir() else out
+    where = "in this results folder" if folder.resolve() == out.resolve() else f"in the results folder {folder.name}"
     return generate_from_records(loaded.records, study_name=loaded.study_name, out_dir=out,
-                                 storage_display=shown_storage(loaded.storage_display, out), info=loaded.info,
-                                 n_running=loaded.n_running)
+                                 storage_display=shown_storage(loaded.storage_display, folder, where), info=loaded.info,
+                                 n_running=loaded.n_running, profile_dir=folder)
 
 
 def safe_dirname(name: str) -> str:
@@ -82,14 +86,16 @@ def safe_dirname(name: str) -> str:
 
 
 def generate_from_records(records: list[dict], *, study_name: str, out_dir: Path, storage_display: str | None = None,
-                          info: dict | None = None, n_running: int = 0) -> ReportPaths:
-    """The report of already-loaded records (what :func:`generate` does after reading the storage)."""
+                          info: dict | None = None, n_running: int = 0, profile_dir: Path | None = None) -> ReportPaths:
+    """The report of already-loaded records (what :func:`generate` does after reading the storage); the study's
+    ``profile.csv`` is read from ``profile_dir`` (default: ``out_dir``)."""
     if not records:
         raise HarnessError(f"study {study_name!r} has no finished trials; run 'bptt-harness sweep' first")
     trials = records_to_frame(records)
     out_dir = Path(out_dir)
+    source_dir = Path(profile_dir) if profile_dir is not None else out_dir   # where the study's own files are
     rep = build(trials, study_name=study_name, storage_display=storage_display, info=info, n_running=n_running,
-                profile=load_profile(out_dir))
+                profile=load_profile(source_dir), diagnostics=load_diagnostics(source_dir))
     configs_csv, summary_path = out_dir / "configs.csv", out_dir / "summary.json"
     paths = ReportPaths(csv=out_dir / "trials.csv", html=out_dir / "report.html", summary=console.summary(rep),
                         configs_csv=configs_csv, summary_json=summary_path)

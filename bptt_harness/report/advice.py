@@ -142,7 +142,11 @@ def _lr_note(row: pd.Series) -> str:
 
 def _tests_text(lead: Leaders) -> str:
     k = lead.comparisons
-    return f"Welch tests at {COVERAGE:.0%}, Holm-adjusted over {k} comparison{'s' if k != 1 else ''}"
+    text = f"Welch tests at {COVERAGE:.0%}, Holm-adjusted over {k} comparison{'s' if k != 1 else ''}"
+    if lead.borrowed:
+        text += (f"; {lead.borrowed} single-seed configuration{'s' if lead.borrowed > 1 else ''} borrow"
+                 f"{'' if lead.borrowed > 1 else 's'} the pooled seed noise of the others")
+    return text
 
 
 def _seed_noise_clause(table: pd.DataFrame, rec: pd.Series, extra: list[str]) -> str:
@@ -300,7 +304,7 @@ def _bptt_helps(evidence: BpttEvidence | None) -> Finding | None:
     piece = evidence.slice
     if piece is None:
         return Finding("bptt", title, "Cannot tell: no configurations of this study differ only in bptt (the same "
-                       "tokens per step, lr, steps, schedule and model), so nothing here says what bptt does."
+                       "tokens per step, lr, steps and model settings), so nothing here says what bptt does."
                        + (" Between the configurations compared, " + "; ".join(c.text for c in found) + "."
                           if found else ""))
     cells = ", ".join(f"bptt {int(r['bptt'])}: {g(r['val_ppl'])} [{interval_text(r)}]" for _, r in piece.iterrows())
@@ -344,19 +348,19 @@ def _memory(wall: MemoryWall, fits: list[MemoryFit], extra: list[str]) -> Findin
     if wall.largest_ok is not None:
         r = wall.largest_ok
         mem = r.get("peak_mem_mib")
-        card = f" of {wall.card_mib:,.0f} MiB" if wall.card_mib else ""
-        parts.append(f"The largest configuration that ran is {label(r)} ({int(r['tokens_per_step']):,} tokens per step)"
-                     + (f", peaking at {mem:,.0f} MiB{card}" if mem is not None and math.isfinite(mem) else "") + ".")
+        card = f" of {numbers.mib(wall.card_mib)}" if wall.card_mib else ""
+        parts.append(f"The largest configuration that ran is {label(r)} ({numbers.count(r['tokens_per_step'])} tokens per step)"
+                     + (f", peaking at {numbers.mib(mem)}{card}" if mem is not None and math.isfinite(mem) else "") + ".")
     if wall.smallest_oom is not None:
         r = wall.smallest_oom
-        parts.append(f"The smallest that ran out of memory is {label(r)} ({int(r['tokens_per_step']):,} tokens per step).")
+        parts.append(f"The smallest that ran out of memory is {label(r)} ({numbers.count(r['tokens_per_step'])} tokens per step).")
     elif wall.largest_ok is not None:
         parts.append("No configuration ran out of memory, so the wall lies beyond the grid.")
     if fits:
         f = fits[0]
-        err = f" (fit error: RMS {f.rmse_mib:,.0f} MiB, R² {f.r2:.3f})" if math.isfinite(f.rmse_mib) else \
+        err = f" (fit error: RMS {numbers.mib(f.rmse_mib, 2)}, R² {f.r2:.3f})" if math.isfinite(f.rmse_mib) else \
             " (fitted through two points: no error estimate)"
-        law = f"{f.intercept_mib:,.1f} MiB + {f.slope_mib:.4g} MiB × the longest window × bs" if f.linear else \
+        law = f"{numbers.mib(f.intercept_mib, 4)} + {numbers.num(f.slope_mib, 4)} MiB × the longest window × bs" if f.linear else \
             f"{f.law()} MiB, window being the longest window"
         parts.append(f"Fitted memory model: peak ≈ {law}{err}.")
         if not f.gpu:
@@ -364,9 +368,9 @@ def _memory(wall: MemoryWall, fits: list[MemoryFit], extra: list[str]) -> Findin
                          "so it is a lower bound for a GPU, not a prediction of one.")
         if f.gpu and wall.card_mib and f.slope_mib > 0:
             x = f.max_tokens_per_step(wall.card_mib)
-            at = "" if f.linear else f" at batch size {f.bs_ref:g}"
+            at = "" if f.linear else f" at batch size {numbers.num(f.bs_ref, 4)}"
             if x > 0:
-                parts.append(f"Predicted to fit this card: bptt × bs up to about {x:,.0f}{at} (a prediction).")
+                parts.append(f"Predicted to fit this card: bptt × bs up to about {numbers.num(x, 3)}{at} (a prediction).")
     if not parts:
         return Finding("memory", title, "No configuration finished, so there is no memory measurement.")
     return Finding("memory", title, " ".join(parts))

@@ -96,7 +96,7 @@ def _leg(axis: str, rows: list[tuple[str, float, float]]) -> Leg | None:
         return None
     long = pd.DataFrame(rows, columns=["config_key", "at", "ppl"])
     values = long.pivot_table(index="config_key", columns="at", values="ppl", aggfunc="mean")
-    points = [_point(float(at), {str(k): [float(v) for v in grp["ppl"]] for k, grp in by_at.groupby("config_key")})
+    points = [_point(float(at), {str(k): list(v) for k, v in by_at.groupby("config_key")["ppl"].agg(list).items()})
               for at, by_at in long.groupby("at")]
     table = pd.DataFrame([row for row, _ in points])
     return _settle(Leg(axis, table, values, leaders={row["at"]: lead for row, lead in points}))

@@ -41,6 +41,7 @@ class Report:
     rules: RulesOfThumb | None = None     # the forum's rules of thumb, checked (report/rules.py)
     confounds: Confounds = field(default_factory=lambda: Confounds("every ranked configuration"))
     bptt_evidence: BpttEvidence | None = None  # the controlled bptt slice and its confounds (report/confounds.py)
+    diagnostics: dict | None = None       # bptt-harness diagnose's diagnostics.json, when the study has one
 
 
 def study_cost(trials: pd.DataFrame, info: dict | None = None) -> str:
@@ -52,7 +53,7 @@ def study_cost(trials: pd.DataFrame, info: dict | None = None) -> str:
 
 
 def build(trials: pd.DataFrame, *, study_name: str, storage_display: str | None = None, info: dict | None = None,
-          n_running: int = 0, profile: pd.DataFrame | None = None) -> Report:
+          n_running: int = 0, profile: pd.DataFrame | None = None, diagnostics: dict | None = None) -> Report:
     info = dict(info or {})
     configs = add_intervals(aggregate_configs(trials), trials)
     ranking = rank_configs(configs, study_cost(trials, info))
@@ -70,4 +71,4 @@ def build(trials: pd.DataFrame, *, study_name: str, storage_display: str | None 
     now = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     return Report(study_name, trials, configs, ranking, et, fits, cards, wall, adv, storage_display, info,
                   n_running, now, by_budget, profile, checks, note,
-                  check_rules(trials, profile, fits), confounds, evidence)
+                  check_rules(trials, profile, fits), confounds, evidence, diagnostics)

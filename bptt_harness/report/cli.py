@@ -26,6 +26,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="results folders (or study files / storage URLs); one holding several machines is split by machine")
     p.add_argument("--name", default=None, help="output goes to <out>/compare-<name>/ (default: from the sources)")
     p.add_argument("--out", type=Path, default=Path("results"), help="parent folder of compare-<name>/ (default: results)")
+    p.add_argument("--storage", action="append", default=[], metavar="URL",
+                   help="the full URL (with its password) of a source's storage whose study.json shows it as ***; "
+                        "once per storage (BPTT_HARNESS_STORAGE holds one)")
     p.add_argument("--only-matching", action="store_true",
                    help="when the sources measure different things (corpus, model, train settings, torch release), "
                         "compare only the trials measured like the first source and say what was left out "
@@ -50,7 +53,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from bptt_harness.report.compare import generate_compare
 
-    paths = generate_compare(list(args.sources), name=args.name, out_root=args.out, only_matching=args.only_matching)
+    paths = generate_compare(list(args.sources), name=args.name, out_root=args.out, only_matching=args.only_matching,
+                             storages=args.storage)
     print(paths.summary)
     print()
     print(f"comparison: {paths.html}")

@@ -17,7 +17,7 @@ import datetime as _dt
 import html
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from string import ascii_uppercase
 
@@ -192,12 +192,14 @@ def _source_names(sources: list[str]) -> list[str]:
 
 
 def generate_compare(sources: list[str], name: str | None = None, out_root: Path = Path("results"), *,
-                     storage: str | None = None, only_matching: bool = False) -> ReportPaths:
+                     storage: str | None = None, only_matching: bool = False,
+                     storages: Sequence[str] = ()) -> ReportPaths:
     """Write ``<out_root>/compare-<name>/compare.html`` and ``compare.csv`` for the given result sets.
 
     Result sets that measure different things are compared with what differs named; with
     ``only_matching`` only the trials measured like the first source's are compared and the rest left
-    out with a warning."""
+    out with a warning. ``storage`` is read instead of every source's recorded storage; ``storages`` are
+    full URLs (with passwords) for the sources whose study.json records the same storage redacted."""
     if not sources:
         raise HarnessError("compare needs at least one results folder; pass results/<study> of each run or machine")
     if name is not None and (not name or safe_dirname(name) != name):
@@ -207,7 +209,7 @@ def generate_compare(sources: list[str], name: str | None = None, out_root: Path
     setups: dict[str, dict] = {}
     short_names = _source_names(list(sources))
     for src_text, short in zip(sources, short_names):
-        src = resolve(src_text, storage=storage)
+        src = resolve(src_text, storage=storage, passwords_from=storages)
         loaded = load_trials(src)
         if not loaded.records:
             raise HarnessError(f"study {loaded.study_name!r} in {src_text!r} has no finished trials; nothing to compare")

@@ -29,7 +29,7 @@ import pandas as pd
 
 from bptt_harness.report import numbers
 from bptt_harness.report.budget import BudgetVerdict, verdict_by_budget
-from bptt_harness.report.frame import label
+from bptt_harness.report.frame import label, labels
 from bptt_harness.report.noise import table_means
 from bptt_harness.seeds import Leaders, leaders
 
@@ -106,11 +106,12 @@ def annealed(trials: pd.DataFrame) -> pd.Series:
     return (ok["final_lr"] < ok["lr"] * (1 - 1e-9)).groupby(ok["config_key"]).mean()
 
 
-def _control_key(row: pd.Series) -> tuple:
-    parts = [str(row[f]) if f in row.index and pd.notna(row[f]) else "" for f in CONTROL_FIELDS]
-    steps = row.get("steps")
-    parts.append(f"{float(steps):.4g}" if steps is not None and pd.notna(steps) else "")
-    return tuple(parts)
+def _control_keys(table: pd.DataFrame) -> pd.Series:
+    """Per row, the fields that must be equal for configurations to differ only in bptt, as one string."""
+    cols = [table[f].astype(str) if f in table else pd.Series("", index=table.index) for f in CONTROL_FIELDS]
+    steps = table["steps"] if "steps" in table else pd.Series(np.nan, index=table.index)
+    cols.append(steps.map(lambda v: f"{float(v):.4g}" if pd.notna(v) else ""))
+    return cols[0].str.cat(cols[1:], sep="\x1f", na_rep="")
 
 
 def _declared(table: pd.DataFrame, trials: pd.DataFrame) -> list[pd.DataFrame]:
@@ -135,13 +136,16 @@ def controlled_slice(table: pd.DataFrame, trials: pd.DataFrame) -> pd.DataFrame 
     if table.empty:
         return None
     groups = [g for g in _declared(table, trials) if g["bptt"].nunique() >= 2]
-    if not groups:
-        keyed = table.assign(_ctl=[_control_key(r) for _, r in table.iterrows()])
-        groups = [g.drop(columns="_ctl") for _, g in keyed.groupby("_ctl", sort=False) if g["bptt"].nunique() >= 2]
-    if not groups:
+    if groups:
+        best = max(groups, key=lambda g: (g["bptt"].nunique(), -float(g["val_ppl"].min())))
+        return best.sort_values("bptt").reset_index(drop=True)
+    keyed = table.assign(_ctl=_control_keys(table))
+    sizes = keyed.groupby("_ctl", sort=False).agg(values=("bptt", "nunique"), best=("val_ppl", "min"))
+    sizes = sizes[sizes["values"] >= 2]
+    if sizes.empty:
         return None
-    best = max(groups, key=lambda g: (g["bptt"].nunique(), -float(g["val_ppl"].min())))
-    return best.sort_values("bptt").reset_index(drop=True)
+    pick = sizes.sort_values(["values", "best"], ascending=[False, True], kind="mergesort").index[0]
+    return keyed[keyed["_ctl"] == pick].drop(columns="_ctl").sort_values("bptt").reset_index(drop=True)
 
 
 def detect(table: pd.DataFrame, trials: pd.DataFrame, all_configs: pd.DataFrame, budget: BudgetVerdict | None,
@@ -194,7 +198,7 @@ def _schedule(table: pd.DataFrame, runs: pd.DataFrame) -> Confound | None:
     frac = annealed(runs)
     if frac.empty or frac.nunique() < 2:
         return None
-    names = [label(r) for _, r in table.iterrows() if frac.get(r["config_key"], 0) > 0]
+    names = [n for k, n in zip(table["config_key"], labels(table)) if frac.get(k, 0) > 0]
     return Confound("schedule", True,
                     f"{len(names)} of {len(frac)} compared configurations annealed their learning rate and the others "
                     f"did not ({', '.join(names[:4])}{' …' if len(names) > 4 else ''})",
@@ -273,7 +277,7 @@ def _not_settled(budget: BudgetVerdict | None, table: pd.DataFrame) -> Confound 
                         "still changing at the end is unknown", {})
     if not leg.moving:
         return None
-    names = {r["config_key"]: label(r) for _, r in table.iterrows()}
+    names = dict(zip(table["config_key"], labels(table)))
     prev, last = leg.table.iloc[-2], leg.table.iloc[-1]
     return Confound("not_settled", True,
                     f"the leader was still changing at the end of the budget: {names.get(prev['best'], prev['best'])} "

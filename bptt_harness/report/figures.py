@@ -253,8 +253,12 @@ def training(trials: pd.DataFrame, ranking: Ranking, top: int = 6) -> Drawn | No
     if not series:
         return None
     names = dict(zip(t["config_key"], labels(t, varying_fields(t))))
-    fig = make_subplots(rows=1, cols=len(series), horizontal_spacing=0.09)
+    # Each panel's quantity as a title above it: y-axis titles of three side-by-side panels run into the
+    # neighbouring panel on a narrow page.
+    fig = make_subplots(rows=1, cols=len(series), horizontal_spacing=0.07,
+                        subplot_titles=[TRAIN_SERIES[s][0] for s in series])
     drawn: list[str] = []
+    highest: dict[str, float] = {}
     for ci, key in enumerate(keys):
         for n, c in enumerate(ok.loc[ok["config_key"] == key, TRAIN_CURVE].head(5)):
             for col, s in enumerate(series, start=1):
@@ -263,6 +267,7 @@ def training(trials: pd.DataFrame, ranking: Ranking, top: int = 6) -> Drawn | No
                     continue
                 if key not in drawn:
                     drawn.append(key)
+                highest[s] = max(highest.get(s, 0.0), *(float(p[s]) for p in pts if p.get(s) is not None))
                 fig.add_trace(go.Scatter(
                     x=[p["tokens"] for p in pts], y=[p[s] for p in pts], mode="lines", name=names.get(key, key),
                     legendgroup=key, showlegend=n == 0 and col == 1, line=dict(color=PALETTE[ci % len(PALETTE)], width=1.5),
@@ -270,8 +275,13 @@ def training(trials: pd.DataFrame, ranking: Ranking, top: int = 6) -> Drawn | No
                     hovertemplate=names.get(key, key) + "<br>%{text}<extra></extra>"), row=1, col=col)
     for col, s in enumerate(series, start=1):
         fig.update_xaxes(title="training tokens", row=1, col=col)
-        fig.update_yaxes(title=TRAIN_SERIES[s][0], type="log" if s != "lr" else "linear", row=1, col=col)
-    fig.update_layout(**{**LAYOUT, "height": 440}, legend=dict(orientation="h", y=-0.24))
+        # The lr from 0 up: a constant lr would otherwise sit on an axis centred on it, reading as 0.
+        fig.update_yaxes(type="log" if s != "lr" else "linear", row=1, col=col,
+                         **({"range": [0, 1.15 * highest[s]]} if s == "lr" and highest.get(s, 0) > 0 else {}))
+    fig.update_annotations(font=dict(size=13))
+    # Room above the panels for their titles below plotly's toolbar.
+    fig.update_layout(**{**LAYOUT, "height": 470, "margin": dict(l=70, r=30, t=70, b=60)},
+                      legend=dict(orientation="h", y=-0.24))
     words = [TRAIN_SERIES[s][1] for s in series]
     what = words[0] if len(words) == 1 else "from left to right: " + ", ".join(words)
     shown = len([k for k in drawn if not (ref_added and k == keys[-1])])

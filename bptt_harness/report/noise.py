@@ -48,14 +48,16 @@ def add_intervals(configs: pd.DataFrame, trials: pd.DataFrame) -> pd.DataFrame:
 
 
 def table_means(table: pd.DataFrame) -> dict[str, SeedMean]:
-    """The :class:`SeedMean` of every row of a frame built by :func:`add_intervals` (its ranking table)."""
+    """The :class:`SeedMean` of every row of a frame built by :func:`add_intervals` (its ranking table); a
+    frame without those columns gives means whose noise is unknown."""
     out: dict[str, SeedMean] = {}
-    for key, m, n, se, dof, src in zip(table["config_key"].astype(str), table["val_ppl"], table["n"],
-                                       table["val_ppl_se"], table["val_ppl_dof"], table["noise_from"]):
+    missing = pd.Series(np.nan, index=table.index)
+    cols = [table[c] if c in table else missing for c in ("n", "val_ppl_se", "val_ppl_dof", "noise_from")]
+    for key, m, n, se, dof, src in zip(table["config_key"].astype(str), table["val_ppl"], *cols):
         if pd.isna(m):
             continue
         known = pd.notna(se) and pd.notna(dof)
-        out[key] = SeedMean(float(m), int(n), float(se) if known else None, float(dof) if known else None,
+        out[key] = SeedMean(float(m), int(n) if pd.notna(n) else 1, float(se) if known else None, float(dof) if known else None,
                             str(src) if known and isinstance(src, str) else "own")
     return out
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,8 +65,11 @@ def is_storage_url(text: str) -> bool:
 
 
 def resolve(source: str | Path, *, storage: str | None = None, study_name: str | None = None,
-            out_dir: Path | None = None) -> StudySource:
-    """Turn ``bptt-harness report SOURCE [--storage URL] [--study-name NAME]`` into a :class:`StudySource`."""
+            out_dir: Path | None = None, passwords_from: Sequence[str] = ()) -> StudySource:
+    """Turn ``bptt-harness report SOURCE [--storage URL] [--study-name NAME]`` into a :class:`StudySource`.
+
+    ``passwords_from``: full storage URLs (``compare --storage``, one per storage); a folder whose study.json
+    records a password-redacted URL takes the one that names the same storage."""
     text = str(source)
     if not text:
         raise HarnessError("report source '' is empty; pass a results folder, a study file (.toml) or a storage URL")
@@ -105,7 +109,7 @@ def resolve(source: str | Path, *, storage: str | None = None, study_name: str |
     if not isinstance(url, str) or not url:
         raise HarnessError(f"{str(path / STUDY_JSON)!r} has no 'storage' URL; pass --storage URL")
     if hides_password(url):
-        url = _password_from_environment(url, path / STUDY_JSON)
+        url = _password_from_environment(url, path / STUDY_JSON, passwords_from)
     moved = relocated(anchored(url, path), path)
     if moved != url:
         log.info("storage %s not found; using %s in the results folder", redact(url), redact(moved))
@@ -130,11 +134,12 @@ def shown_storage(display: str | None, folder: Path | None, where: str = "in thi
     return display
 
 
-def _password_from_environment(recorded: str, where: Path) -> str:
-    """The full URL of a recorded, password-redacted storage: $BPTT_HARNESS_STORAGE when it names it."""
-    full = os.environ.get(STORAGE_ENV, "")
-    if full and same_storage(full, recorded):
-        return full
+def _password_from_environment(recorded: str, where: Path, given: Sequence[str] = ()) -> str:
+    """The full URL of a recorded, password-redacted storage: the given URL (or $BPTT_HARNESS_STORAGE)
+    that names it."""
+    for full in (*given, os.environ.get(STORAGE_ENV, "")):
+        if full and same_storage(full, recorded):
+            return full
     raise HarnessError(f"the storage URL in {str(where)!r} ({recorded}) has its password removed; "
                        f"pass --storage URL with the password, or set {STORAGE_ENV} to it")
 

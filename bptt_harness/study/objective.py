@@ -9,9 +9,12 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import optuna
+from optuna.trial import TrialState
 
 from bptt_harness.config import ParamSpace, StudyConfig
 from bptt_harness.corpus import Corpus
+from bptt_harness.design import describe_slices
+from bptt_harness.diagnose import DiagnosticsObserver, text_period
 from bptt_harness.interrupt import StopRequest
 from bptt_harness.loggers import RunInfo, hparams_of, trial_loggers
 from bptt_harness.observers import StopCheck
@@ -32,9 +35,9 @@ from bptt_harness.record import (
 )
 from bptt_harness.search_keys import config_key, recorded_values, spec_with
 from bptt_harness.spec import RunOptions, TrialSpec, resolve_budget_tokens
-from bptt_harness.stored import INTERRUPTED, RETRY_OF, SPURIOUS, final_trials
+from bptt_harness.stored import INTERRUPTED, RETRY_OF, SPURIOUS, final_trials, progress
 from bptt_harness.study.queue import has_repeats, now_iso, worker_id
-from bptt_harness.study.race import RACE_KEY
+from bptt_harness.study.race import RACE_KEY, raced
 from bptt_harness.study.tuning import tune
 from bptt_harness.trainer import WARM_UP_STEPS, run_trial
 
@@ -65,9 +68,11 @@ def suggest(trial: optuna.Trial, search: dict[str, ParamSpace], grid: bool) -> d
 
 def trial_spec(config: StudyConfig, params: dict[str, Any], repeat: int) -> TrialSpec:
     """The trial of searched values ``params``: the study's model and training with them, the seed moved by
-    ``repeat`` and the lr set by the study's ``[lr]`` rule for the shape."""
+    ``repeat`` and the lr held by the configuration's slice or else set by the study's ``[lr]`` rule for the shape."""
     spec = spec_with(params, config.model, replace(config.train, seed=config.train.seed + repeat))
-    lr = config.lr_rule.lr_for(spec.train.lr, spec.bptt, spec.batch_size)
+    # A slice holds its lr fixed across its configurations; elsewhere the [lr] rule sets it per shape.
+    held = config.held_lr(params)
+    lr = config.lr_rule.lr_for(spec.train.lr, spec.bptt, spec.batch_size) if held is None else held
     return replace(spec, train=replace(spec.train, lr=lr))
 
 
@@ -91,16 +96,20 @@ def study_info(config: StudyConfig, corpus: Corpus, host_workers: int = 1) -> St
                      budget_seconds=t.seconds if t.budget == "seconds" else None,
                      objectives=list(config.objectives), cost=config.cost, host_workers=host_workers,
                      lr_rule_text=config.lr_rule.describe(t.lr),
+                     slices_text=describe_slices(config.slices) or None,
                      race_max_seeds=config.race.max_seeds if config.race else None,
                      race_trials=config.race.trials if config.race else None)
 
 
 def make_record(info: StudyInfo, spec: TrialSpec, params: dict, repeat: int, result: TrialResult,
-                hardware: dict, started: str, lr_choice: LrChoice | None = None) -> TrialRecord:
-    """The stored measurement of one trial; ``bptt_harness.report`` reads exactly this."""
+                hardware: dict, started: str, lr_choice: LrChoice | None = None,
+                slices: tuple[str, ...] = ()) -> TrialRecord:
+    """The stored measurement of one trial; ``bptt_harness.report`` reads exactly this. ``slices``: the
+    study's slices this configuration belongs to (:meth:`StudyConfig.slice_names`)."""
     # The model's own keys (a factory's: only the searched ones; n_params in the result says the rest).
     config = TrialConfig(values=recorded_values(spec, params), model=spec.model.factory or spec.model.type,
-                         optimizer=spec.train.optimizer, seed=spec.train.seed, repeat=repeat)
+                         optimizer=spec.train.optimizer, seed=spec.train.seed, repeat=repeat,
+                         slices=",".join(slices) or None)
     return TrialRecord(config_key=config_key(params), config=config, status=result.status, error=result.error,
                        result=result, lr_choice=lr_choice or LrChoice(), hardware=from_dict(Hardware, hardware),
                        study=info, started_at=started, finished_at=now_iso(), worker=worker_id())
@@ -146,10 +155,11 @@ class Objective:
     on_start: Callable[[optuna.Trial, dict], None] | None = None
     host_workers: int = 1
     warmed: bool = False   # this process's first trial ran with RunOptions.warm_up_steps
-    profile: Any = None    # the study's profile.csv (bptt_harness.profile): cells it saw run out of memory are skipped
+    profile: Any = None    # the study's profile.csv (bptt_harness.profile_csv): cells it saw run out of memory are skipped
     # Called at each validation checkpoint with the trial and the point (index, of, tokens, seconds, ppl).
     on_checkpoint: Callable[[optuna.Trial, dict], None] | None = None
     stop: StopRequest | None = None  # a recorded Ctrl-C or SIGTERM, acted on after each training step
+    n_target: int | None = None  # the study's trials (every worker's): a trial asked past them does not run
     _named: bool | None = None  # whether the study's objectives are named (and so in trials.csv's units)
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
@@ -178,7 +188,9 @@ class Objective:
 
         info = study_info(self.config, self.corpus, self.host_workers)
         started = now_iso()
-        choice = LrChoice(rule=self.config.lr_rule.rule, rule_lr=spec.train.lr)
+        held = self.config.held_lr(params) is not None
+        slices = self.config.slice_names(params)
+        choice = LrChoice(rule="fixed" if held else self.config.lr_rule.rule, rule_lr=spec.train.lr)
         try:
             result = self._known_oom(spec)
             if result is None:
@@ -186,7 +198,7 @@ class Objective:
                 options = RunOptions(memory_cap_mib=self.config.memory_cap_mib,
                                      warm_up_steps=0 if self.warmed else WARM_UP_STEPS)
                 self.warmed = True
-                if self.config.lr_rule.rule == "tuned":
+                if self.config.lr_rule.rule == "tuned" and not held:
                     spec = self._tuned(trial, spec, config_key(params), choice, options)
                     options = replace(options, warm_up_steps=0)
                 options = replace(options, time_grid_until_s=observe_until(trial.study, spec))
@@ -195,16 +207,16 @@ class Objective:
                               hparams_of(spec, trial=trial.number, config_key=key, repeat=repeat))
                 result = run_trial(spec, self.corpus, self.device, probe=make_probe(self.device),
                                    on_checkpoint=on_checkpoint, options=options,
-                                   observers=[*trial_loggers(self.config.log, run),
+                                   observers=[*self.observers(), *trial_loggers(self.config.log, run),
                                               *([StopCheck(self.stop)] if self.stop is not None else [])])
         except KeyboardInterrupt:
             interrupted = TrialResult(status="failed", error="interrupted (SIGINT); retried on resume",
                                       bptt=spec.bptt, batch_size=spec.batch_size, seed=spec.train.seed)
             trial.set_user_attr(INTERRUPTED, True)
             store_record(trial, make_record(info, spec, params, repeat, interrupted, self.hardware, started,
-                                                     choice))
+                                            choice, slices))
             raise
-        typed = make_record(info, spec, params, repeat, result, self.hardware, started, choice)
+        typed = make_record(info, spec, params, repeat, result, self.hardware, started, choice, slices)
         record = store_record(trial, typed)
         if (repeat == 0 and self.config.repeats > 1 and self.config.sampler != "grid"
                 and not has_repeats(trial.study, params)):
@@ -216,6 +228,14 @@ class Objective:
         # Optuna's constraints API: TPE and NSGA-II learn the memory and stability walls from this.
         trial.set_user_attr("constraint", constraint)
         return values
+
+    def observers(self) -> list[DiagnosticsObserver]:
+        """The study's per-trial measurements beyond the built-in ones: the diagnostics, when it asks for them."""
+        d = self.config.diagnostics
+        if d is None:
+            return []
+        return [DiagnosticsObserver(d, int(self.config.search["bptt"].max_value()),
+                                    period=text_period(self.corpus.extra), model_dir=self.config.results_dir / "models")]
 
     def _known_oom(self, spec: TrialSpec) -> TrialResult | None:
         """An ``oom`` result without training when the study's profile shows the cell cannot fit."""
@@ -246,6 +266,13 @@ class Objective:
         Optuna's ask, or a retry or racing run was queued twice by two workers (the lower number runs)."""
         if self.config.sampler == "grid" and "repeat" not in trial.user_attrs:  # set on every queued point
             return "the grid's queue was empty when this worker asked for a trial"
+        if self.n_target is not None:
+            # Workers that asked at the same moment all saw a trial left to run; the lowest numbers run it.
+            target = self.n_target + (raced(trial.study) if self.config.race else 0)
+            ahead = sum(1 for t in trial.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                        if t.number < trial.number and not t.user_attrs.get(SPURIOUS))
+            if progress(trial.study).done + ahead >= target:
+                return f"the study's {target} trials were already finished or running"
         race_key = trial.user_attrs.get(RACE_KEY)
         if race_key is not None and any(t.user_attrs.get(RACE_KEY) == race_key and t.number < trial.number
                                         for t in trial.study.get_trials(deepcopy=False)):

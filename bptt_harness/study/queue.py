@@ -17,6 +17,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from bptt_harness.config import StudyConfig
+from bptt_harness.design import union_points
 from bptt_harness.errors import HarnessError
 from bptt_harness.fileio import pid_alive as _pid_alive
 from bptt_harness.record import COST_COLUMNS
@@ -51,9 +52,13 @@ class _ConstrainedRandomSampler(optuna.samplers.RandomSampler):
 
 
 def grid_points(config: StudyConfig) -> list[tuple[dict[str, Any], int]]:
-    """Every (params, repeat) of a grid study, the canonical configuration first."""
+    """Every (params, repeat) of a grid study, the canonical configuration first: the product of the search
+    lists, or every configuration of the study's slices once (a point two slices share runs once)."""
     names = list(config.search)
-    points = [dict(zip(names, values)) for values in itertools.product(*(config.search[k].grid() for k in names))]
+    if config.slices:
+        points = union_points(config.slices)
+    else:
+        points = [dict(zip(names, values)) for values in itertools.product(*(config.search[k].grid() for k in names))]
     points.sort(key=lambda p: not all(p.get(k) == v for k, v in CANONICAL.items()))
     return [(p, r) for p in points for r in range(config.repeats)]
 
@@ -128,8 +133,11 @@ def create_study(config: StudyConfig, storage: optuna.storages.BaseStorage) -> o
         raw["storage"] = redact(raw["storage"])  # a study file's password is not copied into the storage
     stored = study.user_attrs.get("study_config")
     if stored is not None and stored != raw:
-        may_change = MAY_CHANGE + (("search",) if config.sampler == "grid" else ())
-        changed = [k for k in _changed_keys(stored, raw) if k.split(".")[0] not in may_change]
+        # A grid's points may be added (in [search] or [slices]); a slice's lr may not change, since its
+        # finished trials were trained at the old one.
+        may_change = MAY_CHANGE + (("search", "slices") if config.sampler == "grid" else ())
+        changed = [k for k in _changed_keys(stored, raw)
+                   if k.split(".")[0] not in may_change or (k.startswith("slices.") and k.endswith(".lr"))]
         if changed:
             raise HarnessError(
                 f"study {config.name!r} already exists in this storage with a different study file "

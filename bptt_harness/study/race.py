@@ -32,8 +32,8 @@ class Standing:
 def plan_round(standings: dict[str, Standing], max_seeds: int, left: int) -> list[str]:
     """The configurations that get one more seed this round, in the order they should run (empty: over).
 
-    The contenders are the best and every configuration not separated from it (:func:`bptt_harness.seeds.leaders`;
-    while no configuration has two seeds, the best and the runner-up). Runs go to the contenders with the
+    The contenders are the best and every configuration at least as close to it as one it is not separated from
+    (:func:`bptt_harness.seeds.leaders`; while no configuration has two seeds, the best and the runner-up). Runs go to the contenders with the
     fewest seeds first, and among equals to the closest rival first: the runner-up, then the best, then the
     others by mean. So no run is left unused while a rival still has one seed, and the budget is spent on
     the comparisons the verdict depends on."""
@@ -43,7 +43,11 @@ def plan_round(standings: dict[str, Standing], max_seeds: int, left: int) -> lis
     lead = leaders(seed_means(ppl))
     if lead.separated:
         return []
-    rivals = lead.tied if lead.noise_known else lead.order[1:2]
+    # The rivals: every configuration at least as close to the best (by mean) as one it is not separated
+    # from. A single seed's borrowed noise can make a nearer configuration look separated while a farther
+    # one with its own wide noise is not; the nearer one is still the closer rival, and is run first.
+    last = max((lead.order.index(k) for k in lead.tied), default=0) if lead.noise_known else 1
+    rivals = lead.order[1:last + 1]
     closeness = {k: i for i, k in enumerate([*rivals[:1], lead.best, *rivals[1:]])}
     open_ = [k for k in closeness if standings[k].runs < max_seeds]
     return sorted(open_, key=lambda k: (len(standings[k].ppl), closeness[k]))[:left]

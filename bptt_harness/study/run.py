@@ -19,6 +19,7 @@ from bptt_harness.hardware import fingerprint, resolve_device
 from bptt_harness.interrupt import StopRequest
 from bptt_harness.model import check_model
 from bptt_harness.profile_csv import cells, doesnt_fit, load_profile, plan_tokens
+from bptt_harness.spec import resolve_budget_tokens
 from bptt_harness.storage import first_line, open_storage, write_study_json
 from bptt_harness.stored import progress
 from bptt_harness.study.objective import Objective, TrialFailed
@@ -32,9 +33,20 @@ log = logging.getLogger(__name__)
 RACE_POLL_S = 2.0
 
 
+# A token budget past this many passes over the train split is a practically endless sweep, not a study.
+MAX_PASSES = 10_000
+
+
 def check_corpus_fits(config: StudyConfig, corpus: Corpus) -> None:
-    """Fail before the first trial if the largest window in the search space cannot fit the corpus."""
+    """Fail before the first trial if the largest window in the search space cannot fit the corpus, or the
+    token budget is a practically endless number of passes over it."""
     check_fits(corpus, _largest(config, "batch_size"), _largest(config, "bptt"), config.train.eval_batch_size)
+    n = corpus.train.numel()
+    tokens = resolve_budget_tokens(config.train, n)
+    if tokens is not None and tokens > MAX_PASSES * n:
+        raise HarnessError(f"study file: train.tokens = {tokens:,} is {tokens / n:,.0f} passes over the corpus's "
+                           f"{n:,} training tokens in every trial; at most {MAX_PASSES:,} passes: lower tokens, "
+                           "or use budget = \"seconds\"")
 
 
 def _largest(config: StudyConfig, name: str) -> Any:
@@ -93,7 +105,8 @@ def run_worker(study: optuna.Study, config: StudyConfig, corpus: Corpus, device:
     share the machine, so their timings are marked). ``stop``: a recorded Ctrl-C or SIGTERM
     (:func:`bptt_harness.interrupt.deferred_signals`), acted on after every training step and between trials."""
     objective = Objective(config, corpus, device, fingerprint(device), on_result, on_start, host_workers,
-                          profile=load_profile(config.results_dir), on_checkpoint=on_checkpoint, stop=stop)
+                          profile=load_profile(config.results_dir), on_checkpoint=on_checkpoint, stop=stop,
+                          n_target=n_target)
     while True:
         if stop is not None:
             stop.check()

@@ -6,6 +6,7 @@ one per GPU or each on its share of the CPU cores, while this process shows thei
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
 import subprocess
@@ -31,7 +32,7 @@ from bptt_harness.stored import progress
 from bptt_harness.study.run import prepare, run_worker
 from bptt_harness.urls import STORAGE_ENV, redact
 
-__all__ = ["Sweep", "cpu_share", "run_study", "storage_errors_as_one_line"]
+__all__ = ["Sweep", "cpu_share", "die_with_parent", "run_study", "storage_errors_as_one_line"]
 
 
 @dataclass
@@ -67,9 +68,10 @@ class Sweep:
             self._run_pool(n_target, display, stop)
 
     def _run_pool(self, n_target: int, display: Display, stop: StopRequest | None) -> None:
-        procs = [subprocess.Popen(cmd, env=env) for cmd, env in
-                 (self._worker_command(i, n_target) for i in range(self.workers))]
-        seen: set[int] = set()
+        procs = [subprocess.Popen(cmd, env=env, preexec_fn=die_with_parent if sys.platform == "linux" else None)
+                 for cmd, env in (self._worker_command(i, n_target) for i in range(self.workers))]
+        # Trials finished before this run are not this run's lines (a resumed sweep does not print them again).
+        seen = {t.number for t in self.study.get_trials(deepcopy=False) if t.state.is_finished()}
         try:
             while True:
                 alive = [p for p in procs if p.poll() is None]
@@ -112,6 +114,13 @@ class Sweep:
         for target in self.config.log:
             cmd += ["--log", str(target)]
         return cmd, env
+
+
+def die_with_parent() -> None:
+    """In a pool's worker, before it runs (Linux): the kernel sends it SIGTERM when the sweep that started it
+    dies, even by SIGKILL, and the worker stops as on Ctrl-C (its running trial marked, run again on resume)."""
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def cpu_share(index: int, workers: int, cores: list[int]) -> list[int]:
