@@ -27,7 +27,8 @@ def main() -> int:
 
     from bptt_harness.config import load_study
     from bptt_harness.hardware import resolve_device
-    from bptt_harness.profile import run_profile, walls_table
+    from bptt_harness.profile import run_profile
+    from bptt_harness.profile_csv import walls_table
     from bptt_harness.report.memory import make_fit
     from bptt_harness.study import load_corpus
 

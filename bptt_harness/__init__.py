@@ -24,7 +24,7 @@ __version__ = "0.1.0"
 # name -> (module, attribute): the public API, imported on first use.
 _API = {
     "load_results": ("bptt_harness.api", "load_results"),
-    "run_study": ("bptt_harness.api", "run_study"),
+    "run_study": ("bptt_harness.study.sweep", "run_study"),
     "run_trial": ("bptt_harness.trainer", "run_trial"),
     "load_corpus": ("bptt_harness.corpus", "load"),
     "load_study": ("bptt_harness.config", "load_study"),

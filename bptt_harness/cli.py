@@ -197,13 +197,12 @@ def cmd_profile(args: argparse.Namespace) -> int:
     from bptt_harness.config import load_study
     from bptt_harness.fileio import check_writable_dir
     from bptt_harness.hardware import fingerprint, resolve_device
-    from bptt_harness.profile import cells, run_profile, walls_table, write_profile
+    from bptt_harness.profile import run_profile, write_profile
+    from bptt_harness.profile_csv import PROFILE_CSV, cells, walls_table
     from bptt_harness.study import load_corpus
 
     if args.steps < 1:
         raise HarnessError(f"--steps {args.steps} must be >= 1")
-    from bptt_harness.profile import PROFILE_CSV
-
     config = load_study(args.study, results_root=Path(args.results_dir))
     if args.if_missing and (config.results_dir / PROFILE_CSV).is_file():
         print(f"profile: {config.results_dir / PROFILE_CSV} exists; kept (delete it to measure again)", file=sys.stderr)

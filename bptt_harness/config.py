@@ -20,8 +20,9 @@ from typing import Any
 from bptt_harness.design import Point, Slice, held_lr, point_of, slice_names, union_points
 from bptt_harness.diagnose_options import DiagnoseOptions
 from bptt_harness.errors import HarnessError
+from bptt_harness.fieldkind import field_kinds
 from bptt_harness.lr import LrRule, parse_lr_table
-from bptt_harness.race import RaceConfig
+from bptt_harness.search_keys import CELL, SEARCH_KEYS
 from bptt_harness.spec import CorpusSpec, LogTarget, ModelConfig, TrainConfig, parse_log_targets
 from bptt_harness.urls import database_name, redact
 
@@ -33,12 +34,22 @@ TOP_KEYS = ("name", "description", "objectives", "sampler", "pruner", "trials", 
             "diagnostics")
 # [train] keys beyond TrainConfig's own fields.
 TRAIN_EXTRA = ("repeats",)
-SEARCH_KEYS = {"bptt": "int", "batch_size": "int", "lr": "float", "nhid": "int", "emsize": "int", "layers": "int",
-               "dropout": "float", "variable_bptt": "bool",
-               # issue 26 (stability study: a clipped and an unclipped arm); to move into the key registry
-               "clip": "float"}
 STORAGE_FORMS = "sqlite:///path/study.db, journal:path/journal.log or postgresql://user@host/db"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+
+@dataclass(frozen=True)
+class RaceConfig:
+    """``[race]``: ``max_seeds`` runs per configuration at most; ``trials`` extra runs in all."""
+
+    max_seeds: int = 3
+    trials: int = 6
+
+    def __post_init__(self) -> None:
+        for key, low in (("max_seeds", 2), ("trials", 1)):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise HarnessError(f"race {key} = {value!r} must be an integer >= {low}")
 
 
 @dataclass(frozen=True)
@@ -159,17 +170,13 @@ def _unknown(section: str, key: str, allowed: tuple[str, ...] | list[str]) -> Ha
                         f"allowed: {', '.join(allowed)}")
 
 
-def _kind_of(annotation: str) -> str:
-    if annotation.startswith("tuple"):
-        return "tuple"  # a TOML list the caller turned into a tuple (see _fractions)
-    if "Literal" in annotation or annotation.startswith("str"):
-        return "str"
-    for kind in ("bool", "float", "int"):
-        if kind in annotation:
-            return kind
-    return "str"
-
-
+def _field_kind(cls: type, key: str) -> str:
+    """The kind ``_check_type`` checks a field of ``cls`` against: its annotation's, ``"tuple"`` for a TOML
+    list the caller turned into a tuple (see ``_fractions``)."""
+    kind = field_kinds(cls)[key][0]
+    if kind is None and str({f.name: f.type for f in dataclasses.fields(cls)}[key]).startswith("tuple"):
+        return "tuple"
+    return kind or "str"
 def _check_type(where: str, value: Any, kind: str) -> Any:
     ok = {
         "bool": isinstance(value, bool),
@@ -206,12 +213,13 @@ def _build(cls: type, table: Any, section: str, skip: tuple[str, ...] = (), also
     for key, value in table.items():
         if key not in fields:
             raise _unknown(section, key, list(fields) + list(also))
-        _check_type(f"{section}.{key}", value, _kind_of(str(fields[key].type)))
+        _check_type(f"{section}.{key}", value, _field_kind(cls, key))
     return cls(**table)
 
 
 def _param_space(name: str, value: Any, section: str = "search") -> ParamSpace:
-    kind = SEARCH_KEYS[name]
+    entry = SEARCH_KEYS[name]
+    kind = entry.kind
     where = f"{section}.{name}"
     if isinstance(value, list):
         if not value:
@@ -242,21 +250,8 @@ def _param_space(name: str, value: Any, section: str = "search") -> ParamSpace:
     else:
         raise HarnessError(f"study file: {where} = {value!r} must be a list of values or a table "
                            "{ low = .., high = .., log = true }")
-    _check_range(space, where)
+    entry.check_bounds(min(space.choices) if space.choices is not None else space.low, space.max_value(), where)
     return space
-
-
-def _check_range(space: ParamSpace, where: str) -> None:
-    lo = min(space.choices) if space.choices is not None else space.low
-    hi = space.max_value()
-    if space.kind == "bool":
-        return
-    bounds = {"bptt": (1, 100_000), "batch_size": (1, 1_000_000), "nhid": (1, 65_536), "emsize": (1, 65_536),
-              "layers": (1, 64), "lr": (1e-12, 1e6), "dropout": (0.0, 0.999),
-              "clip": (0.0, 1e6)}[space.name]
-    if lo < bounds[0] or hi > bounds[1]:
-        raise HarnessError(f"study file: {where} values must lie in [{bounds[0]:g}, {bounds[1]:g}]; "
-                           f"got {lo:g}..{hi:g}")
 
 
 def _lr_rule(table: Any, searches_lr: bool) -> LrRule:
@@ -267,7 +262,7 @@ def _lr_rule(table: Any, searches_lr: bool) -> LrRule:
         if key not in fields:
             raise _unknown("lr", key, fields)
         if key != "ladder":
-            _check_type(f"lr.{key}", value, _kind_of(str(LrRule.__dataclass_fields__[key].type)))
+            _check_type(f"lr.{key}", value, _field_kind(LrRule, key))
     rule = parse_lr_table(table)
     if rule.rule != "fixed" and searches_lr:
         raise HarnessError(f"study file: search.lr with lr.rule = {rule.rule!r}: the rule sets each shape's lr; "
@@ -279,7 +274,6 @@ def _lr_rule(table: Any, searches_lr: bool) -> LrRule:
 
 SLICE_OWN_KEYS = ("tokens_per_step", "lr")
 SLICE_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,39}$")
-MODEL_SEARCH_KEYS = ("nhid", "emsize", "layers", "dropout")
 
 
 def _slice_keys() -> tuple[str, ...]:
@@ -391,8 +385,8 @@ def parse_slices(table: Any, sampler: str, model: ModelConfig, train: TrainConfi
                            f"got sampler = {sampler!r}")
     parsed = {name: _slice(name, body, train) for name, body in table.items()}
     keys = ["bptt", "batch_size", *sorted({k for values, _, _ in parsed.values() for k in values} - {"bptt", "batch_size"})]
-    fill = {**{k: getattr(model, k) for k in MODEL_SEARCH_KEYS},
-            **{k: getattr(train, k) for k in ("variable_bptt", "clip")}}
+    fill = {k.name: getattr(model if k.section == "model" else train, k.name)
+            for k in SEARCH_KEYS.values() if k.section != "cell"}
     slices = []
     for name, (values, tps, lr) in parsed.items():
         points = _points(values, tps, keys, fill)
@@ -411,7 +405,7 @@ def _union_search(slices: tuple[Slice, ...]) -> dict[str, ParamSpace]:
     out = {}
     for key in points[0]:
         values = sorted({p[key] for p in points})
-        out[key] = ParamSpace(key, SEARCH_KEYS[key], choices=tuple(values))
+        out[key] = ParamSpace(key, SEARCH_KEYS[key].kind, choices=tuple(values))
     return out
 
 
@@ -579,9 +573,9 @@ def _search(search_raw: Any) -> dict[str, ParamSpace]:
     for key in search_raw:
         if key not in SEARCH_KEYS:
             raise _unknown("search", key, tuple(SEARCH_KEYS))
-    for key in ("bptt", "batch_size"):
+    for key in CELL:
         if key not in search_raw:
-            raise HarnessError(f"study file: search.{key} is missing; every study searches bptt and batch_size")
+            raise HarnessError(f"study file: search.{key} is missing; every study searches {' and '.join(CELL)}")
     return {key: _param_space(key, value) for key, value in search_raw.items()}
 
 

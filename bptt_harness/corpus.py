@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from bptt_harness.errors import HarnessError
+from bptt_harness.fileio import write_files_atomic
 from bptt_harness.spec import CorpusSpec
 
 log = logging.getLogger(__name__)
@@ -413,8 +414,6 @@ def _cache_read(key: str, directory: Path) -> tuple[dict[str, np.ndarray], dict]
 
 
 def _cache_write(key: str, directory: Path, arrays: dict[str, np.ndarray], meta: dict) -> None:
-    from bptt_harness.fileio import write_files_atomic
-
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)  # type: ignore[arg-type]  # numpy's stub reads ** as its allow_pickle flag
     try:

@@ -21,6 +21,7 @@ from typing import Any
 import psutil
 import torch
 
+from bptt_harness.cuda_check import check_installed
 from bptt_harness.errors import HarnessError
 from bptt_harness.probe import MIB, make_probe, sample_dict
 from bptt_harness.record import Hardware
@@ -149,8 +150,6 @@ def doctor_report(device_arg: str, as_json: bool = False) -> str:
         energy = "energy from RAPL" if probe.source.energy_kind else "energy not measured: RAPL is not readable"
         summary = f"{why}: the CPU probe will be used (peak RSS and CPU time; {energy}). No GPU numbers are recorded"
     notes = getattr(probe.source, "notes", {})
-    from bptt_harness.cuda_check import check_installed
-
     install = check_installed()
     if as_json:
         return json.dumps({"device": str(device), "probe_kind": probe.kind,

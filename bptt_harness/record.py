@@ -5,19 +5,24 @@ Every field is declared once here, with its unit and meaning as field metadata. 
 :class:`TrialRecord` (configuration, hardware, study), and everything else is derived from these
 declarations: the JSON stored with each Optuna trial (:meth:`TrialRecord.to_dict`), the columns of
 ``trials.csv`` (:func:`trial_columns`, :func:`flatten`) and the column table in
-``bptt_harness/report/README.md`` (:func:`columns_markdown`; a test fails when the README disagrees).
+``bptt_harness/report/README.md`` (:func:`columns_markdown`, written there by ``scripts/readme_tables.py``;
+a test fails when the README disagrees).
 
 This module imports neither torch nor pandas, so parsing a study file or reading results stays light.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import math
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
+
+from bptt_harness.fieldkind import field_kind
+from bptt_harness.search_keys import SEARCH_KEYS
 
 Status = Literal["ok", "diverged", "oom", "pruned", "timeout", "failed"]
 STATUSES: tuple[str, ...] = get_args(Status)
@@ -29,13 +34,20 @@ INFEASIBLE: tuple[str, ...] = ("oom", "diverged")
 FAIL_STATUSES: tuple[str, ...] = ("timeout", "failed")
 SCHEMA_VERSION = 2
 
+# The study's cost objective -> the column that measures it (lower is better).
+COST_COLUMNS = {"seconds_per_token": "seconds_per_ktok", "peak_memory": "peak_mem_mib",
+                "joules_per_token": "joules_per_ktok"}
+COST_LABELS = {"seconds_per_ktok": "seconds per 1k tokens", "peak_mem_mib": "peak memory (MiB)",
+               "joules_per_ktok": "joules per 1k tokens"}
+
 
 def col(default: Any = None, doc: str = "", unit: str = "", *, csv: bool = True, name: str | None = None,
-        factory: Any = None, attr: bool = False) -> Any:
+        factory: Any = None, attr: bool = False, keys: bool = False) -> Any:
     """A record field: ``doc`` and ``unit`` document its column; ``csv=False`` keeps it out of trials.csv;
     ``name`` is the column's name when it differs from the field's; ``attr=True`` also stores it as a flat
-    Optuna user attribute (see :func:`user_attrs`)."""
-    meta = {"doc": doc, "unit": unit, "csv": csv, "column": name, "attr": attr}
+    Optuna user attribute (see :func:`user_attrs`); ``keys=True``: a dict of the searched keys' values, stored
+    flat in its parent and one column per key of the registry (:data:`bptt_harness.search_keys.SEARCH_KEYS`)."""
+    meta = {"doc": doc, "unit": unit, "csv": csv, "column": name, "attr": attr, "keys": keys}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -183,7 +195,7 @@ def derive(r: TrialResult, config: TrialConfig | None = None) -> None:
     """The columns computed from others, in one place (the trainer, stored records and the report all use
     it). ``config`` gives the shape when the result has none (a trial whose worker died stored only it)."""
     shape = (r.bptt, r.batch_size) if r.bptt and r.batch_size else \
-        (config.bptt, config.batch_size) if config is not None else (0, 0)
+        (config.value("bptt"), config.value("batch_size")) if config is not None else (0, 0)
     if all(isinstance(v, int | float) and not isinstance(v, bool) and v > 0 for v in shape):
         r.tokens_per_step = shape[0] * shape[1]
     r.seconds_per_ktok = 1000.0 / r.tokens_per_s if r.tokens_per_s else None
@@ -193,34 +205,28 @@ def derive(r: TrialResult, config: TrialConfig | None = None) -> None:
 
 @dataclass
 class TrialConfig:
-    """The configuration a trial measured (the searched parameters and what else defines it)."""
+    """The configuration a trial measured: the searched keys' values and what else defines it.
 
-    bptt: int = col(0, "truncated-BPTT window length", "tokens")
-    batch_size: int = col(0, "batch size (columns of the token matrix)")
-    lr: float | None = col(None, "learning rate", attr=True)
-    nhid: int | None = col(None, "hidden units per layer")
-    emsize: int | None = col(None, "embedding size")
-    layers: int | None = col(None, "recurrent layers")
-    dropout: float | None = col(None, "dropout probability (awd-lstm: on the last layer's output)")
-    heads: int | None = col(None, "transformer: attention heads")
-    mem_len: int | None = col(None, "transformer: carried memory of previous tokens' keys and values (0: none)",
-                              "tokens")
-    embed_dropout: float | None = col(None, "awd-lstm: embedding (whole-word) dropout")
-    input_dropout: float | None = col(None, "awd-lstm: locked dropout on the embedding output")
-    hidden_dropout: float | None = col(None, "awd-lstm: locked dropout between recurrent layers")
-    weight_dropout: float | None = col(None, "awd-lstm: DropConnect on the hidden-to-hidden weights")
+    Stored flat (``{"bptt": 35, "batch_size": 20, ..., "model": "lstm", ...}``): ``values`` holds every key
+    of :data:`bptt_harness.search_keys.SEARCH_KEYS`, each a column of ``trials.csv`` documented there.
+    """
+
+    values: dict[str, Any] = col(factory=dict, keys=True,
+                                 doc="the searched keys (bptt_harness.search_keys): one column each")
     model: str | None = col(None, "the model family (lstm, gru, ...), or a factory's module:function; the shape columns "
                                   "(nhid, emsize, layers, dropout) are those the family reads (a factory's: only the "
                                   "searched ones; n_params says its size)")
     optimizer: str | None = col(None, "sgd or adamw")
-    variable_bptt: bool | None = col(None, "variable-length windows (AWD-LSTM style)")
-    clip: float | None = col(None, "gradient-norm clipping threshold (0: off)")
     seed: int | None = col(None, "random seed of the trial")
     repeat: int | None = col(None, "repeat index of the configuration (0 for the first run)")
     slices: str | None = col(None, "the study's named slices ([slices.NAME]) this configuration belongs to, "
                                    "comma-separated (a configuration two slices share is in both); the "
                                    "configurations of one slice differ only in what it varies "
                                    "(slices_description); empty for a study without slices")
+
+    def value(self, name: str) -> Any:
+        """A searched key's value (None when the record does not hold it)."""
+        return self.values.get(name)
 
 
 @dataclass
@@ -311,8 +317,9 @@ class TrialRecord:
     schema: int = col(SCHEMA_VERSION, "version of this record's schema", csv=False)
 
     def to_dict(self) -> dict:
-        """The stored JSON: nested like the dataclasses, inf and nan written as null."""
-        return finite_or_none(dataclasses.asdict(self))
+        """The stored JSON: nested like the dataclasses (the searched keys flat in ``config``), inf and nan
+        written as null."""
+        return finite_or_none(_stored(self))
 
     @classmethod
     def from_dict(cls, d: Any) -> TrialRecord:
@@ -338,6 +345,20 @@ def finite_or_none(obj: Any) -> Any:
     return obj
 
 
+def _stored(obj: Any) -> Any:
+    """``dataclasses.asdict`` with each ``keys=True`` dict spread into its parent."""
+    if not dataclasses.is_dataclass(obj) or isinstance(obj, type):
+        return copy.deepcopy(obj)
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(obj):
+        value = _stored(getattr(obj, f.name))
+        if f.metadata.get("keys"):
+            out = {**value, **out}
+        else:
+            out[f.name] = value
+    return out
+
+
 @functools.cache  # resolving the string annotations is slow: 10,000 records read each class's hints 7 times
 def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
@@ -353,6 +374,9 @@ def from_dict(cls: type, d: Any) -> Any:
     hints = _hints(cls)
     kwargs = {}
     for f in dataclasses.fields(cls):
+        if f.metadata.get("keys"):
+            kwargs[f.name] = {k: d[k] for k in SEARCH_KEYS if k in d}
+            continue
         if f.name not in d:
             continue
         sub = _dataclass_of(hints[f.name])
@@ -372,40 +396,28 @@ class Column:
     attr: bool = False  # also a flat Optuna user attribute
 
 
-def _kind(tp: Any) -> str:
-    args = [a for a in get_args(tp) if a is not type(None)] or [tp]
-    base = args[0]
-    if typing.get_origin(tp) is Literal or typing.get_origin(base) is Literal:
-        return "str"
-    if base is bool:
-        return "bool"
-    if base is int:
-        return "int"
-    if base is float:
-        return "float"
-    return "str"
-
-
 def _walk(cls: type, prefix: tuple[str, ...]) -> list[Column]:
     hints = _hints(cls)
     out: list[Column] = []
     for f in dataclasses.fields(cls):
         sub = _dataclass_of(hints[f.name])
-        if sub is not None:
+        if f.metadata.get("keys"):
+            out += [Column(k.name, (*prefix, f.name, k.name), k.kind, k.unit, k.doc, k.attr) for k in SEARCH_KEYS.values()]
+        elif sub is not None:
             out += _walk(sub, (*prefix, f.name))
         elif f.metadata.get("csv", True):
-            out.append(Column(f.metadata.get("column") or f.name, (*prefix, f.name), _kind(hints[f.name]),
+            out.append(Column(f.metadata.get("column") or f.name, (*prefix, f.name), field_kind(hints[f.name])[0] or "str",
                               f.metadata.get("unit", ""), f.metadata.get("doc", ""), f.metadata.get("attr", False)))
     return out
 
 
 def trial_columns() -> list[Column]:
     """The columns of ``trials.csv``, in order."""
-    return list(_columns())
+    return list(_columns(tuple(SEARCH_KEYS)))
 
 
-@functools.cache  # the schema is fixed at import: walked once, not once per record
-def _columns() -> tuple[Column, ...]:
+@functools.cache  # walked once per set of searched keys, not once per record
+def _columns(searched: tuple[str, ...]) -> tuple[Column, ...]:
     cols = _walk(TrialRecord, ())
     names = [c.name for c in cols]
     dupes = {n for n in names if names.count(n) > 1}
@@ -417,10 +429,10 @@ def _columns() -> tuple[Column, ...]:
 def flatten(rec: TrialRecord) -> dict[str, Any]:
     """One record -> one ``trials.csv`` row (column name -> value)."""
     row: dict[str, Any] = {}
-    for c in _columns():
+    for c in _columns(tuple(SEARCH_KEYS)):
         v: Any = rec
         for part in c.path:
-            v = getattr(v, part)
+            v = v.get(part) if isinstance(v, dict) else getattr(v, part)
         row[c.name] = v
     return row
 
@@ -445,11 +457,3 @@ def columns_markdown() -> str:
     for c in trial_columns():
         lines.append(f"| `{c.name}` | {c.unit} | {c.doc} |")
     return "\n".join(lines)
-
-
-
-if __name__ == "__main__":  # regenerates the column tables of bptt_harness/report/README.md (trials, configs, profile)
-    from bptt_harness.profile import profile_columns_markdown
-    from bptt_harness.report.frame import configs_markdown
-
-    print(columns_markdown(), configs_markdown(), profile_columns_markdown(), sep="\n\n")

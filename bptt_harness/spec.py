@@ -439,7 +439,7 @@ class TrainConfig:
         if (tokens is None) == (seconds is None):
             raise HarnessError("TrainConfig.short needs exactly one of tokens or seconds")
         # No annealing in a quick run: one validation at its end cannot plateau, and fractions of the full
-        # budget are not fractions of this one (lr.short_train rescales them for a ladder's rung).
+        # budget are not fractions of this one (study.tuning.short_train rescales them for a ladder's rung).
         quick = replace(self, epochs=None, checkpoints=1, test=False, time_grid_s=None,
                         anneal_at=None if self.anneal_at is None else ())
         if tokens is not None:

@@ -206,12 +206,13 @@ class TrainClock:
     steps excluded from throughput.
 
     The warm-up mark, each pause and the end are taken after a device synchronisation, so queued GPU work
-    is counted where it ran. Pauses are added up by name (``"eval"``: validation).
+    is counted where it ran. Pauses are added up by name (``"eval"``: validation). ``clock``: seconds from
+    an arbitrary start (``time.perf_counter``; a test passes its own).
     """
 
-    def __init__(self, device: torch.device, warmup_steps: int) -> None:
-        self.device, self.warmup_steps = device, warmup_steps
-        self.started = time.perf_counter()
+    def __init__(self, device: torch.device, warmup_steps: int, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.device, self.warmup_steps, self.clock = device, warmup_steps, clock
+        self.started = clock()
         self.paused_by: dict[str, float] = {}
         self.warm_at: tuple[float, int] | None = None   # (training seconds, tokens) when warm-up ended
 
@@ -220,16 +221,16 @@ class TrainClock:
         return sum(self.paused_by.values())
 
     def seconds(self) -> float:
-        return time.perf_counter() - self.started - self.paused_s
+        return self.clock() - self.started - self.paused_s
 
     @contextlib.contextmanager
     def paused(self, name: str = "eval") -> Iterator[None]:
         _sync(self.device)
-        t0 = time.perf_counter()
+        t0 = self.clock()
         try:
             yield
         finally:
-            self.paused_by[name] = self.paused_by.get(name, 0.0) + time.perf_counter() - t0
+            self.paused_by[name] = self.paused_by.get(name, 0.0) + self.clock() - t0
 
     def after_step(self, steps: int, tokens: int) -> None:
         if steps == self.warmup_steps:

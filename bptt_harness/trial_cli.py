@@ -11,18 +11,20 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
 import re
-import typing
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import Any
 
 from bptt_harness.errors import HarnessError
+from bptt_harness.fieldkind import field_kinds
+from bptt_harness.record import TrialRecord
+from bptt_harness.search_keys import CANONICAL, config_key, search_key, spec_with
 from bptt_harness.spec import LOG_HELP, CorpusSpec, LogTarget, ModelConfig, RunOptions, TrainConfig, TrialSpec, parse_log_targets
 
 # Old option names kept working (the study key's name comes first in --help).
 ALIASES = {"corpus:source": ("--corpus",), "model:type": ("--model",), "train:timeout_s": ("--timeout",)}
-DEFAULT_CELL = {"bptt": 35, "batch_size": 20}
+# A field's kind -> the argparse type of its option.
+OPTION_TYPES: dict[str, type] = {"int": int, "float": float, "bool": bool, "str": str}
 
 
 @dataclass(frozen=True)
@@ -62,28 +64,23 @@ def fractions(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"{text!r} must be comma-separated numbers, e.g. 0.5,0.75") from None
 
 
-def _kind(tp: Any) -> tuple[Any, tuple | None]:
-    """An annotation -> (argparse type, choices); (None, None) for a type that has no option."""
-    args = [a for a in typing.get_args(tp) if a is not type(None)]
-    if typing.get_origin(tp) is Literal:
-        return str, typing.get_args(tp)
-    if typing.get_origin(tp) is tuple and typing.get_args(tp) == (float, ...):
-        return fractions, None
-    if args and len(args) == 1:
-        return _kind(args[0])
-    if tp in (bool, int, float, str):
-        return tp, None
-    return None, None
+def _option_type(f: dataclasses.Field, name: str | None) -> Any:
+    """The argparse type of a field's option: its kind's, :func:`fractions` for a tuple of floats
+    (``anneal_at``); None for a field that has no option."""
+    if name:
+        return OPTION_TYPES.get(name)
+    return fractions if str(f.type).startswith("tuple[float, ...]") else None
 
 
 def _add_section(p: argparse.ArgumentParser, section: str, cls: type, skip: tuple[str, ...] = ()) -> None:
     docs = attribute_docs(cls)
-    hints = typing.get_type_hints(cls)
+    kinds = field_kinds(cls)
     group = p.add_argument_group(f"[{section}] keys of a study file")
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
-        kind, choices = _kind(hints[f.name])
+        name, choices = kinds[f.name]
+        kind = _option_type(f, name)
         if kind is None:
             continue
         dest = f"{section}:{f.name}"
@@ -131,8 +128,6 @@ def _given(args: argparse.Namespace, section: str) -> dict[str, Any]:
 
 def parse_config(text: str, required: tuple[str, ...] = ()) -> dict[str, Any]:
     """``bptt=35,batch_size=5,lr=2.5`` -> typed values; every key in ``required`` must be there."""
-    from bptt_harness.config import SEARCH_KEYS
-
     params: dict[str, Any] = {}
     for part in (p.strip() for p in text.split(",")):
         if not part:
@@ -140,28 +135,12 @@ def parse_config(text: str, required: tuple[str, ...] = ()) -> dict[str, Any]:
         key, sep, value = (s.strip() for s in part.partition("="))
         if not sep:
             raise HarnessError(f"--config {text!r}: {part!r} is not key=value; e.g. bptt=35,batch_size=5")
-        if key not in SEARCH_KEYS:
-            match = difflib.get_close_matches(key, list(SEARCH_KEYS), n=1, cutoff=0.5)
-            hint = f" (did you mean {match[0]!r}?)" if match else ""
-            raise HarnessError(f"--config: unknown key {key!r}{hint}; allowed: {', '.join(SEARCH_KEYS)}")
-        params[key] = _typed(key, value, SEARCH_KEYS[key])
+        params[key] = search_key(key, "--config").parse(value, "--config")
     missing = [k for k in required if k not in params]
     if missing:
         raise HarnessError(f"--config {text!r} misses {', '.join(dict.fromkeys(missing))}; give every key of the "
                            "config_key column of trials.csv, e.g. bptt=35,batch_size=5")
     return params
-
-
-def _typed(key: str, value: str, kind: str) -> Any:
-    try:
-        if kind == "bool":
-            if value.lower() not in ("true", "false"):
-                raise ValueError(value)
-            return value.lower() == "true"
-        return int(value) if kind == "int" else float(value)
-    except ValueError:
-        want = {"int": "an integer", "float": "a number", "bool": "true or false"}[kind]
-        raise HarnessError(f"--config {key}={value!r} must be {want}") from None
 
 
 def load_from(source: str, study_name: str | None = None, storage: str | None = None) -> tuple[Any, Any]:
@@ -198,20 +177,17 @@ def setup(args: argparse.Namespace) -> TrialSetup:
             raise HarnessError("--from needs --config with the configuration to run, e.g. --config "
                                "bptt=35,batch_size=5 (the config_key column of trials.csv)")
         study, loaded = load_from(args.from_, args.study_name, args.storage)
-    given = {k: getattr(args, k) for k in DEFAULT_CELL if getattr(args, k) is not None}
-    required = tuple(k for k in (*(study.search if study else ()), *DEFAULT_CELL) if k not in given)
-    params = {**(parse_config(args.config, required) if args.config else DEFAULT_CELL), **given}
+    given = {k: getattr(args, k) for k in CANONICAL if getattr(args, k) is not None}
+    required = tuple(k for k in (*(study.search if study else ()), *CANONICAL) if k not in given)
+    params = {**(parse_config(args.config, required) if args.config else CANONICAL), **given}
     key, cap = None, study.memory_cap_mib if study is not None else None
     if study is not None:
-        from bptt_harness.study import config_key, trial_spec
+        from bptt_harness.study import trial_spec
 
         spec = trial_spec(study, params, repeat=0)
         corpus, device, key = study.corpus, study.device, config_key(params)
     else:
-        model_keys = {k: v for k, v in params.items() if k in ("nhid", "emsize", "layers", "dropout")}
-        train_keys = {k: v for k, v in params.items() if k in ("lr", "variable_bptt", "clip")}
-        spec = TrialSpec(bptt=params["bptt"], batch_size=params["batch_size"], model=ModelConfig(**model_keys),
-                         train=TrainConfig(**train_keys))
+        spec = spec_with(params, ModelConfig(), TrainConfig())
         corpus, device = CorpusSpec(), "auto"
     train = _given(args, "train")
     if "seconds" in train and "budget" not in train:
@@ -232,9 +208,9 @@ def study_measured(ts: TrialSetup) -> str | None:
     """What the study measured for this configuration, for the reader to compare with (text mode)."""
     if ts.study is None or ts.config_key is None:
         return None
-    ppl = [r["result"].get("val_ppl") for r in ts.study.records
-           if r.get("config_key") == ts.config_key and r.get("status") == "ok"]
-    ppl = [p for p in ppl if isinstance(p, (int, float))]
+    records = (TrialRecord.from_dict(r) for r in ts.study.records)
+    ppl = [r.result.val_ppl for r in records if r.config_key == ts.config_key and r.status == "ok"
+           and isinstance(r.result.val_ppl, (int, float))]
     if not ppl:
         return f"study {ts.study.study_name}: no finished ok run of {ts.config_key}"
     return (f"study {ts.study.study_name}: {ts.config_key} measured val ppl "

@@ -94,8 +94,9 @@ def synthetic_records(bptts=(35, 70, 140, 280, 560), batch_sizes=(10, 20, 40, 80
             probe=probe)
         record = TrialRecord(
             trial_number=number, config_key=key, status=status, error=error,
-            config=TrialConfig(bptt=bptt, batch_size=bs, lr=lr, nhid=650, emsize=650, layers=2, dropout=0.5,
-                               model="lstm", optimizer="sgd", variable_bptt=False, clip=clip, seed=rep, repeat=rep),
+            config=TrialConfig(values=dict(bptt=bptt, batch_size=bs, lr=lr, nhid=650, emsize=650, layers=2, dropout=0.5,
+                                           variable_bptt=False, clip=clip), model="lstm", optimizer="sgd", seed=rep,
+                               repeat=rep),
             result=result,
             hardware=Hardware(gpu_name=gpu_name, gpu_memory_mib=int(law.card_mib) if gpu_name else None,
                               machine_id=machine_id, hostname="synthetic-host", cpu_model="Synthetic CPU",
@@ -133,7 +134,8 @@ def write_optuna_study(records: list[dict], storage, study_name: str, *, extra_t
             tps = res.get("tokens_per_s") or 1.0
             study.add_trial(create_trial(state=TrialState.COMPLETE, params=params, distributions=dists,
                                          values=[res["val_ppl"], 1.0 / tps], user_attrs={"record": rec}))
-        elif rec["status"] in ("oom", "diverged"):  # as a sweep stores them: complete, infinitely bad
+        elif rec["status"] in ("oom", "diverged"):
+            # What a sweep stores: infeasible trials complete with infinite values (record.INFEASIBLE).
             study.add_trial(create_trial(state=TrialState.COMPLETE, params=params, distributions=dists,
                                          values=[math.inf, math.inf], user_attrs={"record": rec}))
         else:

@@ -15,7 +15,7 @@ import pytest
 
 from bptt_harness.cli import main
 from bptt_harness.report.compare import generate_compare
-from bptt_harness.report.setup import study_setup, torch_release
+from bptt_harness.report.measured_setup import study_setup, torch_release
 from synthetic import SyntheticLaw, synthetic_records, write_optuna_study
 
 STUDY = {"name": "gpu-study", "sampler": "grid", "objectives": ["val_ppl", "seconds_per_token"],

@@ -171,7 +171,8 @@ batch_size = [2, 4]
 def test_a_grid_of_slices_runs_every_point_once_with_its_slice_recorded(tmp_path: Path) -> None:
     """Through the sweep: the points of two slices run once each, each trial stores its slices and lr; a
     slice extended on resume runs its new point, a slice whose lr changed is refused."""
-    from bptt_harness.api import load_results, run_study
+    from bptt_harness.api import load_results
+    from bptt_harness.study.sweep import run_study
 
     path = tmp_path / "sl.toml"
     path.write_text(SWEPT)
@@ -205,14 +206,15 @@ def test_the_default_study_is_a_bptt_slice_of_at_least_one_epoch() -> None:
 
 
 def test_the_profile_maps_the_shapes_the_slices_list_not_their_product() -> None:
-    from bptt_harness.profile import cells
+    from bptt_harness.profile_csv import cells
 
     config = parse_study(copy.deepcopy(BASE))
     assert cells(config) == [(4, 16), (8, 2), (8, 8), (8, 16), (16, 4)]
 
 
 def test_racing_runs_of_a_slice_keep_its_slices_and_lr(tmp_path: Path) -> None:
-    from bptt_harness.api import load_results, run_study
+    from bptt_harness.api import load_results
+    from bptt_harness.study.sweep import run_study
 
     path = tmp_path / "raced.toml"
     path.write_text(SWEPT.replace('name = "sl"', 'name = "raced"') + "[race]\nmax_seeds = 2\ntrials = 2\n")

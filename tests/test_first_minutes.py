@@ -13,7 +13,8 @@ import pytest
 
 from bptt_harness.cli import main
 from bptt_harness.config import load_study
-from bptt_harness.profile import PROFILE_COLUMNS, PROFILE_DOCS, PROFILE_FINGERPRINT, Profile, profile_columns_markdown, write_profile
+from bptt_harness.profile import Profile, write_profile
+from bptt_harness.profile_csv import PROFILE_COLUMNS, PROFILE_DOCS, PROFILE_FINGERPRINT, profile_columns_markdown
 
 REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text()
@@ -72,4 +73,4 @@ def test_profile_csv_columns_are_documented_from_one_declaration(tmp_path: Path)
     header = path.read_text().splitlines()[0].split(",")
     assert header == [*PROFILE_COLUMNS, *PROFILE_FINGERPRINT] and set(PROFILE_DOCS) == set(header)
     doc = (REPO / "bptt_harness" / "report" / "README.md").read_text()
-    assert profile_columns_markdown() in doc, "run `python -m bptt_harness.record` and paste the tables into the README"
+    assert profile_columns_markdown() in doc, "run `python scripts/readme_tables.py`"

@@ -16,6 +16,7 @@ from synthetic import synthetic_records, write_optuna_study
 from test_leaks import drop_study, require_postgres
 
 from bptt_harness import study_cli
+from bptt_harness.progress import Display
 from bptt_harness.cli import main
 from bptt_harness.study_cli import invoked_as
 
@@ -36,15 +37,15 @@ def test_the_resume_hint_is_the_command_as_it_was_invoked(
     monkeypatch.setenv("PATH", "/usr/bin:/bin")
     monkeypatch.setattr(sys, "argv", [str(tool), "sweep", str(study)])
     calls = [0]
-    start = study_cli.Display.start
+    start = Display.start
 
-    def second_start(self: study_cli.Display, trial: optuna.Trial, params: dict) -> None:
+    def second_start(self: Display, trial: optuna.Trial, params: dict) -> None:
         calls[0] += 1
         if calls[0] == 2:
             os.kill(os.getpid(), signal.SIGINT)
         start(self, trial, params)
 
-    monkeypatch.setattr(study_cli.Display, "start", second_start)
+    monkeypatch.setattr(Display, "start", second_start)
     assert main(["sweep", str(study), "--no-report"]) == 130
     assert f"Resume with: .venv/bin/bptt-harness sweep {study}" in capsys.readouterr().err
 

@@ -241,14 +241,14 @@ def test_a_password_in_the_study_file_is_not_copied_into_the_storage(tmp_path: P
 
 
 def test_a_traceback_never_shows_the_password(tmp_path: Path, capsys, monkeypatch) -> None:
-    import bptt_harness.study
+    import bptt_harness.study.sweep
 
     url = url_forms(PASSWORDS["space"])["userinfo"]
 
     def bug(*args, **kwargs):
         raise RuntimeError(f"unexpected failure while opening {url}")
 
-    monkeypatch.setattr(bptt_harness.study, "prepare", bug)
+    monkeypatch.setattr(bptt_harness.study.sweep, "prepare", bug)
     study_file = write_study(tmp_path, "bug")
     assert main(["sweep", str(study_file), "--results-dir", str(tmp_path / "r"), "--storage", url]) == 1
     err = capsys.readouterr().err

@@ -14,7 +14,8 @@ import pytest
 from bptt_harness.cli import main
 from bptt_harness.config import parse_study
 from bptt_harness.errors import HarnessError
-from bptt_harness.lr import LrRule, pick, short_train
+from bptt_harness.lr import LrRule
+from bptt_harness.study.tuning import pick, short_train
 from bptt_harness.report.build import build
 from bptt_harness.report.frame import records_to_frame
 from bptt_harness.spec import TrainConfig
@@ -198,7 +199,7 @@ def test_the_recommendation_names_the_lr_and_its_rule_and_configs_keep_bptt_and_
 
 def _fake_ladder(monkeypatch: pytest.MonkeyPatch, best_lr: float | None = None) -> list[tuple]:
     """Replace the trainer with a recorder: each rung's (spec, corpus); the loss is lowest at ``best_lr``."""
-    import bptt_harness.trainer
+    import bptt_harness.study.tuning
     from bptt_harness.record import TrialResult
 
     calls: list[tuple] = []
@@ -208,7 +209,7 @@ def _fake_ladder(monkeypatch: pytest.MonkeyPatch, best_lr: float | None = None) 
         loss = abs(spec.train.lr - best_lr) if best_lr is not None else 1.0
         return TrialResult(status="ok", val_loss=loss, train_tokens=spec.train.tokens, wall_s=0.0)
 
-    monkeypatch.setattr(bptt_harness.trainer, "run_trial", run_trial)
+    monkeypatch.setattr(bptt_harness.study.tuning, "run_trial", run_trial)
     return calls
 
 
@@ -223,7 +224,7 @@ def _corpus(train: int = 10_000, valid: int = 500):
 
 @pytest.mark.parametrize("ref_lr", [15.0, 20.0, 30.0])
 def test_the_tuned_ladder_never_exceeds_max_lr(monkeypatch: pytest.MonkeyPatch, ref_lr: float) -> None:
-    from bptt_harness.lr import rung_lrs, tune
+    from bptt_harness.study.tuning import rung_lrs, tune
     from bptt_harness.spec import TrialSpec
 
     rule = LrRule("tuned", ladder=(0.5, 1.0, 2.0), max_lr=20.0)
@@ -238,7 +239,7 @@ def test_the_tuned_ladder_never_exceeds_max_lr(monkeypatch: pytest.MonkeyPatch, 
 
 
 def test_tuning_uses_another_seed_and_a_held_out_slice_of_training_data(monkeypatch: pytest.MonkeyPatch) -> None:
-    from bptt_harness.lr import tune
+    from bptt_harness.study.tuning import tune
     from bptt_harness.spec import TrialSpec
 
     calls = _fake_ladder(monkeypatch)

@@ -10,7 +10,8 @@ import pandas as pd
 import pytest
 
 from bptt_harness.cli import main
-from bptt_harness.profile import ProfileRow, doesnt_fit, find_max_fitting, plan_tokens, walls_table
+from bptt_harness.profile import find_max_fitting
+from bptt_harness.profile_csv import SAFETY, ProfileRow, doesnt_fit, plan_tokens, walls_table
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -102,38 +103,61 @@ def test_profile_maps_every_cell_and_finds_the_wall_under_a_cpu_cap(tmp_path, ca
 
 
 def test_sweep_skips_a_cell_the_profile_says_cannot_fit(tmp_path, monkeypatch):
-    import bptt_harness.trainer
+    import bptt_harness.study.objective
 
     path, results = study(tmp_path, bs="[4, 512]"), tmp_path / "results"
     assert main(["profile", str(path), "--results-dir", str(results), "--wall", "no"]) == 0
     trained: list[tuple[int, int]] = []
-    original = bptt_harness.trainer.run_trial
+    original = bptt_harness.study.objective.run_trial
 
     def spy(spec, *a, **k):
         trained.append((spec.bptt, spec.batch_size))
         return original(spec, *a, **k)
 
-    monkeypatch.setattr(bptt_harness.trainer, "run_trial", spy)
+    monkeypatch.setattr(bptt_harness.study.objective, "run_trial", spy)
     assert main(["sweep", str(path), "--results-dir", str(results)]) == 0
     rows = {(int(r["bptt"]), int(r["batch_size"])): r for r in csv.DictReader(open(results / "prof" / "trials.csv"))}
     assert rows[(20, 512)]["status"] == "oom" and "not trained" in rows[(20, 512)]["error"]
     assert (20, 512) not in trained and (5, 4) in trained
 
 
-def test_max_seconds_plans_the_budget_and_keeps_the_sweep_under_it(tmp_path, capsys):
-    # Windows of 20 x 8 tokens and more: a step does real work, so its profiled rate is steady.
+def _injected_profile(results: Path, cells: list[tuple[int, int]], rates: dict[tuple[int, int], float]) -> pd.DataFrame:
+    """A profile.csv with known rates: each grid cell 5 timed steps in 0.5 s of wall time (its set-up is the
+    rest), one validation of 0.1 s."""
+    rows = [ProfileRow(b, s, "grid", "ok", steps=5, tokens_per_step=b * s, tokens_per_s=rates[(b, s)], seconds=0.5)
+            for b, s in cells] + [ProfileRow(70, 10, "eval", "ok", seconds=0.1)]
+    df = pd.DataFrame([vars(r) for r in rows])
+    (results / "prof").mkdir(parents=True, exist_ok=True)
+    df.to_csv(results / "prof" / "profile.csv", index=False)
+    return df
+
+
+def test_max_seconds_plans_the_budget_from_the_profiled_rates(tmp_path, capsys):
+    """The planner's arithmetic with injected rates (no wall-clock speed involved): the sweep trains every
+    cell on the budget whose predicted time fits the limit, and one token more would not."""
     path, results = study(tmp_path, cap_gib=None, bptt="[20, 40]", bs="[8, 16]"), tmp_path / "results"
-    assert main(["profile", str(path), "--results-dir", str(results)]) == 0
-    limit = 20.0
+    cells = [(20, 8), (20, 16), (40, 8), (40, 16)]
+    rates = {(20, 8): 8_000.0, (20, 16): 12_000.0, (40, 8): 10_000.0, (40, 16): 16_000.0}
+    df = _injected_profile(results, cells, rates)
+    limit, checkpoints = 6.0, 2
+    planned = plan_tokens(df, cells, limit, checkpoints)
+
+    # What the planner promises: every cell trains `tokens` at its rate, plus per trial the median set-up
+    # (a profile cell's wall time beyond its timed steps) and the validations, all times SAFETY.
+    median_setup = float(pd.Series([0.5 - 5 * b * s / rates[(b, s)] for b, s in cells]).median())
+
+    def promised(tokens: int) -> float:
+        return SAFETY * (tokens * sum(1 / r for r in rates.values()) + len(cells) * (median_setup + checkpoints * 0.1))
+
+    assert promised(planned) <= limit < promised(planned + 1)
+    assert 1_000 <= planned < 10_000
+
     assert main(["sweep", str(path), "--results-dir", str(results), "--max-seconds", str(limit), "--no-report"]) == 0
-    assert "planned from profile.csv" in capsys.readouterr().err
+    assert f"budget: {planned:,} training tokens per trial (planned from profile.csv" in capsys.readouterr().err
     from bptt_harness.report import generate
 
-    paths = generate(results / "prof")
-    rows = list(csv.DictReader(open(paths.csv)))
-    tokens = {int(r["train_tokens"]) for r in rows}
-    assert len(tokens) == 1 and tokens != {4000}  # one planned budget, not the study file's
-    assert sum(float(r["wall_s"]) for r in rows) <= limit
+    rows = list(csv.DictReader(open(generate(results / "prof").csv)))
+    assert len(rows) == 4 and {int(r["train_tokens"]) for r in rows} == {planned}   # not the study file's 4000
     # A resumed study keeps the budget it was planned with.
     assert main(["sweep", str(path), "--results-dir", str(results), "--max-seconds", "999", "--no-report"]) == 0
     assert "planned when this study started" in capsys.readouterr().err

@@ -8,8 +8,7 @@ from types import SimpleNamespace
 import pytest
 from rich.progress import Progress, TimeRemainingColumn
 
-from bptt_harness.progress import Eta, EtaColumn
-from bptt_harness.study_cli import Display
+from bptt_harness.progress import Display, Eta, EtaColumn
 
 
 class Clock:

@@ -6,6 +6,7 @@ import errno
 import json
 import logging
 import re
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -249,12 +250,13 @@ def test_empty_study_is_an_error(tmp_path: Path):
 
 def test_study_file_source_uses_the_config_module(tmp_path: Path, results: Path, monkeypatch):
     """A .toml source: ``bptt_harness.config.load_study(path)`` gives ``.name``, ``.results_dir``, ``.storage_url``."""
+    import bptt_harness.report.source
+
     study_file = tmp_path / "small.toml"
     study_file.write_text('name = "small"\n')
     url = json.loads((results / "study.json").read_text())["storage"]
-    fake = types.ModuleType("bptt_harness.config")
-    fake.load_study = lambda path: types.SimpleNamespace(name="small", results_dir=results, storage_url=url)
-    monkeypatch.setitem(sys.modules, "bptt_harness.config", fake)
+    monkeypatch.setattr(bptt_harness.report.source, "load_study",
+                        lambda path: types.SimpleNamespace(name="small", results_dir=results, storage_url=url))
     paths = generate(study_file)
     assert paths.html == results / "report.html" and paths.html.exists()
 
@@ -272,5 +274,7 @@ def test_readme_column_tables_are_generated_from_the_schema():
     from bptt_harness.report.frame import configs_markdown
 
     doc = README.read_text()
-    assert columns_markdown() in doc, "run `python -m bptt_harness.record` and paste the tables into the README"
-    assert configs_markdown() in doc, "run `python -m bptt_harness.record` and paste the tables into the README"
+    assert columns_markdown() in doc, "run `python scripts/readme_tables.py`"
+    assert configs_markdown() in doc, "run `python scripts/readme_tables.py`"
+    script = Path(__file__).resolve().parents[1] / "scripts" / "readme_tables.py"
+    assert subprocess.run([sys.executable, str(script), "--check"], capture_output=True).returncode == 0

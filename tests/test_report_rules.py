@@ -284,6 +284,6 @@ def test_clip_is_a_searched_key_that_reaches_the_trial_and_its_record() -> None:
     spec = trial_spec(config, params, repeat=1)
     assert spec.train.clip == 0.25 and spec.train.lr == 6.0 and spec.train.seed == config.train.seed + 1
     record = make_record(StudyInfo(name="stability"), spec, params, 1, TrialResult(bptt=8, batch_size=128), {}, "")
-    assert record.config.clip == 0.25
+    assert record.config.value("clip") == 0.25
     assert records_to_frame([record.to_dict()])["clip"].tolist() == [0.25]
     assert trial_spec(config, {**params, "clip": 0.0}, repeat=0).train.clip == 0.0

@@ -19,7 +19,8 @@ import pytest
 from optuna.trial import TrialState
 from studyfiles import write_study
 
-from bptt_harness import study_cli, trainer
+from bptt_harness import progress as progress_display
+from bptt_harness import trainer
 from bptt_harness.cli import main
 from bptt_harness.interrupt import StopRequest, deferred_signals
 from bptt_harness.study import open_storage, progress
@@ -67,9 +68,9 @@ POINTS: dict[str, Callable[[pytest.MonkeyPatch], None]] = {
     "SIGINT in a training step": lambda mp: mp.setattr(
         trainer.TrialLoop, "step", _at_nth_call(5, _kill(signal.SIGINT), trainer.TrialLoop.step)),
     "SIGTERM while the result line is printed": lambda mp: mp.setattr(
-        study_cli.Display, "result", _at_nth_call(1, _kill(signal.SIGTERM), study_cli.Display.result)),
+        progress_display.Display, "result", _at_nth_call(1, _kill(signal.SIGTERM), progress_display.Display.result)),
     "SIGINT between trials": lambda mp: mp.setattr(
-        study_cli.Display, "start", _at_nth_call(2, _kill(signal.SIGINT), study_cli.Display.start)),
+        progress_display.Display, "start", _at_nth_call(2, _kill(signal.SIGINT), progress_display.Display.start)),
 }
 
 

@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 
 from bptt_harness import trial_cli
+from bptt_harness.fieldkind import field_kind
 from bptt_harness.cli import build_parser, main
 from bptt_harness.corpus import CorpusSpec
 from bptt_harness.errors import HarnessError
@@ -79,14 +80,14 @@ def test_options_are_named_like_the_study_keys() -> None:
 
 def _other(value: object, hint: object) -> object:
     """A valid value other than the default, for an option generated from a field."""
-    kind, choices = trial_cli._kind(hint)
-    if kind is trial_cli.fractions:
-        return (0.25, 0.5)
-    if kind is bool:
+    kind, choices = field_kind(hint)
+    if kind is None and any(typing.get_origin(a) is tuple for a in (hint, *typing.get_args(hint))):
+        return (0.25, 0.5)   # a tuple of fractions (anneal_at): --anneal-at 0.25,0.5
+    if kind == "bool":
         return not value
     if choices:
         return next(c for c in choices if c != value)
-    if kind is int:
+    if kind == "int":
         return (value or 1) + 2
     return (value or 1.0) + 1.5
 

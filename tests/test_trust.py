@@ -401,7 +401,7 @@ def test_variable_windows_scale_their_spread_with_bptt(bptt):
 
 
 def test_cpu_workers_get_their_own_cores_and_say_they_shared_the_host():
-    from bptt_harness.study_cli import cpu_share
+    from bptt_harness.study.sweep import cpu_share
 
     assert cpu_share(0, 2, [0, 1]) == [0] and cpu_share(1, 2, [0, 1]) == [1]
     assert cpu_share(1, 2, [0, 1, 2, 3]) == [2, 3] and cpu_share(2, 3, [0, 1]) == [0]
@@ -418,11 +418,12 @@ def test_cpu_workers_get_their_own_cores_and_say_they_shared_the_host():
 def test_train_clock_leaves_paused_time_out_and_marks_the_warm_up():
     from bptt_harness.trainer import TrainClock
 
-    clock = TrainClock(torch.device("cpu"), warmup_steps=2)
-    time.sleep(0.05)
+    now = [100.0]   # an injected clock: the arithmetic, not this machine's speed
+    clock = TrainClock(torch.device("cpu"), warmup_steps=2, clock=lambda: now[0])
+    now[0] += 0.05
     with clock.paused():
-        time.sleep(0.2)
-    assert 0.04 < clock.seconds() < 0.19 and clock.paused_s >= 0.2
+        now[0] += 0.2
+    assert clock.seconds() == pytest.approx(0.05) and clock.paused_s == pytest.approx(0.2)
     clock.after_step(1, 100)
     assert clock.warm_at is None
     clock.after_step(2, 200)

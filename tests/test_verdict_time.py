@@ -4,16 +4,17 @@
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
+import optuna
 import pytest
+from optuna.trial import FrozenTrial, TrialState, create_trial
 
 from bptt_harness.report.build import build
 from bptt_harness.report.frame import aggregate_configs, records_to_frame
 from bptt_harness.report.html import render
 from bptt_harness.report.rank import equal_time_ranking, rank_configs
 from bptt_harness.spec import ModelConfig, TrainConfig, TrialSpec
-from bptt_harness.study import _observe_until
+from bptt_harness.study import observe_until
 from bptt_harness.observers import TimeGrid
 from bptt_harness.trainer import run_trial
 
@@ -34,16 +35,19 @@ def test_no_time_point_past_the_shortest_finished_run() -> None:
     b = TimeGrid(1.0, until_s=2.0)
     assert [b.due(s, 0.1) for s in (0.98, 1.98, 2.98, 3.98)] == [1.0, 2.0, None, None]
 
-    def trial(status: str, grid: list[float]) -> SimpleNamespace:
+    def trial(status: str, grid: list[float]) -> FrozenTrial:
         curve = [{"grid_s": g, "loss": 1.0} for g in grid]
-        return SimpleNamespace(user_attrs={"record": {"status": status, "result": {"time_curve": curve}}})
+        return create_trial(state=TrialState.COMPLETE, values=[1.0],
+                            user_attrs={"record": {"status": status, "result": {"time_curve": curve}}})
 
-    study = SimpleNamespace(get_trials=lambda deepcopy=False: [
-        trial("ok", [3.0, 6.0, 9.0]), trial("ok", [3.0, 6.0]), trial("diverged", [3.0]), trial("ok", []),
-        SimpleNamespace(user_attrs={})])
-    assert _observe_until(study, _spec(3.0)) == 6.0
-    assert _observe_until(study, _spec(None)) is None
-    assert _observe_until(SimpleNamespace(get_trials=lambda deepcopy=False: []), _spec(3.0)) is None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study()
+    for t in (trial("ok", [3.0, 6.0, 9.0]), trial("ok", [3.0, 6.0]), trial("diverged", [3.0]), trial("ok", []),
+              create_trial(state=TrialState.FAIL)):   # a worker that died: no record
+        study.add_trial(t)
+    assert observe_until(study, _spec(3.0)) == 6.0
+    assert observe_until(study, _spec(None)) is None
+    assert observe_until(optuna.create_study(), _spec(3.0)) is None
 
 
 def _spec(grid: float | None) -> TrialSpec:

@@ -1,17 +1,28 @@
 """Trials -> DataFrame -> Pareto ranking -> CSV, self-contained HTML and a console table.
 
 The public entry points are :func:`generate` (one study) and
-:func:`bptt_harness.report.compare.generate_compare` (result sets side by side). Heavy imports
-(pandas, plotly, optuna) happen inside them, so ``import bptt_harness.report`` stays cheap.
+:func:`bptt_harness.report.compare.generate_compare` (result sets side by side). No torch: a report
+needs pandas, plotly and optuna only.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
+
 from bptt_harness.errors import HarnessError
+from bptt_harness.fileio import write_files_atomic
+from bptt_harness.profile_csv import load_profile
+from bptt_harness.report import console, html
+from bptt_harness.report.build import Report, build
+from bptt_harness.report.diagnostics import load_diagnostics
+from bptt_harness.report.frame import CONFIG_COLUMNS, csv_frame, records_to_frame
+from bptt_harness.report.source import load_trials, resolve, shown_storage
+from bptt_harness.report.summary import summary_json
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +64,6 @@ def generate(source: str | Path, *, storage: str | None = None, study_name: str 
         HarnessError: a one-line message for a missing folder or study, an unreadable storage, a
             study without finished trials, or a failed write (the previous report is then intact).
     """
-    from bptt_harness.report.source import load_trials, resolve, shown_storage
-
     src = resolve(source, storage=storage, study_name=study_name, out_dir=out_dir)
     loaded = load_trials(src)
     if not loaded.records:
@@ -72,8 +81,6 @@ def generate(source: str | Path, *, storage: str | None = None, study_name: str 
 
 def safe_dirname(name: str) -> str:
     """A study name as one folder name: a name from a storage must not climb out of ``results/``."""
-    import re
-
     cleaned = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "study"
     return cleaned
 
@@ -82,17 +89,8 @@ def generate_from_records(records: list[dict], *, study_name: str, out_dir: Path
                           info: dict | None = None, n_running: int = 0, profile_dir: Path | None = None) -> ReportPaths:
     """The report of already-loaded records (what :func:`generate` does after reading the storage); the study's
     ``profile.csv`` is read from ``profile_dir`` (default: ``out_dir``)."""
-    from bptt_harness.fileio import write_files_atomic
-    from bptt_harness.report import console, html
-    from bptt_harness.report.build import build
-    from bptt_harness.report.frame import csv_frame, records_to_frame
-    from bptt_harness.report.summary import summary_json
-
     if not records:
         raise HarnessError(f"study {study_name!r} has no finished trials; run 'bptt-harness sweep' first")
-    from bptt_harness.profile import load_profile
-    from bptt_harness.report.diagnostics import load_diagnostics
-
     trials = records_to_frame(records)
     out_dir = Path(out_dir)
     source_dir = Path(profile_dir) if profile_dir is not None else out_dir   # where the study's own files are
@@ -111,12 +109,8 @@ def generate_from_records(records: list[dict], *, study_name: str, out_dir: Path
     return paths
 
 
-def _configs_csv(rep) -> str:
+def _configs_csv(rep: Report) -> str:
     """Per-configuration rows, ranked ones first in ranking order, then the rest."""
-    import pandas as pd
-
-    from bptt_harness.report.frame import CONFIG_COLUMNS, csv_frame
-
     ranked = rep.ranking.table
     rest = rep.configs[~rep.configs["config_key"].isin(ranked["config_key"])]
     df = pd.concat([ranked, rest], ignore_index=True) if len(ranked) else rest.copy()

@@ -7,11 +7,12 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
+from bptt_harness.record import COST_COLUMNS
 from bptt_harness.report.advice import Advice, advise
 from bptt_harness.report.budget import BudgetVerdict, verdict_by_budget
 from bptt_harness.report.confounds import BpttEvidence, Confounds, bptt_evidence, detect
 from bptt_harness.report.crosscheck import CrossCheck, profile_vs_trials
-from bptt_harness.report.frame import COST_COLUMNS, aggregate_configs
+from bptt_harness.report.frame import aggregate_configs
 from bptt_harness.report.memory import MemoryFit, MemoryWall, card_table, fit_memory, memory_wall
 from bptt_harness.report.noise import add_intervals
 from bptt_harness.report.rank import EqualTime, Ranking, equal_time_ranking, rank_configs

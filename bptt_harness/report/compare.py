@@ -4,7 +4,7 @@ on one machine (is it reproducible?), or an A/B change (another torch release, a
 A result set is what one source holds on one machine: trials are grouped by (source, hardware
 fingerprint), so one PostgreSQL study run by several machines splits by machine, and two runs on one
 machine stay two. Every trial is keyed by a hash of what it measures (its study's corpus, model and train
-settings and the torch release, :mod:`bptt_harness.report.setup`); the page says what differs between
+settings and the torch release, :mod:`bptt_harness.report.measured_setup`); the page says what differs between
 the result sets (machine, torch, settings, dates) before any number, so a ratio is read as the effect
 of those differences. ``only_matching`` keeps only the trials measured like the first source's.
 Per configuration: throughput, peak memory and energy of each result set with ratios to the first;
@@ -30,8 +30,8 @@ from bptt_harness.fileio import write_files_atomic
 from bptt_harness.report import ReportPaths, figures, numbers, safe_dirname
 from bptt_harness.report.advice import near_best
 from bptt_harness.report.frame import aggregate_configs, label, labels, records_to_frame, varying_fields
+from bptt_harness.report.measured_setup import attach_setup, differences, like_with_like
 from bptt_harness.report.page import Column, Drawn, esc, figure_block, meta_line, page, table
-from bptt_harness.report.setup import attach_setup, differences, like_with_like
 from bptt_harness.report.source import load_trials, resolve, shown_storage
 
 log = logging.getLogger(__name__)

@@ -17,9 +17,10 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from bptt_harness.record import COST_LABELS
 from bptt_harness.report import numbers
 from bptt_harness.report.budget import BudgetVerdict, Leg, at_text
-from bptt_harness.report.frame import COST_LABELS, CURVE, TRAIN_CURVE, label, labels, varying_fields
+from bptt_harness.report.frame import CURVE, TRAIN_CURVE, label, labels, varying_fields
 from bptt_harness.report.memory import MemoryFit, profile_points, trial_points, window_x
 from bptt_harness.report.page import Drawn
 from bptt_harness.report.rank import EqualTime, Ranking

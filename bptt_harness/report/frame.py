@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from bptt_harness.record import STATUSES, TrialRecord, flatten, trial_columns
+from bptt_harness.search_keys import CELL, SEARCH_KEYS
 
 # name -> meaning (with its unit), in CSV column order: derived from the trial record's schema.
 TRIAL_COLUMNS: dict[str, str] = {c.name: c.doc + (f" ({c.unit})" if c.unit else "") for c in trial_columns()}
@@ -35,9 +36,11 @@ AGG_METRICS = ("val_ppl", "best_val_ppl", "test_ppl", "tokens_per_s", "seconds_p
                "peak_mem_torch_mib", "peak_mem_nvml_mib", "joules_per_ktok", "energy_j", "mean_power_w",
                "eval_energy_j", "eval_peak_mem_mib", "train_s", "eval_s", "wall_s", "steps", "max_grad_norm",
                "clipped_frac")
+# What defines a configuration beyond the searched keys (the same for every repeat of it).
+CONFIG_BEYOND_SEARCH = ("model", "optimizer")
 # Columns that are the same for every repeat of a configuration.
-CONFIG_FIELDS = ("config_key", "bptt", "batch_size", "tokens_per_step", "lr", "lr_rule", "nhid", "emsize", "layers", "heads",
-                 "mem_len", "dropout", "model", "optimizer", "variable_bptt", "clip")
+CONFIG_FIELDS = ("config_key", *CELL, "tokens_per_step", *(k for k in SEARCH_KEYS if k not in CELL), "lr_rule",
+                 *CONFIG_BEYOND_SEARCH)
 
 CONFIG_COLUMNS: dict[str, str] = {
     **{k: TRIAL_COLUMNS[k] for k in ("study", "machine") if k in TRIAL_COLUMNS},
@@ -70,13 +73,6 @@ CURVE = "_val_curve"
 TIME_CURVE = "_time_curve"
 TRAIN_CURVE = "_train_curve"
 HIDDEN = (CURVE, TIME_CURVE, TRAIN_CURVE)
-
-# The study's cost objective -> the column that measures it (lower is better).
-COST_COLUMNS = {"seconds_per_token": "seconds_per_ktok", "peak_memory": "peak_mem_mib",
-                "joules_per_token": "joules_per_ktok"}
-COST_LABELS = {"seconds_per_ktok": "seconds per 1k tokens", "peak_mem_mib": "peak memory (MiB)",
-               "joules_per_ktok": "joules per 1k tokens"}
-
 
 def configs_markdown() -> str:
     """The ``configs.csv`` table of ``bptt_harness/report/README.md``."""
@@ -216,7 +212,7 @@ def varying_fields(df: pd.DataFrame) -> list[str]:
     out = []
     # Under an lr rule the lr follows the shape: it is not an axis of its own.
     ruled = "lr_rule" in df.columns and (df["lr_rule"].dropna().astype(str) != "fixed").any()
-    for c in ("lr", "nhid", "emsize", "layers", "dropout", "model", "optimizer", "variable_bptt", "clip"):
+    for c in (*(k for k in SEARCH_KEYS if k not in CELL), *CONFIG_BEYOND_SEARCH):
         if c == "lr" and ruled:
             continue
         if c in df.columns and df[c].dropna().astype(str).nunique() > 1:

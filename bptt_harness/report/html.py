@@ -14,12 +14,13 @@ from typing import Any
 
 import pandas as pd
 
-from bptt_harness.profile import walls_table
+from bptt_harness.profile_csv import walls_table
+from bptt_harness.record import COST_LABELS
 from bptt_harness.report import diagnostics, figures, numbers, space
 from bptt_harness.report.budget import at_text
 from bptt_harness.report.build import Report
 from bptt_harness.report.crosscheck import DISAGREE
-from bptt_harness.report.frame import COST_LABELS, label, varying_fields
+from bptt_harness.report.frame import label, varying_fields
 from bptt_harness.report.page import Column, Drawn, esc, figure_block, meta_line, page, table
 from bptt_harness.stats import COVERAGE
 

@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from bptt_harness.report.numbers import num
+from bptt_harness.search_keys import SEARCH_KEYS
 from bptt_harness.spec import FACTORY, WINDOW_X_BS, MemoryTerm, find_family
 from bptt_harness.stats import t_quantile
 
@@ -38,7 +39,8 @@ CARDS_MIB: dict[str, float] = {
 }
 # A CUDA context with cuDNN and cuBLAS loaded, where the study measured none (MiB).
 DEFAULT_CONTEXT_MIB = 500.0
-SHAPE = ("model", "layers", "nhid", "emsize", "heads", "mem_len")
+# What a memory law is fitted per: the model, and each searched key that changes its size.
+SHAPE = ("model", *(k.name for k in SEARCH_KEYS.values() if k.model_size))
 # Statuses whose peak memory is a real measurement of the configuration (an oom trial's is not).
 _MEASURED = ("ok", "pruned", "timeout", "diverged")
 
@@ -273,7 +275,7 @@ def fit_memory(trials: pd.DataFrame, profile: pd.DataFrame | None = None) -> lis
     overhead = _context_overhead(trials)
     if profile is not None and len(profile):
         p = profile[(profile["phase"] != "eval") & profile["status"].isin(_MEASURED)]
-        mem = p["cpu_cap_peak_mib"].fillna(p["peak_mem_mib"]) if "cpu_cap_peak_mib" in p else p["peak_mem_mib"]
+        mem = p["peak_mem_mib"]
         p = p.assign(_y=mem).dropna(subset=["_y"])
         terms = memory_terms(trials["model"].iloc[0]) if len(trials) and "model" in trials else (WINDOW_X_BS,)
         if len(p) and _fits(p["tokens_per_step"], p["batch_size"], terms):
@@ -301,7 +303,7 @@ def profile_points(profile: pd.DataFrame) -> pd.DataFrame:
     """The profile cells a profile fit is made of (as :func:`fit_memory` selects them): ``x`` tokens per
     step, ``y`` training peak MiB, ``text`` the cell; for figures that must draw what was fitted."""
     p = profile[(profile["phase"] != "eval") & profile["status"].isin(_MEASURED)]
-    mem = p["cpu_cap_peak_mib"].fillna(p["peak_mem_mib"]) if "cpu_cap_peak_mib" in p else p["peak_mem_mib"]
+    mem = p["peak_mem_mib"]
     p = p.assign(_y=mem).dropna(subset=["_y", "tokens_per_step"])
     return pd.DataFrame({"x": p["tokens_per_step"].astype(float), "y": p["_y"].astype(float),
                          "text": [f"profile bptt {int(b)} × bs {int(s)}" for b, s in zip(p["bptt"], p["batch_size"])]})

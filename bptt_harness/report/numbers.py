@@ -136,7 +136,7 @@ def ratio(v: Any, digits: int = 3, missing: str = "") -> str:
     return f"{text}×" if text else missing
 
 
-# The study's cost columns, in words with their unit (bptt_harness.report.frame.COST_COLUMNS are these).
+# The study's cost columns, in words with their unit (bptt_harness.record.COST_COLUMNS are these).
 _COST_UNITS = {"peak_mem_mib": "MiB", "seconds_per_ktok": "s per 1k tokens", "joules_per_ktok": "J per 1k tokens"}
 
 

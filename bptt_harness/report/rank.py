@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from bptt_harness.report.frame import COST_LABELS, CURVE, TIME_CURVE
+from bptt_harness.record import COST_LABELS
+from bptt_harness.report.frame import CURVE, TIME_CURVE
 from bptt_harness.report.noise import PPL_TOL, table_means
 from bptt_harness.seeds import Leaders, SeedMean, adjacent_ties, leaders, seed_means
 

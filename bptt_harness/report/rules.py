@@ -193,7 +193,7 @@ def _memory_points(trials: pd.DataFrame, profile: pd.DataFrame | None) -> tuple[
     memory alone), else the trials of the model shape with the most shapes."""
     if profile is not None and len(profile):
         p = profile[(profile["phase"] != "eval") & profile["status"].isin(_FIT)]
-        mem = p["cpu_cap_peak_mib"].fillna(p["peak_mem_mib"]) if "cpu_cap_peak_mib" in p else p["peak_mem_mib"]
+        mem = p["peak_mem_mib"]
         p = p.assign(peak_mem_mib=mem).dropna(subset=["peak_mem_mib"])
         if p["bptt"].nunique() >= 2 or p["batch_size"].nunique() >= 2:
             pts = p.groupby(["bptt", "batch_size"], as_index=False)["peak_mem_mib"].mean()

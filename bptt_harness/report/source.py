@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
+import optuna
+
+from bptt_harness.config import load_study
 from bptt_harness.errors import HarnessError
-from bptt_harness.record import FAIL_STATUSES
+from bptt_harness.storage import open_storage, relocated
+from bptt_harness.stored import read_trials
 from bptt_harness.urls import STORAGE_ENV, anchored, hides_password, redact, same_storage, scrub
 
 log = logging.getLogger(__name__)
@@ -79,8 +81,6 @@ def resolve(source: str | Path, *, storage: str | None = None, study_name: str |
     if path.suffix == ".toml":
         if not path.is_file():
             raise HarnessError(f"study file {str(path)!r} does not exist; pass a studies/*.toml file or a results folder")
-        from bptt_harness.config import load_study  # lazily: the report does not need the trainer stack
-
         cfg = load_study(path)
         results_dir = Path(cfg.results_dir)
         info = _read_study_json(results_dir) if (results_dir / STUDY_JSON).is_file() else {}
@@ -110,7 +110,10 @@ def resolve(source: str | Path, *, storage: str | None = None, study_name: str |
         raise HarnessError(f"{str(path / STUDY_JSON)!r} has no 'storage' URL; pass --storage URL")
     if hides_password(url):
         url = _password_from_environment(url, path / STUDY_JSON, passwords_from)
-    url = _relocate(anchored(url, path), path)
+    moved = relocated(anchored(url, path), path)
+    if moved != url:
+        log.info("storage %s not found; using %s in the results folder", redact(url), redact(moved))
+    url = moved
     return StudySource(name=study_name or info.get("study_name"), storage_url=url,
                        out_dir=out_dir or path, info=info)
 
@@ -153,32 +156,11 @@ def _read_study_json(folder: Path) -> dict:
     return info
 
 
-def _relocate(url: str, folder: Path) -> str:
-    """A results folder that was moved or copied still points at its old storage path: use the copy."""
-    for prefix in ("sqlite:///", "journal:"):
-        if url.startswith(prefix):
-            target = Path(url[len(prefix):])
-            local = folder / target.name
-            if not target.exists() and local.exists():
-                log.info("storage %s not found; using %s in the results folder", target, local)
-                return f"{prefix}{local.resolve()}"
-    return url
-
-
-def _open_storage(url: str):
-    """The study's own opener, reading only (bptt_harness.study.storage.open_storage)."""
-    from bptt_harness.study.storage import open_storage
-
-    return open_storage(url, read_only=True)
-
-
 def load_trials(src: StudySource) -> LoadedTrials:
-    """Read every trial of the study at ``src`` into record dicts (see :func:`trial_record`)."""
-    import optuna
-
+    """Read the trials of the study at ``src`` into record dicts (:func:`bptt_harness.stored.read_trials`)."""
     shown = src.storage_display
     try:
-        storage = _open_storage(src.storage_url)
+        storage = open_storage(src.storage_url, read_only=True)
         names = optuna.get_all_study_names(storage=storage)
     except HarnessError:
         raise
@@ -201,72 +183,14 @@ def load_trials(src: StudySource) -> LoadedTrials:
     except Exception as e:
         msg = scrub(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__, src.storage_url)
         raise HarnessError(f"cannot read study {name!r} from storage {shown}: {msg}") from None
-    records: list[dict] = []
-    n_running = 0
-    # A failed attempt that was run again (worker killed, Ctrl-C) is superseded by its retry.
-    retried = {t.user_attrs.get("retry_of") for t in trials} - {None}
-    for t in trials:
-        if t.user_attrs.get("spurious") or (t.number in retried and t.state.name == "FAIL"):
-            continue
-        if t.state.name == "WAITING":
-            continue  # queued, never started (e.g. a grid capped by --trials)
-        rec = trial_record(t, name)
-        if rec is None:
-            n_running += 1
-        else:
-            records.append(rec)
+    # Final trials, and failed attempts a resume will run again (shown as they failed); not the running ones.
+    stored = read_trials(trials, name)
+    records = [t.stored for t in stored if t.standing in ("final", "retry") and t.stored is not None]
+    n_running = sum(t.standing == "running" for t in stored)
     info = dict(src.info)
     info.setdefault("study_name", name)
-    stored = study.user_attrs.get("study_config")
-    if isinstance(stored, dict) and isinstance(stored.get("description"), str) and stored["description"]:
-        info["description"] = stored["description"]  # the study's own copy: also there without study.json
+    study_file = study.user_attrs.get("study_config")
+    if isinstance(study_file, dict) and isinstance(study_file.get("description"), str) and study_file["description"]:
+        info["description"] = study_file["description"]  # the study's own copy: also there without study.json
     return LoadedTrials(study_name=name, storage_display=shown, records=records, n_running=n_running, info=info,
-                        study_config=stored if isinstance(stored, dict) else None)
-
-
-def trial_record(trial: Any, study_name: str) -> dict | None:
-    """The record of one Optuna trial, or ``None`` for a trial still RUNNING or WAITING.
-
-    A trial whose worker died never stored a record: it becomes status ``failed`` with
-    ``"worker died (no record)"``, its configuration taken from the trial's parameters.
-    """
-    state = trial.state.name
-    rec = trial.user_attrs.get("record")
-    if isinstance(rec, str):
-        try:
-            rec = json.loads(rec)
-        except json.JSONDecodeError:
-            rec = None
-    if not isinstance(rec, dict):
-        if state in ("RUNNING", "WAITING"):
-            return None
-        params = dict(trial.params)
-        status = {"PRUNED": "pruned", "COMPLETE": "failed"}.get(state, "failed")
-        error = "worker died (no record)" if state == "FAIL" else f"trial {state.lower()} without a record"
-        key = ",".join(f"{k}={_fmt_param(v)}" for k, v in params.items()) or f"trial={trial.number}"
-        rec = {"status": status, "error": error, "config_key": key, "config": params, "result": {},
-               "study": {"name": study_name},
-               "started_at": trial.datetime_start.isoformat() if trial.datetime_start else None,
-               "finished_at": trial.datetime_complete.isoformat() if trial.datetime_complete else None}
-    elif state == "FAIL" and rec.get("status") not in FAIL_STATUSES:
-        # Its completion was lost (the worker died, or a torn journal was cut back, after the record was
-        # stored): it did not finish, whatever the record says, and runs again on resume.
-        rec = {**rec, "status": "failed", "error": f"its completion was never stored (the record said "
-                                                   f"{rec.get('status')}); it runs again on resume"}
-    else:
-        rec = dict(rec)
-    rec["trial_number"] = trial.number
-    rec["state"] = state
-    study = rec.get("study")
-    # Build new dicts: with deepcopy=False the record is the storage's own object.
-    if not isinstance(study, dict):
-        rec["study"] = {"name": study_name}
-    elif not study.get("name"):
-        rec["study"] = {**study, "name": study_name}
-    return rec
-
-
-def _fmt_param(v: Any) -> str:
-    if isinstance(v, float) and math.isfinite(v):
-        return f"{v:g}"
-    return str(v)
+                        study_config=study_file if isinstance(study_file, dict) else None)

@@ -16,6 +16,10 @@ from bptt_harness.corpus import Corpus
 from bptt_harness.design import describe_slices
 from bptt_harness.diagnose import DiagnosticsObserver, text_period
 from bptt_harness.interrupt import StopRequest
+from bptt_harness.loggers import RunInfo, hparams_of, trial_loggers
+from bptt_harness.observers import StopCheck
+from bptt_harness.probe import make_probe
+from bptt_harness.profile_csv import PROFILE_CSV, doesnt_fit
 from bptt_harness.record import (
     FAIL_STATUSES,
     INFEASIBLE,
@@ -29,11 +33,19 @@ from bptt_harness.record import (
     from_dict,
     user_attrs,
 )
-from bptt_harness.spec import ModelConfig, RunOptions, TrialSpec, resolve_budget_tokens
-from bptt_harness.study.common import CANONICAL, TrialFailed
-from bptt_harness.study.queue import _has_repeats, _now, progress, worker_id
+from bptt_harness.search_keys import config_key, recorded_values, spec_with
+from bptt_harness.spec import RunOptions, TrialSpec, resolve_budget_tokens
+from bptt_harness.stored import INTERRUPTED, RETRY_OF, SPURIOUS, final_trials, progress
+from bptt_harness.study.queue import has_repeats, now_iso, worker_id
+from bptt_harness.study.race import RACE_KEY, raced
+from bptt_harness.study.tuning import tune
+from bptt_harness.trainer import WARM_UP_STEPS, run_trial
 
 log = logging.getLogger(__name__)
+
+
+class TrialFailed(Exception):
+    """Raised by the objective so Optuna records FAIL; the sweep goes on (``catch=``)."""
 
 
 def suggest(trial: optuna.Trial, search: dict[str, ParamSpace], grid: bool) -> dict[str, Any]:
@@ -55,20 +67,13 @@ def suggest(trial: optuna.Trial, search: dict[str, ParamSpace], grid: bool) -> d
 
 
 def trial_spec(config: StudyConfig, params: dict[str, Any], repeat: int) -> TrialSpec:
-    model_keys = {"nhid", "emsize", "layers", "dropout"}
-    model: ModelConfig = replace(config.model, **{k: v for k, v in params.items() if k in model_keys})
-    train = replace(config.train, seed=config.train.seed + repeat,
-                    **{k: v for k, v in params.items() if k in ("lr", "variable_bptt", "clip")})
+    """The trial of searched values ``params``: the study's model and training with them, the seed moved by
+    ``repeat`` and the lr held by the configuration's slice or else set by the study's ``[lr]`` rule for the shape."""
+    spec = spec_with(params, config.model, replace(config.train, seed=config.train.seed + repeat))
     # A slice holds its lr fixed across its configurations; elsewhere the [lr] rule sets it per shape.
     held = config.held_lr(params)
-    lr = config.lr_rule.lr_for(train.lr, params["bptt"], params["batch_size"]) if held is None else held
-    train = replace(train, lr=lr)
-    return TrialSpec(bptt=params["bptt"], batch_size=params["batch_size"], model=model, train=train)
-
-
-def config_key(params: dict[str, Any]) -> str:
-    order = ["bptt", "batch_size"] + sorted(k for k in params if k not in CANONICAL)
-    return ",".join(f"{k}={params[k]}" for k in order if k in params)
+    lr = config.lr_rule.lr_for(spec.train.lr, spec.bptt, spec.batch_size) if held is None else held
+    return replace(spec, train=replace(spec.train, lr=lr))
 
 
 def cost_value(result: TrialResult, cost: str, per_ktok: bool = True) -> float | None:
@@ -102,13 +107,12 @@ def make_record(info: StudyInfo, spec: TrialSpec, params: dict, repeat: int, res
     """The stored measurement of one trial; ``bptt_harness.report`` reads exactly this. ``slices``: the
     study's slices this configuration belongs to (:meth:`StudyConfig.slice_names`)."""
     # The model's own keys (a factory's: only the searched ones; n_params in the result says the rest).
-    config = TrialConfig(bptt=spec.bptt, batch_size=spec.batch_size, lr=spec.train.lr, **spec.model.recorded(params),
-                         model=spec.model.factory or spec.model.type, optimizer=spec.train.optimizer,
-                         variable_bptt=spec.train.variable_bptt, clip=spec.train.clip, seed=spec.train.seed,
-                         repeat=repeat, slices=",".join(slices) or None)
+    config = TrialConfig(values=recorded_values(spec, params), model=spec.model.factory or spec.model.type,
+                         optimizer=spec.train.optimizer, seed=spec.train.seed, repeat=repeat,
+                         slices=",".join(slices) or None)
     return TrialRecord(config_key=config_key(params), config=config, status=result.status, error=result.error,
                        result=result, lr_choice=lr_choice or LrChoice(), hardware=from_dict(Hardware, hardware),
-                       study=info, started_at=started, finished_at=_now(), worker=worker_id())
+                       study=info, started_at=started, finished_at=now_iso(), worker=worker_id())
 
 
 def store_record(trial: optuna.Trial, record: TrialRecord) -> dict:
@@ -128,17 +132,14 @@ def store_record(trial: optuna.Trial, record: TrialRecord) -> dict:
 
 
 
-def _observe_until(study: optuna.Study, spec: TrialSpec) -> float | None:
-    """With a time grid, no points past the latest grid time of the shortest finished run: the equal-time
+def observe_until(study: optuna.Study, spec: TrialSpec) -> float | None:
+    """With a time grid, no points past the latest grid time of the shortest final ok run: the equal-time
     comparison never reads later than that (see ``RunOptions.time_grid_until_s``)."""
     if spec.train.time_grid_s is None:
         return None
-    ends = []
-    for t in study.get_trials(deepcopy=False):
-        rec = t.user_attrs.get("record") or {}
-        curve = (rec.get("result") or {}).get("time_curve") or []
-        if rec.get("status") == "ok" and curve:
-            ends.append(max(p["grid_s"] for p in curve))
+    ends = [max(p["grid_s"] for p in t.record.result.time_curve)
+            for t in final_trials(study.get_trials(deepcopy=False), study.study_name)
+            if t.record.status == "ok" and t.record.result.time_curve]
     return min(ends) if ends else None
 
 
@@ -154,7 +155,7 @@ class Objective:
     on_start: Callable[[optuna.Trial, dict], None] | None = None
     host_workers: int = 1
     warmed: bool = False   # this process's first trial ran with RunOptions.warm_up_steps
-    profile: Any = None    # the study's profile.csv (bptt_harness.profile): cells it saw run out of memory are skipped
+    profile: Any = None    # the study's profile.csv (bptt_harness.profile_csv): cells it saw run out of memory are skipped
     # Called at each validation checkpoint with the trial and the point (index, of, tokens, seconds, ppl).
     on_checkpoint: Callable[[optuna.Trial, dict], None] | None = None
     stop: StopRequest | None = None  # a recorded Ctrl-C or SIGTERM, acted on after each training step
@@ -162,16 +163,11 @@ class Objective:
     _named: bool | None = None  # whether the study's objectives are named (and so in trials.csv's units)
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
-        from bptt_harness.loggers import RunInfo, hparams_of, trial_loggers
-        from bptt_harness.observers import StopCheck
-        from bptt_harness.probe import make_probe
-        from bptt_harness.trainer import WARM_UP_STEPS, run_trial
-
         trial.set_user_attr("worker", worker_id())
         skip = self._spurious(trial)
         if skip:
             # Not a measurement: progress, retries and the report ignore it.
-            trial.set_user_attr("spurious", skip)
+            trial.set_user_attr(SPURIOUS, skip)
             raise optuna.TrialPruned(skip)
         params = suggest(trial, self.config.search, self.config.sampler == "grid")
         repeat = int(trial.user_attrs.get("repeat", 0))
@@ -191,7 +187,7 @@ class Objective:
             return trial.should_prune()
 
         info = study_info(self.config, self.corpus, self.host_workers)
-        started = _now()
+        started = now_iso()
         held = self.config.held_lr(params) is not None
         slices = self.config.slice_names(params)
         choice = LrChoice(rule="fixed" if held else self.config.lr_rule.rule, rule_lr=spec.train.lr)
@@ -205,7 +201,7 @@ class Objective:
                 if self.config.lr_rule.rule == "tuned" and not held:
                     spec = self._tuned(trial, spec, config_key(params), choice, options)
                     options = replace(options, warm_up_steps=0)
-                options = replace(options, time_grid_until_s=_observe_until(trial.study, spec))
+                options = replace(options, time_grid_until_s=observe_until(trial.study, spec))
                 key = config_key(params)
                 run = RunInfo(self.config.name, f"{trial.number:04d}-{key}-seed{spec.train.seed}",
                               hparams_of(spec, trial=trial.number, config_key=key, repeat=repeat))
@@ -216,14 +212,14 @@ class Objective:
         except KeyboardInterrupt:
             interrupted = TrialResult(status="failed", error="interrupted (SIGINT); retried on resume",
                                       bptt=spec.bptt, batch_size=spec.batch_size, seed=spec.train.seed)
-            trial.set_user_attr("interrupted", True)
+            trial.set_user_attr(INTERRUPTED, True)
             store_record(trial, make_record(info, spec, params, repeat, interrupted, self.hardware, started,
                                             choice, slices))
             raise
         typed = make_record(info, spec, params, repeat, result, self.hardware, started, choice, slices)
         record = store_record(trial, typed)
         if (repeat == 0 and self.config.repeats > 1 and self.config.sampler != "grid"
-                and not _has_repeats(trial.study, params)):
+                and not has_repeats(trial.study, params)):
             for r in range(1, self.config.repeats):
                 trial.study.enqueue_trial(params, user_attrs={"repeat": r})
         if self.on_result:
@@ -243,8 +239,6 @@ class Objective:
 
     def _known_oom(self, spec: TrialSpec) -> TrialResult | None:
         """An ``oom`` result without training when the study's profile shows the cell cannot fit."""
-        from bptt_harness.profile import PROFILE_CSV, doesnt_fit
-
         if not doesnt_fit(self.profile, self.config.memory_cap_mib, spec.bptt, spec.batch_size):
             return None
         return TrialResult(status="oom", bptt=spec.bptt, batch_size=spec.batch_size, seed=spec.train.seed,
@@ -256,8 +250,6 @@ class Objective:
                options: RunOptions) -> TrialSpec:
         """``[lr] rule = "tuned"``: the configuration's lr from its ladder, run by the first trial of the
         configuration and stored with the study, so its repeats reuse it (and its cost is counted once)."""
-        from bptt_harness.lr import tune
-
         attr = f"lr_tuned:{key}"
         stored = trial.study.user_attrs.get(attr)
         choice.tune_tokens, choice.tune_s = 0, 0.0
@@ -272,24 +264,22 @@ class Objective:
     def _spurious(self, trial: optuna.Trial) -> str | None:
         """Why this trial must not run: another worker emptied the grid's queue between our check and
         Optuna's ask, or a retry or racing run was queued twice by two workers (the lower number runs)."""
-        from bptt_harness.race import RACE_KEY, raced
-
         if self.config.sampler == "grid" and "repeat" not in trial.user_attrs:  # set on every queued point
             return "the grid's queue was empty when this worker asked for a trial"
         if self.n_target is not None:
             # Workers that asked at the same moment all saw a trial left to run; the lowest numbers run it.
             target = self.n_target + (raced(trial.study) if self.config.race else 0)
             ahead = sum(1 for t in trial.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-                        if t.number < trial.number and not t.user_attrs.get("spurious"))
+                        if t.number < trial.number and not t.user_attrs.get(SPURIOUS))
             if progress(trial.study).done + ahead >= target:
                 return f"the study's {target} trials were already finished or running"
         race_key = trial.user_attrs.get(RACE_KEY)
         if race_key is not None and any(t.user_attrs.get(RACE_KEY) == race_key and t.number < trial.number
                                         for t in trial.study.get_trials(deepcopy=False)):
             return f"racing run {race_key} was already queued"
-        retry_of = trial.user_attrs.get("retry_of")
+        retry_of = trial.user_attrs.get(RETRY_OF)
         if retry_of is not None and any(
-                t.user_attrs.get("retry_of") == retry_of and t.number < trial.number
+                t.user_attrs.get(RETRY_OF) == retry_of and t.number < trial.number
                 for t in trial.study.get_trials(deepcopy=False)):
             return f"trial {retry_of} was already queued for retry"
         return None

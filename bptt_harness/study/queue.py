@@ -7,12 +7,10 @@ import functools
 import itertools
 import json
 import logging
-import math
 import os
 import socket
 import uuid
 import warnings
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import optuna
@@ -22,8 +20,9 @@ from bptt_harness.config import StudyConfig
 from bptt_harness.design import union_points
 from bptt_harness.errors import HarnessError
 from bptt_harness.fileio import pid_alive as _pid_alive
-from bptt_harness.record import FAIL_STATUSES
-from bptt_harness.study.common import CANONICAL, MAX_RETRIES
+from bptt_harness.record import COST_COLUMNS
+from bptt_harness.search_keys import CANONICAL
+from bptt_harness.stored import MAX_RETRIES, RETRIES, RETRY_OF, retried_numbers, standing, trial_params
 from bptt_harness.urls import redact
 
 log = logging.getLogger(__name__)
@@ -71,7 +70,7 @@ def enqueue_grid(study: optuna.Study, config: StudyConfig) -> int:
     grid is a queue of fixed trials instead: workers pop them atomically, retries re-queue one, and
     a grid extended in the study file is picked up by the next sweep.
     """
-    have = {(_params_key(_trial_params(t)), int(t.user_attrs.get("repeat", 0)))
+    have = {(_params_key(trial_params(t)), int(t.user_attrs.get("repeat", 0)))
             for t in study.get_trials(deepcopy=False)}
     added = 0
     for params, repeat in grid_points(config):
@@ -83,11 +82,6 @@ def enqueue_grid(study: optuna.Study, config: StudyConfig) -> int:
 
 def _params_key(params: dict[str, Any]) -> tuple:
     return tuple(sorted(params.items()))
-
-
-def _trial_params(t: FrozenTrial) -> dict[str, Any]:
-    """Sampled parameters, or the queued ones of a trial that never got to sample them."""
-    return t.params or dict(t.system_attrs.get("fixed_params", {}))
 
 
 def make_pruner(config: StudyConfig) -> optuna.pruners.BasePruner:
@@ -117,8 +111,6 @@ def _changed_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
 
 def metric_names(config: StudyConfig) -> list[str]:
     """The objectives named like their ``trials.csv`` columns, in those units (what optuna-dashboard shows)."""
-    from bptt_harness.report.frame import COST_COLUMNS
-
     return ["val_ppl", COST_COLUMNS[config.cost]][:len(config.objectives)]
 
 
@@ -167,69 +159,21 @@ def create_study(config: StudyConfig, storage: optuna.storages.BaseStorage) -> o
 
 
 
-@dataclass
-class Progress:
-    done: int
-    running: int
-    waiting: int
-    counts: dict[str, int]
-    best: FrozenTrial | None
-
-
-def _has_repeats(study: optuna.Study, params: dict[str, Any]) -> bool:
+def has_repeats(study: optuna.Study, params: dict[str, Any]) -> bool:
     """Whether repeats 1.. of these parameters are already in the study (e.g. this is a retry)."""
     key = _params_key(params)
-    return any(int(t.user_attrs.get("repeat", 0)) > 0 and _params_key(_trial_params(t)) == key
+    return any(int(t.user_attrs.get("repeat", 0)) > 0 and _params_key(trial_params(t)) == key
                for t in study.get_trials(deepcopy=False))
-
-
-def _has_final_record(t: FrozenTrial) -> bool:
-    """Whether ``t`` finished with a record that stands: not interrupted, and not a FAIL trial whose record
-    says it finished otherwise (its completion was lost: see ``record.FAIL_STATUSES``)."""
-    record = t.user_attrs.get("record")
-    if record is None or t.user_attrs.get("interrupted", False):
-        return False
-    return t.state != TrialState.FAIL or record.get("status") in FAIL_STATUSES
 
 
 def retry_trial(study: optuna.Study, trial: FrozenTrial) -> None:
     """Enqueue a failed trial's parameters again (Optuna's heartbeat also calls this for stale trials)."""
-    retries = int(trial.user_attrs.get("retries", 0))
+    retries = int(trial.user_attrs.get(RETRIES, 0))
     if retries >= MAX_RETRIES:
         log.warning("trial %d failed %d times; not retrying it again", trial.number, retries + 1)
         return
-    study.enqueue_trial(_trial_params(trial), user_attrs={"retry_of": trial.number, "retries": retries + 1,
-                                                  "repeat": trial.user_attrs.get("repeat", 0)})
-
-
-def _retries_exhausted(t: FrozenTrial) -> bool:
-    return int(t.user_attrs.get("retries", 0)) >= MAX_RETRIES
-
-
-def _retried(trials: list[FrozenTrial]) -> set[int]:
-    return {t.user_attrs["retry_of"] for t in trials if "retry_of" in t.user_attrs}
-
-
-def progress(study: optuna.Study) -> Progress:
-    trials = study.get_trials(deepcopy=False)
-    retried = _retried(trials)
-    counts: dict[str, int] = {}
-    done = running = waiting = 0
-    best, best_ppl = None, math.inf
-    for t in trials:
-        if t.state == TrialState.RUNNING:
-            running += 1
-        elif t.state == TrialState.WAITING:
-            waiting += 1
-        elif _has_final_record(t) or (t.state == TrialState.FAIL and t.number not in retried
-                                      and _retries_exhausted(t)):
-            done += 1
-            status = t.user_attrs["record"]["status"] if "record" in t.user_attrs else "failed"
-            counts[status] = counts.get(status, 0) + 1
-            ppl = (t.user_attrs.get("record") or {}).get("result", {}).get("val_ppl")
-            if status == "ok" and ppl is not None and ppl < best_ppl:
-                best, best_ppl = t, ppl
-    return Progress(done, running, waiting, counts, best)
+    study.enqueue_trial(trial_params(trial), user_attrs={RETRY_OF: trial.number, RETRIES: retries + 1,
+                                                         "repeat": trial.user_attrs.get("repeat", 0)})
 
 
 def reap(study: optuna.Study) -> int:
@@ -252,21 +196,18 @@ def reap(study: optuna.Study) -> int:
             except RuntimeError:  # another process got there first
                 pass
     trials = study.get_trials(deepcopy=False)
-    retried = _retried(trials)
+    retried = retried_numbers(trials)
     enqueued = 0
     for t in trials:
-        if t.state != TrialState.FAIL or t.number in retried or _has_final_record(t):
-            continue
-        if _retries_exhausted(t):
-            continue
-        retry_trial(study, t)
-        enqueued += 1
+        if standing(t, retried) == "retry":
+            retry_trial(study, t)
+            enqueued += 1
     return enqueued
 
 
 
 
-def _now() -> str:
+def now_iso() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 

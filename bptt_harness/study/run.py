@@ -12,18 +12,25 @@ from typing import Any
 
 import optuna
 
-from bptt_harness.config import StudyConfig
+from bptt_harness.config import StudyConfig, parse_study
 from bptt_harness.corpus import Corpus, check_fits, load
 from bptt_harness.errors import HarnessError
+from bptt_harness.hardware import fingerprint, resolve_device
 from bptt_harness.interrupt import StopRequest
+from bptt_harness.model import check_model
+from bptt_harness.profile_csv import cells, doesnt_fit, load_profile, plan_tokens
 from bptt_harness.spec import resolve_budget_tokens
-from bptt_harness.study.common import RACE_POLL_S, TrialFailed
-from bptt_harness.study.objective import Objective
-from bptt_harness.study.queue import create_study, enqueue_grid, progress, reap
-from bptt_harness.study.storage import _first_line, open_storage, write_study_json
+from bptt_harness.storage import first_line, open_storage, write_study_json
+from bptt_harness.stored import progress
+from bptt_harness.study.objective import Objective, TrialFailed
+from bptt_harness.study.queue import create_study, enqueue_grid, reap, retry_trial
+from bptt_harness.study.race import race_round, raced
 from bptt_harness.urls import redact
 
 log = logging.getLogger(__name__)
+
+# How often a worker waiting for the others' trials looks again before a racing round.
+RACE_POLL_S = 2.0
 
 
 # A token budget past this many passes over the train split is a practically endless sweep, not a study.
@@ -97,10 +104,6 @@ def run_worker(study: optuna.Study, config: StudyConfig, corpus: Corpus, device:
     ``host_workers``: how many workers run on this host at once (recorded with each trial: on CPU they
     share the machine, so their timings are marked). ``stop``: a recorded Ctrl-C or SIGTERM
     (:func:`bptt_harness.interrupt.deferred_signals`), acted on after every training step and between trials."""
-    from bptt_harness.hardware import fingerprint
-    from bptt_harness.profile import load_profile
-    from bptt_harness.race import race_round, raced
-
     objective = Objective(config, corpus, device, fingerprint(device), on_result, on_start, host_workers,
                           profile=load_profile(config.results_dir), on_checkpoint=on_checkpoint, stop=stop,
                           n_target=n_target)
@@ -144,8 +147,6 @@ def plan_budget(config: StudyConfig, storage_url: str, max_seconds: float) -> tu
 
     A study already started keeps the budget it was planned with (its trials must stay comparable).
     Returns (config, tokens, whether they were planned now)."""
-    from bptt_harness.profile import cells, doesnt_fit, load_profile, plan_tokens
-
     stored = stored_train_tokens(config, storage_url)
     if stored is not None:
         tokens, planned = stored, False
@@ -162,15 +163,11 @@ def plan_budget(config: StudyConfig, storage_url: str, max_seconds: float) -> tu
 
 def prepare(config: StudyConfig, storage_url: str, device_name: str | None) -> tuple[optuna.Study, Corpus, Any]:
     """Everything that can fail on bad input, before a single trial runs."""
-    from bptt_harness.hardware import resolve_device
-
     device = resolve_device(device_name or config.device)
     check_cost_measurable(config, device)
     corpus = load_corpus(config)
-    from bptt_harness.model import check_model
-
     check_model(config.model, corpus.vocab_size)  # a user's model factory: one line now, not a failed trial later
-    study = create_study(config, open_storage(storage_url))
+    study = create_study(config, open_storage(storage_url, on_stale_trial=retry_trial))
     check_same_corpus(study, config, corpus)
     if config.sampler == "grid":
         enqueue_grid(study, config)
@@ -180,13 +177,11 @@ def prepare(config: StudyConfig, storage_url: str, device_name: str | None) -> t
 
 def config_from_storage(study_name: str, storage_url: str) -> tuple[StudyConfig, optuna.Study]:
     """For ``bptt-harness worker``: the study file as stored by whoever created the study."""
-    from bptt_harness.config import parse_study
-
-    storage = open_storage(storage_url, create=False)
+    storage = open_storage(storage_url, create=False, on_stale_trial=retry_trial)
     try:
         summaries = optuna.get_all_study_summaries(storage)
     except Exception as e:  # noqa: BLE001
-        raise HarnessError(f"storage {redact(storage_url)}: cannot list studies: {_first_line(e, storage_url)}") from None
+        raise HarnessError(f"storage {redact(storage_url)}: cannot list studies: {first_line(e, storage_url)}") from None
     names = [s.study_name for s in summaries]
     if study_name not in names:
         raise HarnessError(f"study {study_name!r} is not in storage {redact(storage_url)}; it holds: "

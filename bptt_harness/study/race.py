@@ -11,26 +11,14 @@ again, which measures it. :func:`plan_round` is the decision; :func:`race_round`
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
-from bptt_harness.errors import HarnessError
+import optuna
+
+from bptt_harness.config import RaceConfig
 from bptt_harness.seeds import leaders, seed_means
+from bptt_harness.stored import final_trials, trial_params
 
 RACE_KEY = "race_key"     # user attribute of a racing trial: "<config_key>#<repeat>"
-
-
-@dataclass(frozen=True)
-class RaceConfig:
-    """``[race]``: ``max_seeds`` runs per configuration at most; ``trials`` extra runs in all."""
-
-    max_seeds: int = 3
-    trials: int = 6
-
-    def __post_init__(self) -> None:
-        for key, low in (("max_seeds", 2), ("trials", 1)):
-            value = getattr(self, key)
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise HarnessError(f"race {key} = {value!r} must be an integer >= {low}")
 
 
 @dataclass(frozen=True)
@@ -65,29 +53,27 @@ def plan_round(standings: dict[str, Standing], max_seeds: int, left: int) -> lis
     return sorted(open_, key=lambda k: (len(standings[k].ppl), closeness[k]))[:left]
 
 
-def raced(study: Any) -> int:
+def raced(study: optuna.Study) -> int:
     """How many racing runs this study has queued so far (each counted once)."""
     return len({t.user_attrs[RACE_KEY] for t in study.get_trials(deepcopy=False) if RACE_KEY in t.user_attrs})
 
 
-def race_round(study: Any, race: RaceConfig) -> int:
+def race_round(study: optuna.Study, race: RaceConfig) -> int:
     """Queue the next round's runs (each with its next repeat index, hence a new seed); returns how many."""
-    from bptt_harness.study import _has_final_record, _trial_params
-
-    trials = [t for t in study.get_trials(deepcopy=False) if _has_final_record(t)]
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
     ppl: dict[str, list[float]] = {}
     runs: dict[str, int] = {}
     params: dict[str, dict] = {}
     repeats: dict[str, int] = {}
-    for t in trials:
-        rec = t.user_attrs["record"]
-        key = str(rec.get("config_key"))
+    for stored in final_trials(trials.values(), study.study_name):
+        t, rec = trials[stored.number], stored.record
+        key = str(rec.config_key)
         runs[key] = runs.get(key, 0) + 1
-        params[key] = _trial_params(t)
+        params[key] = trial_params(t)
         repeats[key] = max(repeats.get(key, 0), int(t.user_attrs.get("repeat", 0)))
-        value = (rec.get("result") or {}).get("val_ppl")
+        value = rec.result.val_ppl
         ppl.setdefault(key, [])
-        if rec.get("status") == "ok" and isinstance(value, (int, float)):
+        if rec.status == "ok" and isinstance(value, (int, float)):
             ppl[key].append(float(value))
     standings = {k: Standing(tuple(ppl[k]), runs[k]) for k in runs}
     chosen = plan_round(standings, race.max_seeds, race.trials - raced(study))

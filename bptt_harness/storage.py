@@ -11,15 +11,17 @@ import os
 import shlex
 import sqlite3
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import optuna
+import sqlalchemy.exc
+from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
+from optuna.trial import FrozenTrial
 
 from bptt_harness.config import StudyConfig, check_storage_url
 from bptt_harness.errors import HarnessError
-from bptt_harness.study.common import GRACE_S, HEARTBEAT_S
-from bptt_harness.study.queue import retry_trial
+from bptt_harness.fileio import write_files_atomic
 from bptt_harness.urls import (
     STORAGE_ENV,
     anchored,
@@ -32,6 +34,9 @@ from bptt_harness.urls import (
 )
 
 log = logging.getLogger(__name__)
+
+# How long a remote worker may be silent before its RUNNING trial counts as dead (RDB storages).
+HEARTBEAT_S, GRACE_S = 10, 60
 
 
 def resolve_storage(config: StudyConfig, cli_storage: str | None, workers: int) -> str:
@@ -53,13 +58,13 @@ def resolve_storage(config: StudyConfig, cli_storage: str | None, workers: int) 
             raise HarnessError(
                 f"{meta} records storage {recorded}, whose password is not stored; pass --storage with the "
                 f"full URL, or set {STORAGE_ENV} to it (to start over instead, delete {config.results_dir})")
-        return _relocated(recorded, config.results_dir)
+        return relocated(recorded, config.results_dir)
     elif workers > 1:
         chosen = f"journal:{(config.results_dir / 'journal.log').resolve()}"
     else:
         chosen = config.storage_url
     if recorded is not None and not (same_storage(chosen, recorded)
-                                     or same_storage(chosen, _relocated(recorded, config.results_dir))):
+                                     or same_storage(chosen, relocated(recorded, config.results_dir))):
         password = " (its password in place of ***)" if hides_password(recorded) else ""
         raise HarnessError(
             f"{meta} records storage {redact(recorded)}, but this run would open {redact(chosen)}; a study "
@@ -78,7 +83,7 @@ def recorded_storage(results_dir: Path) -> str | None:
     return anchored(previous, results_dir) if isinstance(previous, str) and previous.strip() else None
 
 
-def _relocated(url: str, results_dir: Path) -> str:
+def relocated(url: str, results_dir: Path) -> str:
     """A results folder that was moved still records its old path: its own copy of the file is the study."""
     for prefix in ("sqlite:///", "journal:"):
         if url.startswith(prefix):
@@ -89,13 +94,15 @@ def _relocated(url: str, results_dir: Path) -> str:
     return url
 
 
-def open_storage(url: str, *, create: bool = True, read_only: bool = False) -> optuna.storages.BaseStorage:
+def open_storage(url: str, *, create: bool = True, read_only: bool = False,
+                 on_stale_trial: Callable[[optuna.Study, FrozenTrial], None] | None = None) -> optuna.storages.BaseStorage:
     """Open a storage, or fail with one line naming it (password hidden). Never overwrites a bad file.
 
     The one opener for sweeps, workers and reports. With ``create=False`` (``bptt-harness worker``, which
     joins a study) a storage file must exist: a mistyped path is an error, not a new empty database.
     ``read_only`` (``bptt-harness report``) also reads a journal whose last record was torn: reading it
-    cannot make it worse, and the complete records are all there.
+    cannot make it worse, and the complete records are all there. ``on_stale_trial``: what an RDB storage's
+    heartbeat does with a trial whose worker went silent (a sweep queues it again).
     """
     check_storage_url(url)
     shown = redact(url)
@@ -110,25 +117,26 @@ def open_storage(url: str, *, create: bool = True, read_only: bool = False) -> o
             raise HarnessError(f"storage {shown}: '{path}' does not exist; {who}: check the path")
         if read_only:
             _check_sqlite_file(path, shown)
-            return _open_rdb(url, shown)
+            return _open_rdb(url, shown, on_stale_trial)
         path.parent.mkdir(parents=True, exist_ok=True)
         # Two sweeps creating one database at the same moment would both create its tables.
         with _directory_lock(path.parent):
             _check_sqlite_file(path, shown)
-            return _open_rdb(url, shown)
-    return _open_rdb(url, shown)
+            return _open_rdb(url, shown, on_stale_trial)
+    return _open_rdb(url, shown, on_stale_trial)
 
 
-def _open_rdb(url: str, shown: str) -> optuna.storages.BaseStorage:
+def _open_rdb(url: str, shown: str,
+              on_stale_trial: Callable[[optuna.Study, FrozenTrial], None] | None) -> optuna.storages.BaseStorage:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats are "experimental"
             return optuna.storages.RDBStorage(
                 engine_url(url), heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
-                heartbeat_stale_trial_callback=retry_trial,
+                heartbeat_stale_trial_callback=on_stale_trial,
                 engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None)
     except Exception as e:  # noqa: BLE001 - sqlalchemy/driver errors vary; the user needs one line
-        raise HarnessError(f"storage {shown}: cannot open it: {_first_line(e, url)}") from None
+        raise HarnessError(f"storage {shown}: cannot open it: {first_line(e, url)}") from None
 
 
 @contextlib.contextmanager
@@ -181,8 +189,6 @@ def _sqlite_damage(path: Path) -> str | None:
 
 
 def _open_journal(path: Path, shown: str, create: bool, who: str, check_tail: bool = True) -> optuna.storages.BaseStorage:
-    from optuna.storages.journal import JournalFileBackend
-
     if not path.exists():
         if not create:
             raise HarnessError(f"storage {shown}: '{path}' does not exist; {who}: check the path")
@@ -194,15 +200,13 @@ def _open_journal(path: Path, shown: str, create: bool, who: str, check_tail: bo
     try:
         return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
     except Exception as e:  # noqa: BLE001 - any reader error means the file is not a journal
-        raise HarnessError(f"storage {shown}: cannot read the journal file: {_first_line(e, str(path))}") from None
+        raise HarnessError(f"storage {shown}: cannot read the journal file: {first_line(e, str(path))}") from None
 
 
 def _check_journal_tail(path: Path, shown: str) -> None:
     """Refuse a journal whose last record was cut off: Optuna would append after the torn bytes, and
     every later read of the file would fail. Checked under the journal's own lock, so a record that
     another worker is writing right now is not mistaken for a torn one."""
-    from optuna.storages.journal import JournalFileSymlinkLock
-
     lock = JournalFileSymlinkLock(str(path))
     lock.acquire()
     try:
@@ -241,7 +245,7 @@ def _complete_bytes(path: Path, chunk: int = 1 << 16) -> int | None:
         return 0
 
 
-def _first_line(e: BaseException, url: str) -> str:
+def first_line(e: BaseException, url: str) -> str:
     """The root cause's first line (Optuna wraps driver errors), without any password."""
     while e.__cause__ is not None and e.__cause__ is not e:
         e = e.__cause__
@@ -253,7 +257,6 @@ def _storage_cause(e: BaseException) -> BaseException | None:
     """The storage or file error behind ``e``, or None. A database that went away mid-trial reaches the
     caller as Optuna's own error raised while it handled the driver's (e.g. ``UnboundLocalError:
     'updated_state'``), so the whole chain (causes and contexts) is searched."""
-    import sqlalchemy.exc
 
     kinds = (OSError, sqlite3.Error, sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError)
     seen: set[int] = set()
@@ -275,7 +278,6 @@ _ERRNO_KINDS = {errno.ENOSPC: "space", errno.EDQUOT: "space", errno.EFBIG: "spac
 def _failure_kind(e: BaseException) -> str | None:
     """What went wrong, from the error codes in ``e``'s chain (an OSError's errno, SQLite's result code,
     a database connection that failed), never from its text: a folder named ``full`` is not a full disk."""
-    import sqlalchemy.exc
 
     seen: set[int] = set()
     current: BaseException | None = e
@@ -302,7 +304,7 @@ def storage_failure(e: BaseException, url: str) -> HarnessError | None:
     if found is None:
         return None
     e = found
-    detail = _first_line(e, url)
+    detail = first_line(e, url)
     advice = {"space": "free some space, then rerun the same command",
               "disk": "check whether the disk is full or failing, then rerun the same command",
               "writable": "make it writable, then rerun the same command",
@@ -323,6 +325,4 @@ def write_study_json(config: StudyConfig, storage_url: str) -> None:
     meta = {"study_name": config.name, "storage": relative_to_folder(redact(storage_url) or "", directory), "objectives": list(config.objectives),
             "cost": config.cost, "sampler": config.sampler, "study_file": str(config.path) if config.path else None,
             "description": config.description}
-    from bptt_harness.fileio import write_files_atomic
-
     write_files_atomic({directory / "study.json": json.dumps(meta, indent=2)})

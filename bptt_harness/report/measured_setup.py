@@ -15,6 +15,7 @@ from typing import Any
 
 import pandas as pd
 
+from bptt_harness.config import parse_study
 from bptt_harness.errors import HarnessError
 
 # [train] keys that do not change what one trial measures: how often it is run, a safety limit, and the
@@ -29,8 +30,6 @@ def study_setup(study_config: dict | None) -> dict | None:
     """The measured settings of a stored study file (``study.user_attrs["study_config"]``), or None."""
     if not isinstance(study_config, dict):
         return None
-    from bptt_harness.config import parse_study
-
     try:
         config = parse_study(study_config)
     except HarnessError:  # written by another version: its own keys, as stored
