@@ -64,15 +64,22 @@ class ParamSpace:
     log: bool = False
     step: float | None = None
 
+    def bounds(self) -> tuple[float, float]:
+        """``(low, high)`` of a range (parsing checked both are there)."""
+        if self.low is None or self.high is None:
+            raise HarnessError(f"search {self.name}: a range needs low and high, e.g. {{ low = 10, high = 80 }}")
+        return self.low, self.high
+
     def grid(self) -> list:
         """Values for a grid: the choices, a stepped range, or doublings ``low, 2 low, ...`` up to ``high``."""
         if self.choices is not None:
             return list(self.choices)
+        low, high = self.bounds()
         if self.kind == "int" and self.step is not None:
-            return list(range(int(self.low), int(self.high) + 1, int(self.step)))
+            return list(range(int(low), int(high) + 1, int(self.step)))
         if self.kind == "int" and self.log:
-            out, v = [], int(self.low)
-            while v <= self.high:
+            out, v = [], int(low)
+            while v <= high:
                 out.append(v)
                 v *= 2
             return out
@@ -437,7 +444,8 @@ def _log_targets(log: Any) -> tuple[LogTarget, ...]:
     return parse_log_targets(log, where="study file: log entry")
 
 
-def parse_study(raw: dict, path: Path | None = None, results_root: Path = Path("results")) -> StudyConfig:
+def _top_level(raw: dict, path: Path | None) -> tuple[str, str, str, list, str]:
+    """The study file's top-level keys checked: its name, sampler, pruner, objectives and device."""
     for key in raw:
         if key not in TOP_KEYS:
             raise _unknown("", key, TOP_KEYS)
@@ -458,7 +466,16 @@ def parse_study(raw: dict, path: Path | None = None, results_root: Path = Path("
     if pruner not in PRUNERS:
         raise HarnessError(f"study file: pruner = {pruner!r} is not known{_closest(pruner, PRUNERS)}; "
                            f"use one of {', '.join(PRUNERS)}")
-    objectives = raw.get("objectives", ["val_ppl"])
+    objectives = _objectives(raw.get("objectives", ["val_ppl"]), sampler, pruner)
+    _check_numbers(raw)
+    device = raw.get("device", "auto")
+    if not (device in ("auto", "cpu", "cuda") or re.match(r"^cuda:\d+$", device)):
+        raise HarnessError(f"study file: device = {device!r} must be auto, cpu, cuda or cuda:N")
+    return name, sampler, pruner, objectives, device
+
+
+def _objectives(objectives: Any, sampler: str, pruner: str) -> list:
+    """``objectives``: the perplexity, and optionally one cost; what the sampler and pruner can work with."""
     if (not isinstance(objectives, list) or not 1 <= len(objectives) <= 2 or objectives[0] != "val_ppl"
             or (len(objectives) == 2 and objectives[1] not in COSTS)):
         raise HarnessError(f"study file: objectives = {objectives!r} must be [\"val_ppl\"] or "
@@ -469,6 +486,11 @@ def parse_study(raw: dict, path: Path | None = None, results_root: Path = Path("
     if sampler == "nsga2" and len(objectives) < 2:
         raise HarnessError("study file: sampler = \"nsga2\" is for two objectives; add a cost to objectives "
                            "or use tpe")
+    return objectives
+
+
+def _check_numbers(raw: dict) -> None:
+    """The top-level numbers in range, and the storage URL well formed."""
     if "seed" in raw and not 0 <= raw["seed"] < 2**32:
         raise HarnessError(f"study file: seed = {raw['seed']} must be an integer in [0, 2**32)")
     for key in ("trials", "workers"):
@@ -478,31 +500,34 @@ def parse_study(raw: dict, path: Path | None = None, results_root: Path = Path("
         raise HarnessError(f"study file: max_memory_gib = {raw['max_memory_gib']} must be > 0")
     if "storage" in raw:
         check_storage_url(raw["storage"])
-    log_targets = _log_targets(raw.get("log", []))
-    device = raw.get("device", "auto")
-    if not (device in ("auto", "cpu", "cuda") or re.match(r"^cuda:\d+$", device)):
-        raise HarnessError(f"study file: device = {device!r} must be auto, cpu, cuda or cuda:N")
 
-    corpus = _build(CorpusSpec, raw.get("corpus", {}), "corpus")
-    model = _build(ModelConfig, raw.get("model", {}), "model")
+
+def _train(raw: dict) -> tuple[TrainConfig, int]:
+    """``[train]``: the trainer's settings, and ``repeats`` (seeds per configuration), which is the study's."""
     train_table = dict(raw.get("train", {})) if isinstance(raw.get("train", {}), dict) else raw["train"]
     repeats = 1
-    if isinstance(train_table, dict) and "repeats" in train_table:
-        repeats = _check_type("train.repeats", train_table.pop("repeats"), "int")
-        if repeats < 1:
-            raise HarnessError(f"study file: train.repeats = {repeats} must be >= 1")
-    if isinstance(train_table, dict) and "anneal_at" in train_table:
-        train_table["anneal_at"] = _fractions("train.anneal_at", train_table["anneal_at"])
     if isinstance(train_table, dict):
-        for key in train_table:
-            if key == "memory_cap_mib":
-                raise HarnessError("study file: train.memory_cap_mib is set from the top-level max_memory_gib; "
-                                   "use max_memory_gib = N")
-    if isinstance(train_table, dict) and "tokens" in train_table and "epochs" in train_table:
-        raise HarnessError(f"study file: train has tokens = {train_table['tokens']!r} and epochs = "
-                           f"{train_table['epochs']!r}; a budget is one of them: keep tokens or epochs")
-    train = _build(TrainConfig, train_table, "train", also=TRAIN_EXTRA)
+        if "repeats" in train_table:
+            repeats = _check_type("train.repeats", train_table.pop("repeats"), "int")
+            if repeats < 1:
+                raise HarnessError(f"study file: train.repeats = {repeats} must be >= 1")
+        if "anneal_at" in train_table:
+            train_table["anneal_at"] = _fractions("train.anneal_at", train_table["anneal_at"])
+        if "memory_cap_mib" in train_table:
+            raise HarnessError("study file: train.memory_cap_mib is set from the top-level max_memory_gib; "
+                               "use max_memory_gib = N")
+        if "tokens" in train_table and "epochs" in train_table:
+            raise HarnessError(f"study file: train has tokens = {train_table['tokens']!r} and epochs = "
+                               f"{train_table['epochs']!r}; a budget is one of them: keep tokens or epochs")
+    return _build(TrainConfig, train_table, "train", also=TRAIN_EXTRA), repeats
 
+
+def parse_study(raw: dict, path: Path | None = None, results_root: Path = Path("results")) -> StudyConfig:
+    name, sampler, pruner, objectives, device = _top_level(raw, path)
+    log_targets = _log_targets(raw.get("log", []))
+    corpus = _build(CorpusSpec, raw.get("corpus", {}), "corpus")
+    model = _build(ModelConfig, raw.get("model", {}), "model")
+    train, repeats = _train(raw)
     search, lr_rule, slices = _design(raw, sampler, model, train)
     race = _build(RaceConfig, raw["race"], "race") if "race" in raw else None
     diagnostics = _diagnostics(raw["diagnostics"]) if "diagnostics" in raw else None

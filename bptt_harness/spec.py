@@ -393,45 +393,9 @@ class TrainConfig:
     warmup_steps: int = 5
 
     def __post_init__(self) -> None:
-        def bad(key: str, allowed: str) -> HarnessError:
-            return HarnessError(f"train {key}={getattr(self, key)!r} is invalid; {allowed}")
-
-        if self.optimizer not in ("sgd", "adamw"):
-            raise bad("optimizer", "use 'sgd' or 'adamw'")
-        if self.budget not in ("tokens", "seconds"):
-            raise bad("budget", "use 'tokens' or 'seconds'")
-        for key in ("lr", "seconds"):
-            if not _finite_number(getattr(self, key)) or getattr(self, key) <= 0:
-                raise bad(key, "it must be a number > 0")
-        if not _finite_number(self.clip) or self.clip < 0:
-            raise bad("clip", "it must be a number >= 0 (0 disables clipping)")
-        if not _finite_number(self.spike_factor) or self.spike_factor <= 1:
-            raise bad("spike_factor", "it must be a number > 1")
-        for key in ("tokens", "checkpoints", "eval_batch_size", "eval_bptt", "log_every"):
-            value = getattr(self, key)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise bad(key, "it must be an integer >= 1")
-        if self.epochs is not None and (not _finite_number(self.epochs) or self.epochs <= 0):
-            raise bad("epochs", "it must be a number > 0")
-        if self.time_grid_s is not None and (not _finite_number(self.time_grid_s) or self.time_grid_s <= 0):
-            raise bad("time_grid_s", "it must be a number of training seconds > 0 (or left out)")
-        if self.timeout_s is not None and (not _finite_number(self.timeout_s) or self.timeout_s <= 0):
-            raise bad("timeout_s", "it must be a number of seconds > 0")
-        if self.amp not in (None, "bf16"):
-            raise bad("amp", "use 'bf16' or leave it out")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**32:
-            raise bad("seed", "it must be an integer in [0, 2**32)")
-        if not _finite_number(self.anneal) or self.anneal < 1:
-            raise bad("anneal", "it must be a number >= 1 (1 disables annealing)")
-        if not _fractions_ok(self.anneal_at):
-            raise bad("anneal_at", "it must be increasing fractions of the budget, each in (0, 1), e.g. [0.5, 0.75]")
-        if not _finite_number(self.weight_decay) or self.weight_decay < 0:
-            raise bad("weight_decay", "it must be a number >= 0")
-        if not isinstance(self.warmup_steps, int) or isinstance(self.warmup_steps, bool) or self.warmup_steps < 1:
-            raise bad("warmup_steps", "it must be an integer >= 1 (the first step allocates memory)")
-        if self.reset_every is not None and (not isinstance(self.reset_every, int) or isinstance(
-                self.reset_every, bool) or self.reset_every < 1):
-            raise bad("reset_every", "it must be an integer >= 1 (or left out to carry the state)")
+        for key, ok, allowed in TRAIN_RULES:
+            if not ok(getattr(self, key)):
+                raise HarnessError(f"train {key}={getattr(self, key)!r} is invalid; {allowed}")
 
     def short(self, tokens: int | None = None, *, seconds: float | None = None) -> TrainConfig:
         """This training cut to a quick run (a warm-up, an lr ladder's rung, a profile cell): exactly ``tokens``
@@ -538,6 +502,42 @@ def _fractions_ok(value: Any) -> bool:
 
 def _finite_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _whole(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _optional(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda v: v is None or check(v)
+
+
+def _at_least(low: float, strict: bool = False) -> Callable[[Any], bool]:
+    return lambda v: _finite_number(v) and (v > low if strict else v >= low)
+
+
+# [train]'s checks, in the order they are reported: (key, the test its value must pass, what is allowed).
+TRAIN_RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
+    ("optimizer", lambda v: v in ("sgd", "adamw"), "use 'sgd' or 'adamw'"),
+    ("budget", lambda v: v in ("tokens", "seconds"), "use 'tokens' or 'seconds'"),
+    ("lr", _at_least(0, strict=True), "it must be a number > 0"),
+    ("seconds", _at_least(0, strict=True), "it must be a number > 0"),
+    ("clip", _at_least(0), "it must be a number >= 0 (0 disables clipping)"),
+    ("spike_factor", _at_least(1, strict=True), "it must be a number > 1"),
+    *((key, lambda v: _whole(v) and v >= 1, "it must be an integer >= 1")
+      for key in ("tokens", "checkpoints", "eval_batch_size", "eval_bptt", "log_every")),
+    ("epochs", _optional(_at_least(0, strict=True)), "it must be a number > 0"),
+    ("time_grid_s", _optional(_at_least(0, strict=True)), "it must be a number of training seconds > 0 (or left out)"),
+    ("timeout_s", _optional(_at_least(0, strict=True)), "it must be a number of seconds > 0"),
+    ("amp", lambda v: v in (None, "bf16"), "use 'bf16' or leave it out"),
+    ("seed", lambda v: _whole(v) and 0 <= v < 2**32, "it must be an integer in [0, 2**32)"),
+    ("anneal", _at_least(1), "it must be a number >= 1 (1 disables annealing)"),
+    ("anneal_at", _fractions_ok, "it must be increasing fractions of the budget, each in (0, 1), e.g. [0.5, 0.75]"),
+    ("weight_decay", _at_least(0), "it must be a number >= 0"),
+    ("warmup_steps", lambda v: _whole(v) and v >= 1, "it must be an integer >= 1 (the first step allocates memory)"),
+    ("reset_every", _optional(lambda v: _whole(v) and v >= 1),
+     "it must be an integer >= 1 (or left out to carry the state)"),
+)
 
 
 @dataclass(frozen=True)

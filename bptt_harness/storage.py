@@ -309,7 +309,7 @@ def storage_failure(e: BaseException, url: str) -> HarnessError | None:
               "disk": "check whether the disk is full or failing, then rerun the same command",
               "writable": "make it writable, then rerun the same command",
               "reachable": "rerun the same command once the database is reachable again"}.get(
-        _failure_kind(e), "rerun the same command once it is fixed")
+        _failure_kind(e) or "", "rerun the same command once it is fixed")
     where = getattr(e, "filename", None)
     what = f"cannot write {where}" if isinstance(e, OSError) and where else f"storage {redact(url)}"
     return HarnessError(f"{what}: {detail}; the trials stored before this are kept: {advice}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import overload
 from urllib.parse import quote, unquote, unquote_plus
 
 HIDDEN = "***"
@@ -60,6 +61,10 @@ def _password_spans(url: str) -> list[tuple[int, int]]:
     return [(s, e) for s, e in merged if e > s]
 
 
+@overload
+def redact(url: str) -> str: ...
+@overload
+def redact(url: None) -> None: ...
 def redact(url: str | None) -> str | None:
     """``url`` with every password replaced by ``***``: safe to print, log and write."""
     if not url:

@@ -57,12 +57,16 @@ def suggest(trial: optuna.Trial, search: dict[str, ParamSpace], grid: bool) -> d
             values = p.grid()
             suggest_range = trial.suggest_int if p.kind == "int" else trial.suggest_float
             params[name] = suggest_range(name, min(values), max(values))
-        elif grid or p.choices is not None:
-            params[name] = trial.suggest_categorical(name, [False, True] if grid else list(p.choices))
+        elif grid:
+            params[name] = trial.suggest_categorical(name, [False, True])
+        elif p.choices is not None:
+            params[name] = trial.suggest_categorical(name, list(p.choices))
         elif p.kind == "int":
-            params[name] = trial.suggest_int(name, int(p.low), int(p.high), log=p.log, step=int(p.step or 1))
+            low, high = p.bounds()
+            params[name] = trial.suggest_int(name, int(low), int(high), log=p.log, step=int(p.step or 1))
         else:
-            params[name] = trial.suggest_float(name, p.low, p.high, log=p.log, step=p.step)
+            low, high = p.bounds()
+            params[name] = trial.suggest_float(name, low, high, log=p.log, step=p.step)
     return params
 
 
