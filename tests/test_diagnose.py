@@ -358,6 +358,20 @@ def test_the_diagnose_command_writes_a_row_per_shape_and_phase(tmp_path: Path, c
     assert main(["diagnose", str(study), "--tokens", "0", "--results-dir", str(tmp_path / "r")]) == 2
 
 
+def test_the_diagnose_command_takes_all_four_whatever_the_study_measures_per_trial(tmp_path: Path) -> None:
+    study = tmp_path / "s.toml"
+    study.write_text('name = "s"\n[corpus]\nsource = "synthetic:k=4,vocab=8,noise=2,tokens=6000"\n'
+                     '[model]\nemsize = 8\nnhid = 8\nlayers = 1\ndropout = 0.0\n'
+                     '[train]\noptimizer = "adamw"\nlr = 0.01\neval_bptt = 16\n'
+                     '[search]\nbptt = [4]\nbatch_size = [4]\n'
+                     '[diagnostics]\nmeasure = ["context"]\npositions = 8\nwarm_tokens = 4\nbias_columns = 2\n'
+                     'noise_big = 8\n')
+    assert main(["diagnose", str(study), "--tokens", "800", "--results-dir", str(tmp_path / "r")]) == 0
+    trained = pd.read_csv(tmp_path / "r" / "s" / "diagnostics.csv").query("phase == 'trained'").iloc[0]
+    for column in ("effective_context_tokens", "gradient_reach_tokens", "truncation_bias_k", "noise_scale_tokens"):
+        assert pd.notna(trained[column]), column
+
+
 def test_shapes_that_share_a_bptt_are_told_apart_by_batch_size() -> None:
     texts = diagnostics_sentences([ROW, {**ROW, "batch_size": 80}, {**ROW, "bptt": 70}])
     assert [t.split(",")[0] for t in texts] == ["Trained with bptt 35 and batch size 20",

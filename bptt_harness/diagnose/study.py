@@ -18,7 +18,7 @@ from bptt_harness.config import StudyConfig
 from bptt_harness.corpus import Corpus
 from bptt_harness.diagnose.observer import DiagnosticsObserver
 from bptt_harness.diagnose.run import COLUMNS, text_period
-from bptt_harness.diagnose_options import DiagnoseOptions
+from bptt_harness.diagnose_options import MEASUREMENTS, DiagnoseOptions
 from bptt_harness.errors import HarnessError
 from bptt_harness.fileio import write_files_atomic
 from bptt_harness.spec import TrialSpec
@@ -93,7 +93,9 @@ def diagnose_study(config: StudyConfig, corpus: Corpus, device: torch.device, *,
     noise scale is measured at every bptt."""
     if tokens < 1:
         raise HarnessError(f"--tokens {tokens} must be >= 1")
-    options = config.diagnostics or DiagnoseOptions()
+    # All four measurements, whatever the study's [diagnostics] picks for its trials (its tolerances and
+    # sample sizes are kept): this command is the look before a sweep, and its per-trial choice is about cost.
+    options = replace(config.diagnostics or DiagnoseOptions(), measure=MEASUREMENTS)
     bptts, bs = study_bptts(config), _shape_batch(config, batch_size)
     out = StudyDiagnostics(config.name, options, tokens)
     shared: dict[str, Any] = {}
