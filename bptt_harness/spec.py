@@ -444,6 +444,7 @@ class TrainConfig:
                         anneal_at=None if self.anneal_at is None else ())
         if tokens is not None:
             return replace(quick, budget="tokens", tokens=tokens)
+        assert seconds is not None   # exactly one of the two, checked above
         return replace(quick, budget="seconds", seconds=seconds)
 
 

@@ -422,7 +422,7 @@ def _leg_figure_ok(leg: Leg | None) -> bool:
 def budget_verdict(verdict: BudgetVerdict, ranked: pd.DataFrame, top: int = 6) -> Drawn | None:
     """Perplexity of the top configurations at every budget fraction and grid time; the leader at each point
     is starred. An axis with one point only is left to the table (a one-point axis says nothing)."""
-    legs = [leg for leg in (verdict.tokens, verdict.time) if _leg_figure_ok(leg)]
+    legs = [leg for leg in (verdict.tokens, verdict.time) if leg is not None and _leg_figure_ok(leg)]
     single = [leg for leg in (verdict.tokens, verdict.time) if leg is not None and len(leg.table) == 1]
     if not legs:
         return None

@@ -236,8 +236,10 @@ def shape_label(row: pd.Series | dict) -> str:
     if family is not None:
         return family.describe(row)
     layers, nhid = row.get("layers"), row.get("nhid")
+    if layers is None or nhid is None:
+        return str(m or "model")
     try:
-        return f"{m or 'rnn'} {int(layers)}x{int(nhid)}"  # None is caught below
+        return f"{m or 'rnn'} {int(layers)}x{int(nhid)}"
     except (TypeError, ValueError):
         return str(m or "model")
 

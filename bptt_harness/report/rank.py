@@ -267,8 +267,9 @@ class EqualTime:
 def ppl_at(curve: list[dict], seconds: float) -> float:
     """Validation perplexity at ``seconds`` of training: the loss is interpolated linearly between
     the two checkpoints around it; NaN before the first checkpoint (nothing was measured yet)."""
-    pts = [(p.get("seconds"), p.get("loss")) for p in curve if isinstance(p, dict)]
-    pts = sorted((float(s), float(loss)) for s, loss in pts if s is not None and loss is not None and math.isfinite(loss))
+    pts = sorted((float(p["seconds"]), float(p["loss"])) for p in curve
+                 if isinstance(p, dict) and p.get("seconds") is not None and p.get("loss") is not None
+                 and math.isfinite(p["loss"]))
     if not pts or seconds < pts[0][0] - 1e-9:
         return math.nan
     for (s0, l0), (s1, l1) in zip(pts, pts[1:]):
