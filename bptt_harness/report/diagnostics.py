@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -47,13 +46,9 @@ def load_diagnostics(directory: Path) -> dict | None:
 
 
 def _number(v: Any) -> float | None:
-    if v is None or isinstance(v, bool | str):
-        return None
-    try:
-        x = float(v)
-    except (TypeError, ValueError):
-        return None
-    return x if math.isfinite(x) and x > 0 else None
+    """A measured value: finite and above zero (a diagnostic of 0 tokens was not measured)."""
+    x = numbers.finite(v)
+    return x if x is not None and x > 0 else None
 
 
 def _tokens(n: float) -> str:

@@ -12,13 +12,14 @@ from __future__ import annotations
 import math
 from typing import Any
 
-__all__ = ["count", "cost", "interval", "mib", "num", "pct", "pm", "ratio", "seconds"]
+__all__ = ["count", "cost", "finite", "interval", "mib", "num", "pct", "pm", "ratio", "seconds"]
 
 SPREAD_DIGITS = 2  # significant figures of a standard deviation or an interval's width
 _SCI_BELOW = 1e-4  # smaller magnitudes are written 3.3e-5, as %g does
 
 
-def _finite(v: Any) -> float | None:
+def finite(v: Any) -> float | None:
+    """``v`` as a finite float, or None for anything else (None, text, NaN, infinities, a bool)."""
     if v is None or isinstance(v, bool | str):
         return None
     try:
@@ -60,7 +61,7 @@ def num(v: Any, digits: int = 3, missing: str = "") -> str:
 
     Numbers of ``10**(digits-1)`` and more keep all their integer digits (a count of tokens is not
     rounded to ``15,200``); magnitudes below 1e-4 are written ``3.3e-5``; trailing zeros are dropped."""
-    x = _finite(v)
+    x = finite(v)
     if x is None:
         return missing
     if x == 0:
@@ -82,7 +83,7 @@ def pm(mean: Any, sd: Any, digits: int = 4, missing: str = "") -> str:
     """``127.10 ± 0.71``: the spread with two significant figures, the mean to the same decimal place.
 
     Without a spread (None, NaN) the mean alone, with ``digits`` significant figures."""
-    m, s = _finite(mean), _finite(sd)
+    m, s = finite(mean), finite(sd)
     if m is None:
         return missing
     if s is None:
@@ -97,7 +98,7 @@ def pm(mean: Any, sd: Any, digits: int = 4, missing: str = "") -> str:
 
 def interval(lo: Any, hi: Any, digits: int = 4, missing: str = "") -> str:
     """``125.0–129.2``: both ends with the decimals the interval's width needs (two significant figures of it)."""
-    a, b = _finite(lo), _finite(hi)
+    a, b = finite(lo), finite(hi)
     if a is None or b is None:
         return missing
     width = abs(b - a)
@@ -109,7 +110,7 @@ def interval(lo: Any, hi: Any, digits: int = 4, missing: str = "") -> str:
 
 def count(v: Any, missing: str = "") -> str:
     """A whole number: ``11,200``."""
-    x = _finite(v)
+    x = finite(v)
     return missing if x is None else f"{int(round(x)):,}"
 
 
@@ -126,7 +127,7 @@ def seconds(v: Any, digits: int = 3, missing: str = "") -> str:
 
 def pct(fraction: Any, digits: int = 2, missing: str = "") -> str:
     """A fraction as a percentage with ``digits`` significant figures: 0.5 -> ``50%``, 0.0042 -> ``0.42%``."""
-    x = _finite(fraction)
+    x = finite(fraction)
     return missing if x is None else f"{num(x * 100, digits)}%"
 
 
