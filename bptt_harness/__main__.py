@@ -1,3 +1,3 @@
-from bptt_harness.cli import main
+from bptt_harness.cli import entry
 
-raise SystemExit(main())
+raise SystemExit(entry())

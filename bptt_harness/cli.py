@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, fields
 from typing import Any, NoReturn
 
-from bptt_harness import __version__
+from bptt_harness import __version__, allocator
 from bptt_harness.errors import HarnessError
 
 
@@ -258,6 +258,14 @@ def _quiet_libraries(verbose: bool) -> None:
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     warnings.filterwarnings("ignore", category=FutureWarning, module="optuna")
     optuna.logging.set_verbosity(optuna.logging.INFO if verbose else optuna.logging.ERROR)
+
+
+def entry() -> int:
+    """``bptt-harness`` and ``python -m bptt_harness``: a process of its own, so its allocator keeps freed
+    memory for the next step (:mod:`bptt_harness.allocator`); :func:`main` (also called in-process, by
+    tests and scripts) leaves the allocator alone."""
+    allocator.keep_freed_memory()
+    return main()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,6 +21,7 @@ from typing import Any
 import psutil
 import torch
 
+from bptt_harness import allocator
 from bptt_harness.cuda_check import check_installed
 from bptt_harness.errors import HarnessError
 from bptt_harness.probe import MIB, make_probe, sample_dict
@@ -108,6 +109,7 @@ def fingerprint(device: torch.device | str) -> dict[str, Any]:
     cpu = cpu_model()
     fp.update(
         torch_version=torch.__version__,
+        malloc=allocator.setting(),
         cpu_model=cpu,
         # Cores this process may use (a container or taskset limit), not the host's count.
         cpu_cores=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),

@@ -257,6 +257,8 @@ class Hardware:
     cuda_version: str | None = col(None, "CUDA version of torch")
     cudnn_version: int | None = col(None, "cuDNN version of torch")
     torch_version: str | None = col(None, "torch version")
+    malloc: str | None = col(None, "the C allocator while training: kept (freed memory kept for reuse, as "
+                                   "bptt-harness's own processes ask of glibc), default, or what set it otherwise")
     cpu_model: str | None = col(None, "CPU model")
     cpu_cores: int | None = col(None, "CPU cores this process may use")
     ram_gib: float | None = col(None, "host memory", "GiB")

@@ -16,9 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import ctypes
-import ctypes.util
-import functools
 import gc
 import itertools
 import logging
@@ -34,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from bptt_harness import allocator
 from bptt_harness.batching import VariableBptt, batchify, epoch_windows, get_batch
 from bptt_harness.corpus import Corpus, check_fits
 from bptt_harness.corpus import load as load_corpus
@@ -634,24 +632,13 @@ def _cuda_memory_cap(device: torch.device, cap_mib: float | None) -> Iterator[No
 
 # --------------------------------------------------------------------------- memory
 
-@functools.cache
-def _libc() -> Any:
-    name = ctypes.util.find_library("c")
-    try:
-        return ctypes.CDLL(name) if name else None
-    except OSError:
-        return None
-
-
 def release_memory(device: torch.device) -> None:
     """Free what the last trial left: Python garbage, torch's CUDA cache, and on glibc the heap pages
     that malloc keeps after a free (so the next trial's resident set starts from what is really live)."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    libc = _libc()
-    if libc is not None and hasattr(libc, "malloc_trim"):
-        libc.malloc_trim(0)
+    allocator.trim()
 
 
 # --------------------------------------------------------------------------- the trial

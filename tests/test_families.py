@@ -30,7 +30,7 @@ from bptt_harness.report.advice import evaluation_note
 from bptt_harness.report.memory import make_fit
 from bptt_harness.spec import ModelConfig, TrainConfig, TrialSpec
 from bptt_harness.trainer import run_trial
-from bptt_harness.transformer import TransformerLM, band_mask
+from bptt_harness.transformer import TransformerLM, band_mask, rotary_phases, rotate
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -105,6 +105,25 @@ def test_a_transformer_reads_the_key_only_when_its_context_reaches_it(k8: Corpus
 
 
 # --------------------------------------------------------------------------- the transformer's parts
+
+def test_rotate_turns_each_pair_by_its_positions_angle_so_scores_depend_only_on_distance() -> None:
+    torch.manual_seed(0)
+    inv_freq = torch.tensor([1.0, 0.1])
+    x = torch.randn(3, 5, 4)   # (heads, positions, width)
+    turned = rotate(x, rotary_phases(5, inv_freq))
+    for p in range(5):
+        for j, f in enumerate(inv_freq.tolist()):
+            a, b = x[:, p, 2 * j], x[:, p, 2 * j + 1]
+            c, s = math.cos(p * f), math.sin(p * f)
+            assert torch.allclose(turned[:, p, 2 * j], a * c - b * s, atol=1e-6)
+            assert torch.allclose(turned[:, p, 2 * j + 1], b * c + a * s, atol=1e-6)
+    q, k = torch.randn(4), torch.randn(4)
+    phases = rotary_phases(9, inv_freq)
+    score = lambda i, j: float(rotate(q.view(1, 4), phases[i:i + 1]) @ rotate(k.view(1, 4), phases[j:j + 1]).T)  # noqa: E731
+    assert score(5, 2) == pytest.approx(score(8, 5), abs=1e-5) == pytest.approx(score(3, 0), abs=1e-5)
+    assert score(5, 2) != pytest.approx(score(5, 3), abs=1e-3)
+    assert rotate(x.bfloat16(), rotary_phases(5, inv_freq)).dtype == torch.bfloat16
+
 
 def test_a_carried_memory_gives_the_same_logits_as_one_long_window() -> None:
     """Rotary positions are relative: the second window with the first's keys and values carried scores

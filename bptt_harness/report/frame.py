@@ -106,8 +106,11 @@ def records_to_frame(records: Iterable[dict]) -> pd.DataFrame:
     rows = [record_row(r) for r in records]
     df = pd.DataFrame.from_records(rows, columns=[*TRIAL_COLUMNS, *HIDDEN]) if rows else \
         pd.DataFrame({c: pd.Series(dtype=object) for c in [*TRIAL_COLUMNS, *HIDDEN]})
-    for c in NUMERIC:
-        df[c] = pd.to_numeric(df[c].map(_num) if df[c].dtype == object else df[c], errors="coerce").astype(float)
+    # All number columns replaced at once: one by one, each would be a block of its own (a fragmented frame
+    # every later step copies).
+    numbers = pd.DataFrame({c: pd.to_numeric(df[c].map(_num) if df[c].dtype == object else df[c],
+                                             errors="coerce").astype(float) for c in NUMERIC}, index=df.index)
+    df = pd.concat([df.drop(columns=list(NUMERIC)), numbers], axis=1)[df.columns]
     missing = df["config_key"].isna()
     if missing.any():
         df.loc[missing, "config_key"] = [_key(b, s) for b, s in zip(df.loc[missing, "bptt"], df.loc[missing, "batch_size"])]
