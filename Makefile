@@ -23,7 +23,7 @@ TORCH_REQ        = torch==$(TORCH_VERSION)$(if $(and $(TORCH_BUILD),$(TORCH_INDE
 .PHONY: help venv lint test sweep report gpu-check gpu-table bench doctor clean
 
 help:
-	@echo "make lint       ruff and mypy over bptt_harness/"
+	@echo "make lint       ruff over the code, tests, benchmarks and scripts; mypy over bptt_harness/"
 	@echo "make test       run the test suite"
 	@echo "make sweep      profile $(STUDY) (once), run it and write results/<study>/report.html"
 	@echo "make report     rebuild the report of $(STUDY) from its stored trials"
@@ -47,7 +47,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check bptt_harness
+	$(VENV)/bin/ruff check bptt_harness tests benchmarks scripts
 	$(VENV)/bin/mypy
 
 test: $(STAMP)

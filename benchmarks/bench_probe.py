@@ -14,8 +14,6 @@ import argparse
 import statistics
 import sys
 import time
-from pathlib import Path
-
 
 import torch
 

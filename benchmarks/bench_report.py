@@ -13,8 +13,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from bptt_harness.report import generate_from_records
 from synthetic import synthetic_records
+
+from bptt_harness.report import generate_from_records
 
 GOAL_S = 10.0
 
@@ -49,9 +50,9 @@ def main() -> None:
         if args.storage:
             from optuna.storages import JournalStorage
             from optuna.storages.journal import JournalFileBackend
+            from synthetic import write_optuna_study
 
             from bptt_harness.report.source import StudySource, load_trials
-            from synthetic import write_optuna_study
 
             log = Path(tmp) / "journal.log"
             t1 = time.perf_counter()

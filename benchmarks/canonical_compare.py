@@ -28,12 +28,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-
 
 import torch
 import torch.nn.functional as F

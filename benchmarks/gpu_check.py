@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-
 import torch
 
 from bptt_harness.corpus import CorpusSpec, load

@@ -12,22 +12,24 @@ from pathlib import Path
 import optuna
 import pandas as pd
 import pytest
+from synthetic import SyntheticLaw, synthetic_records, write_optuna_study
 
 from bptt_harness.cli import main
 from bptt_harness.report.compare import generate_compare
 from bptt_harness.report.measured_setup import study_setup, torch_release
-from synthetic import SyntheticLaw, synthetic_records, write_optuna_study
 
 STUDY = {"name": "gpu-study", "sampler": "grid", "objectives": ["val_ppl", "seconds_per_token"],
          "corpus": {"source": "default"}, "model": {"nhid": 650, "emsize": 650},
          "train": {"tokens": 250000, "amp": "bf16"}, "search": {"bptt": [35, 70], "batch_size": [20, 80]}}
 
 
-def machine(gpu: str, mid: str, *, torch: str = "2.13.0+cu128", law: SyntheticLaw = SyntheticLaw()) -> list[dict]:
-    records = synthetic_records(bptts=(35, 70), batch_sizes=(20, 80), law=law, machine_id=mid, gpu_name=gpu,
+def machine(gpu: str, mid: str, *, torch: str = "2.13.0+cu128", law: SyntheticLaw | None = None,
+            malloc: str | None = None) -> list[dict]:
+    records = synthetic_records(bptts=(35, 70), batch_sizes=(20, 80), law=law or SyntheticLaw(), machine_id=mid, gpu_name=gpu,
                                 study="gpu-study")
     for r in records:
         r["hardware"]["torch_version"] = torch
+        r["hardware"]["malloc"] = malloc
     return records
 
 
@@ -104,6 +106,20 @@ def test_only_matching_compares_what_matches_and_warns(tmp_path: Path, capsys: p
     out_dir = tmp_path / "out" / "compare-abc"
     assert set(pd.read_csv(out_dir / "compare.csv")["machine"]) == {"GPU A", "GPU C"}
     assert 'class="bad warning"' in (out_dir / "compare.html").read_text()
+
+
+def test_the_allocator_setting_is_part_of_the_setup_where_recorded(tmp_path: Path) -> None:
+    """CPU throughput depends on it (bptt_harness/allocator.py); a record older than the column says nothing."""
+    a = folder(tmp_path, "a", machine("GPU A", "aaaa", malloc="kept"))
+    b = folder(tmp_path, "b", machine("GPU B", "bbbb", malloc="default (BPTT_HARNESS_MALLOC=default)"))
+    paths = generate_compare([str(a), str(b)], out_root=tmp_path / "ab")
+    assert "GPU B differs from GPU A: malloc 'kept' vs 'default (BPTT_HARNESS_MALLOC=default)'" in paths.summary
+    differs = paths.html.read_text().split('id="what-differs"')[1].split("</table>")[0]
+    assert "kept" in differs and "BPTT_HARNESS_MALLOC=default" in differs
+    old = folder(tmp_path, "old", machine("GPU C", "cccc"))
+    paths = generate_compare([str(a), str(old)], out_root=tmp_path / "ac")
+    assert "differs from" not in paths.summary
+    assert "not recorded" in paths.html.read_text().split('id="what-differs"')[1].split("</table>")[0]
 
 
 def test_without_a_stored_study_file_the_records_decide(tmp_path: Path) -> None:

@@ -16,8 +16,8 @@ from synthetic import synthetic_records, write_optuna_study
 from test_leaks import drop_study, require_postgres
 
 from bptt_harness import study_cli
-from bptt_harness.progress import Display
 from bptt_harness.cli import main
+from bptt_harness.progress import Display
 from bptt_harness.study_cli import invoked_as
 
 

@@ -15,11 +15,11 @@ from bptt_harness.cli import main
 from bptt_harness.config import parse_study
 from bptt_harness.errors import HarnessError
 from bptt_harness.lr import LrRule
-from bptt_harness.study.tuning import pick, short_train
 from bptt_harness.report.build import build
 from bptt_harness.report.frame import records_to_frame
 from bptt_harness.spec import TrainConfig
 from bptt_harness.study import open_storage, trial_spec
+from bptt_harness.study.tuning import pick, short_train
 
 BASE = {"name": "lr", "corpus": {"source": "synthetic:k=4,vocab=6,noise=2,tokens=8000"},
         "train": {"lr": 20.0}, "search": {"bptt": [10, 35, 140], "batch_size": [5, 20, 80]}}
@@ -224,8 +224,8 @@ def _corpus(train: int = 10_000, valid: int = 500):
 
 @pytest.mark.parametrize("ref_lr", [15.0, 20.0, 30.0])
 def test_the_tuned_ladder_never_exceeds_max_lr(monkeypatch: pytest.MonkeyPatch, ref_lr: float) -> None:
-    from bptt_harness.study.tuning import rung_lrs, tune
     from bptt_harness.spec import TrialSpec
+    from bptt_harness.study.tuning import rung_lrs, tune
 
     rule = LrRule("tuned", ladder=(0.5, 1.0, 2.0), max_lr=20.0)
     calls = _fake_ladder(monkeypatch, best_lr=40.0)   # the loss would reward the largest lr it is offered
@@ -239,8 +239,8 @@ def test_the_tuned_ladder_never_exceeds_max_lr(monkeypatch: pytest.MonkeyPatch, 
 
 
 def test_tuning_uses_another_seed_and_a_held_out_slice_of_training_data(monkeypatch: pytest.MonkeyPatch) -> None:
-    from bptt_harness.study.tuning import tune
     from bptt_harness.spec import TrialSpec
+    from bptt_harness.study.tuning import tune
 
     calls = _fake_ladder(monkeypatch)
     corpus = _corpus()

@@ -13,11 +13,20 @@ import numpy as np
 import pytest
 
 from bptt_harness.errors import HarnessError
-from bptt_harness.record import ProbeReport
 from bptt_harness.probe import (
-    CpuSource, NvmlSource, NvmlUnavailable, Probe, Rapl, Sample, energy_estimate, make_probe,
-    nvml_handle, nvml_target, rapl_delta,
+    CpuSource,
+    NvmlSource,
+    NvmlUnavailable,
+    Probe,
+    Rapl,
+    Sample,
+    energy_estimate,
+    make_probe,
+    nvml_handle,
+    nvml_target,
+    rapl_delta,
 )
+from bptt_harness.record import ProbeReport
 
 
 class Scripted:

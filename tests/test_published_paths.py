@@ -8,10 +8,10 @@ import shutil
 from pathlib import Path
 
 import pytest
+from studyfiles import write_study
 
 from bptt_harness.cli import main
 from bptt_harness.urls import relative_to_folder as relative_to_results
-from studyfiles import write_study
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -15,9 +15,9 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from synthetic import synthetic_records
 
 from bptt_harness.report import generate_from_records
-from synthetic import synthetic_records
 
 EVIL = "<script>alert(1)</script>"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -119,10 +119,10 @@ def test_report_screenshot(chromium: str, report: Path, tmp_path: Path):
 
 def test_compare_renders_offline_in_chromium(chromium: str, tmp_path: Path):
     import pandas as pd
+    from synthetic import SyntheticLaw
 
     from bptt_harness.report.compare import write_compare
     from bptt_harness.report.frame import records_to_frame
-    from synthetic import SyntheticLaw
 
     a = synthetic_records(bptts=(35, 140, 560), batch_sizes=(20, 320), machine_id="a1", gpu_name="GPU <A>",
                           law=SyntheticLaw(card_mib=16_384.0))

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from synthetic import SyntheticLaw, synthetic_records, write_optuna_study
 
 from bptt_harness.cli import main
 from bptt_harness.errors import HarnessError
 from bptt_harness.report.compare import compare_frames, generate_compare
 from bptt_harness.report.frame import records_to_frame
-from synthetic import SyntheticLaw, synthetic_records, write_optuna_study
 
 
 def results_folder(root: Path, name: str, records: list[dict]) -> Path:

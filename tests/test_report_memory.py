@@ -6,12 +6,11 @@ import math
 
 import numpy as np
 import pytest
+from synthetic import SyntheticLaw, synthetic_records
 
 from bptt_harness.report.frame import records_to_frame
-from bptt_harness.report.memory import (CARDS_MIB, card_table, fit_linear, fit_memory, leave_one_out_pct, make_fit,
-                                   memory_wall)
+from bptt_harness.report.memory import CARDS_MIB, card_table, fit_linear, fit_memory, leave_one_out_pct, make_fit, memory_wall
 from bptt_harness.trainer import cuda_pool_fraction
-from synthetic import SyntheticLaw, synthetic_records
 
 
 def test_fit_linear_recovers_a_noisy_law():

@@ -8,11 +8,12 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+from synthetic import synthetic_records
 
 from bptt_harness.record import trial_columns
 from bptt_harness.report import numbers
+from bptt_harness.report.advice import as_text, fmt_cost
 from bptt_harness.report.frame import NUMERIC, csv_frame, records_to_frame
-from synthetic import synthetic_records
 
 
 @pytest.mark.parametrize(("value", "digits", "text"), [
@@ -77,9 +78,7 @@ def test_units_and_costs() -> None:
 
 
 def test_advice_sentences_use_the_module() -> None:
-    from bptt_harness.report.advice import fmt_cost, g
-
-    assert g(0.002108) == "0.002108" and g(15_219.2) == "15,219" and g(None) == "n/a"
+    assert as_text(0.002108) == "0.002108" and as_text(15_219.2) == "15,219" and as_text(None) == "n/a"
     assert fmt_cost(0.36, "peak_mem_mib") == "0.36 MiB"
 
 

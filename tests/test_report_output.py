@@ -13,14 +13,15 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from synthetic import synthetic_records, write_optuna_study
 
 import bptt_harness.fileio as report_io
 from bptt_harness.cli import main
 from bptt_harness.errors import HarnessError
 from bptt_harness.report import generate, generate_from_records
 from bptt_harness.report.frame import CONFIG_COLUMNS, TRIAL_COLUMNS
-from bptt_harness.urls import redact as redact_url, scrub
-from synthetic import synthetic_records, write_optuna_study
+from bptt_harness.urls import redact as redact_url
+from bptt_harness.urls import scrub
 
 README = Path(__file__).resolve().parents[1] / "bptt_harness" / "report" / "README.md"
 PASSWORD = "s3cr3t-Pa55"

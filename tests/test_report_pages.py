@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from synthetic import SyntheticLaw, synthetic_records, write_optuna_study
 
 from bptt_harness.report import figures, generate, generate_from_records, html
 from bptt_harness.report.build import Report, build
@@ -19,7 +20,6 @@ from bptt_harness.report.crosscheck import profile_vs_trials
 from bptt_harness.report.frame import records_to_frame
 from bptt_harness.report.page import table
 from bptt_harness.report.source import shown_storage
-from synthetic import SyntheticLaw, synthetic_records, write_optuna_study
 
 SMALL_CARD = SyntheticLaw(card_mib=16_384.0)  # bptt 280 x bs 320 runs out of memory on it
 

@@ -11,8 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bptt_harness.report.frame import aggregate_configs, records_to_frame
-from bptt_harness.report.rank import (dominance_matrix, equal_time_ranking, pareto_ranks, pareto_ranks_2d, ppl_at,
-                                 rank_configs)
+from bptt_harness.report.rank import dominance_matrix, equal_time_ranking, pareto_ranks, pareto_ranks_2d, ppl_at, rank_configs
 
 
 def configs(rows: list[dict]) -> pd.DataFrame:
@@ -122,8 +121,8 @@ def _trial(key_bptt: int, bs: int, curve: list[tuple[float, float]], status: str
     return {"status": status, "config_key": f"bptt={key_bptt},batch_size={bs}",
             "config": {"bptt": key_bptt, "batch_size": bs, "seed": seed, "repeat": seed},
             "result": {"val_ppl": ppl, "tokens_per_s": 1000.0 * bs, "train_tokens": 10_000,
-                       "val_curve": [{"step": i, "tokens": i, "seconds": s, "loss": l, "ppl": math.exp(l)}
-                                     for i, (s, l) in enumerate(curve)]}}
+                       "val_curve": [{"step": i, "tokens": i, "seconds": s, "loss": loss, "ppl": math.exp(loss)}
+                                     for i, (s, loss) in enumerate(curve)]}}
 
 
 def test_ppl_at_interpolates_the_loss_and_is_nan_before_the_first_checkpoint():

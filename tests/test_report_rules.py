@@ -9,21 +9,23 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from synthetic import SyntheticLaw, synthetic_records
 
 from bptt_harness.report import generate_from_records
 from bptt_harness.report.frame import records_to_frame
 from bptt_harness.report.html import esc
 from bptt_harness.report.memory import fit_memory
 from bptt_harness.report.rules import (
+    STEP_WORK,
     VERDICTS,
     check_memory,
     check_rules,
     check_speed,
     check_stability,
+    equal_step_groups,
     stratified_p,
     within_slope,
 )
-from synthetic import SyntheticLaw, synthetic_records
 
 # Three equal-tokens-per-step groups: 1,400 (35x40, 70x20), 2,800 (35x80, 70x40, 140x20), 5,600 (70x80, 140x40).
 BPTTS, BSS = (35, 70, 140), (20, 40, 80)
@@ -287,3 +289,12 @@ def test_clip_is_a_searched_key_that_reaches_the_trial_and_its_record() -> None:
     assert record.config.value("clip") == 0.25
     assert records_to_frame([record.to_dict()])["clip"].tolist() == [0.25]
     assert trial_spec(config, {**params, "clip": 0.0}, repeat=0).train.clip == 0.0
+
+
+@pytest.mark.parametrize("key", ["heads", "mem_len", "weight_dropout"])
+def test_shapes_of_models_that_differ_in_any_recorded_model_key_are_not_compared(key: str) -> None:
+    """A Transformer's heads or memory, an AWD-LSTM's dropouts change a step's work as much as its width."""
+    runs = pd.DataFrame({"tokens_per_step": [640, 640], "bptt": [10, 20], "batch_size": [64, 32],
+                         "model": ["transformer"] * 2, key: [1, 2]})
+    assert equal_step_groups(runs, STEP_WORK) == []
+    assert len(equal_step_groups(runs.assign(**{key: 1}), STEP_WORK)) == 1

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from synthetic import synthetic_records
 
 from bptt_harness.config import load_study
 from bptt_harness.report.build import build
 from bptt_harness.report.frame import aggregate_configs, records_to_frame
 from bptt_harness.report.html import render
 from bptt_harness.report.space import is_grid
-from synthetic import synthetic_records
 
 STUDIES = sorted((Path(__file__).resolve().parent.parent / "studies").glob("*.toml"))
 

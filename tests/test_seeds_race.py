@@ -13,11 +13,11 @@ from optuna.trial import TrialState
 
 from bptt_harness.cli import main
 from bptt_harness.config import load_study
-from bptt_harness.study.race import RACE_KEY, Standing, plan_round
 from bptt_harness.report.build import build
 from bptt_harness.report.frame import records_to_frame
 from bptt_harness.seeds import leaders, pooled_cv, seed_means
 from bptt_harness.study import Objective, open_storage, prepare
+from bptt_harness.study.race import RACE_KEY, Standing, plan_round
 
 
 def test_pooled_noise_standard_error_and_ties_by_hand() -> None:

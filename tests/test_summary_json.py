@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from synthetic import synthetic_records
 
 from bptt_harness.report import generate_from_records
 from bptt_harness.report.advice import Advice
@@ -15,7 +16,6 @@ from bptt_harness.report.build import build
 from bptt_harness.report.frame import records_to_frame
 from bptt_harness.report.page import esc
 from bptt_harness.report.summary import summary
-from synthetic import synthetic_records
 
 
 def strict(text: str) -> dict:

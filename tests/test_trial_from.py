@@ -13,10 +13,10 @@ import pandas as pd
 import pytest
 
 from bptt_harness import trial_cli
-from bptt_harness.fieldkind import field_kind
 from bptt_harness.cli import build_parser, main
 from bptt_harness.corpus import CorpusSpec
 from bptt_harness.errors import HarnessError
+from bptt_harness.fieldkind import field_kind
 from bptt_harness.spec import ModelConfig, TrainConfig
 
 

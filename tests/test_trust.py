@@ -25,10 +25,9 @@ from bptt_harness.batching import VariableBptt
 from bptt_harness.corpus import Corpus, document_order, load
 from bptt_harness.model import RNNModel
 from bptt_harness.probe import Probe, Sample
-from bptt_harness.record import (STATUSES, ProbeReport, StudyInfo, TrialRecord, TrialResult, columns_markdown, flatten,
-                            trial_columns)
+from bptt_harness.record import STATUSES, ProbeReport, StudyInfo, TrialRecord, TrialResult, columns_markdown, flatten, trial_columns
 from bptt_harness.spec import ModelConfig, RunOptions, TrainConfig, TrialSpec
-from bptt_harness.trainer import Budget, DivergenceGuard, Diverged, is_oom, run_trial
+from bptt_harness.trainer import Budget, Diverged, DivergenceGuard, is_oom, run_trial
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ModelConfig(emsize=16, nhid=16, layers=1, dropout=0.0)
@@ -206,8 +205,9 @@ def test_warm_up_steps_are_excluded_and_a_too_short_trial_is_flagged(syn):
 
 
 def test_the_report_marks_throughput_that_includes_the_warm_up(tmp_path):
-    from bptt_harness.report import generate
     from synthetic import synthetic_records, write_optuna_study
+
+    from bptt_harness.report import generate
 
     recs = synthetic_records(bptts=(35, 70), batch_sizes=(20,))
     recs[0]["result"]["timing_includes_warmup"] = True
@@ -405,8 +405,9 @@ def test_cpu_workers_get_their_own_cores_and_say_they_shared_the_host():
 
     assert cpu_share(0, 2, [0, 1]) == [0] and cpu_share(1, 2, [0, 1]) == [1]
     assert cpu_share(1, 2, [0, 1, 2, 3]) == [2, 3] and cpu_share(2, 3, [0, 1]) == [0]
-    from bptt_harness.report.frame import aggregate_configs, records_to_frame
     from synthetic import synthetic_records
+
+    from bptt_harness.report.frame import aggregate_configs, records_to_frame
 
     recs = synthetic_records(bptts=(35,), batch_sizes=(20, 40), gpu_name=None)
     recs[0]["study"]["host_workers"] = 2

@@ -9,13 +9,13 @@ import optuna
 import pytest
 from optuna.trial import FrozenTrial, TrialState, create_trial
 
+from bptt_harness.observers import TimeGrid
 from bptt_harness.report.build import build
 from bptt_harness.report.frame import aggregate_configs, records_to_frame
 from bptt_harness.report.html import render
 from bptt_harness.report.rank import equal_time_ranking, rank_configs
 from bptt_harness.spec import ModelConfig, TrainConfig, TrialSpec
 from bptt_harness.study import observe_until
-from bptt_harness.observers import TimeGrid
 from bptt_harness.trainer import run_trial
 
 

@@ -45,7 +45,7 @@ class Advice:
     notes: list[str] = field(default_factory=list)
 
 
-def g(v: float, digits: int = 4) -> str:
+def as_text(v: float, digits: int = 4) -> str:
     """A number for a sentence: ``123.4``, ``0.3612``, ``45,210`` (bptt_harness.report.numbers)."""
     return numbers.num(v, digits, missing="n/a")
 
@@ -55,12 +55,12 @@ def fmt_cost(v: float, cost: str) -> str:
 
 
 def _ppl(row: pd.Series) -> str:
-    text = g(row["val_ppl"])
+    text = as_text(row["val_ppl"])
     if "val_ppl_lo" in row.index:  # n and the interval over seeds (bptt_harness.report.noise)
         return f"{text} [{interval_text(row)}]"
     std, n = row.get("val_ppl_std"), row.get("n", 1)
     if n and n > 1 and std is not None and math.isfinite(std):
-        text += f" ± {g(std, 2)}"
+        text += f" ± {as_text(std, 2)}"
     return text
 
 
@@ -136,8 +136,8 @@ def _lr_note(row: pd.Series) -> str:
     if not isinstance(rule, str) or not rule or lr is None or pd.isna(lr):
         return ""
     if rule == "fixed":
-        return f" (lr {g(lr, 3)}, the same for every shape)"
-    return f" (lr {g(lr, 3)}, {'tuned' if rule == 'tuned' else f'by the {rule} rule'})"
+        return f" (lr {as_text(lr, 3)}, the same for every shape)"
+    return f" (lr {as_text(lr, 3)}, {'tuned' if rule == 'tuned' else f'by the {rule} rule'})"
 
 
 def _tests_text(lead: Leaders) -> str:
@@ -161,7 +161,7 @@ def _seed_noise_clause(table: pd.DataFrame, rec: pd.Series, extra: list[str]) ->
     rows = table.set_index(table["config_key"].astype(str))
     ties = [rows.loc[k] for k in lead.tied]
     return (f" Within the seed noise ({_tests_text(lead)}) its perplexity ties with "
-            + ", ".join(f"{label(r, extra)} ({g(r['val_ppl'])})" for r in ties[:4])
+            + ", ".join(f"{label(r, extra)} ({as_text(r['val_ppl'])})" for r in ties[:4])
             + (f" and {len(ties) - 4} more" if len(ties) > 4 else "") + ".")
 
 
@@ -177,8 +177,8 @@ def _test_clause(rec: pd.Series, best: pd.Series, extra: list[str]) -> str:
     if t_rec is None or pd.isna(t_rec):
         return ""
     if rec["config_key"] == best["config_key"] or t_best is None or pd.isna(t_best):
-        return f" Test perplexity: {g(t_rec)}."
-    return f" Test perplexity: {g(t_rec)}; the best by validation, {label(best, extra)}, {g(t_best)}."
+        return f" Test perplexity: {as_text(t_rec)}."
+    return f" Test perplexity: {as_text(t_rec)}; the best by validation, {label(best, extra)}, {as_text(t_best)}."
 
 
 def _by_budget(budget: BudgetVerdict | None) -> Finding | None:
@@ -195,13 +195,13 @@ def _lr_rule(trials: pd.DataFrame, table: pd.DataFrame) -> Finding | None:
     lrs = table["lr"].dropna()
     out = f"{text.iloc[0][0].upper()}{text.iloc[0][1:]}."
     if len(lrs) and lrs.nunique() > 1:
-        out += f" The configurations used lr {g(lrs.min(), 3)} to {g(lrs.max(), 3)} (configs.csv has each one)."
+        out += f" The configurations used lr {as_text(lrs.min(), 3)} to {as_text(lrs.max(), 3)} (configs.csv has each one)."
     tune = pd.to_numeric(trials["lr_tune_tokens"], errors="coerce").fillna(0) if "lr_tune_tokens" in trials else None
     trained = trials["train_tokens"].fillna(0).sum()
     if tune is not None and tune.sum() > 0 and trained > 0:
         seconds = pd.to_numeric(trials["lr_tune_s"], errors="coerce").fillna(0).sum()
         out += (f" Tuning cost {int(tune.sum()):,} training tokens ({tune.sum() / trained:.0%} on top of the "
-                f"{int(trained):,} the trials trained on) and {g(seconds, 3)} s.")
+                f"{int(trained):,} the trials trained on) and {as_text(seconds, 3)} s.")
     return Finding("lr", "How was the learning rate set?", out)
 
 
@@ -307,7 +307,7 @@ def _bptt_helps(evidence: BpttEvidence | None) -> Finding | None:
                        "tokens per step, lr, steps and model settings), so nothing here says what bptt does."
                        + (" Between the configurations compared, " + "; ".join(c.text for c in found) + "."
                           if found else ""))
-    cells = ", ".join(f"bptt {int(r['bptt'])}: {g(r['val_ppl'])} [{interval_text(r)}]" for _, r in piece.iterrows())
+    cells = ", ".join(f"bptt {int(r['bptt'])}: {as_text(r['val_ppl'])} [{interval_text(r)}]" for _, r in piece.iterrows())
     measured = f"Among {evidence.confounds.scope}, perplexity was {cells}."
     if found:
         return Finding("bptt", title, f"Inconclusive at this budget: {'; '.join(c.text for c in found)}. {measured}")
@@ -445,10 +445,10 @@ def _threshold(configs: pd.DataFrame, diverged: pd.DataFrame) -> str | None:
         is_div = configs["config_key"].isin(diverged["config_key"])
         lo = diverged[f].min()
         if (configs[f] >= lo).sum() and is_div[configs[f] >= lo].all() and not is_div.all():
-            return f"Every configuration with {word} ≥ {g(lo)} diverged: that is the stability edge."
+            return f"Every configuration with {word} ≥ {as_text(lo)} diverged: that is the stability edge."
         hi = diverged[f].max()
         if (configs[f] <= hi).sum() and is_div[configs[f] <= hi].all() and not is_div.all():
-            return f"Every configuration with {word} ≤ {g(hi)} diverged: that is the stability edge."
+            return f"Every configuration with {word} ≤ {as_text(hi)} diverged: that is the stability edge."
     return None
 
 
@@ -480,8 +480,8 @@ def _interaction(table: pd.DataFrame, rec: pd.Series, extra: list[str], trials: 
         # The example: the group of equal tokens per step with most members (ties: nearest the recommendation).
         groups.sort(key=lambda grp: (-len(grp), abs(math.log(grp["tokens_per_step"].iloc[0] / rec["tokens_per_step"]))))
         ex = groups[0]
-        cells = "; ".join(f"bptt {int(r['bptt'])} × bs {int(r['batch_size'])}: {g(r['tokens_per_s'])} tokens/s, "
-                          f"perplexity {g(r['val_ppl'])}" for _, r in ex.head(5).iterrows())
+        cells = "; ".join(f"bptt {int(r['bptt'])} × bs {int(r['batch_size'])}: {as_text(r['tokens_per_s'])} tokens/s, "
+                          f"perplexity {as_text(r['val_ppl'])}" for _, r in ex.head(5).iterrows())
         ppl_means = table_means(table)
         ok = trials[(trials["status"] == "ok") & trials["tokens_per_s"].notna()]
         # Throughput noise is run-to-run, measured like perplexity's: own spread at n >= 2, else pooled.
@@ -505,9 +505,9 @@ def _interaction(table: pd.DataFrame, rec: pd.Series, extra: list[str], trials: 
     if len(same_b) >= 2:
         a, b = same_b.iloc[0], same_b.iloc[-1]
         text = (f"At bptt {int(rec['bptt'])}, going from batch size {int(a['batch_size'])} to {int(b['batch_size'])} "
-                f"changes throughput from {g(a['tokens_per_s'])} to {g(b['tokens_per_s'])} tokens/s "
-                f"({b['tokens_per_s'] / a['tokens_per_s']:.2g}x) and perplexity from {g(a['val_ppl'])} to "
-                f"{g(b['val_ppl'])}. No two configurations share bptt × bs, so shapes cannot be compared "
+                f"changes throughput from {as_text(a['tokens_per_s'])} to {as_text(b['tokens_per_s'])} tokens/s "
+                f"({b['tokens_per_s'] / a['tokens_per_s']:.2g}x) and perplexity from {as_text(a['val_ppl'])} to "
+                f"{as_text(b['val_ppl'])}. No two configurations share bptt × bs, so shapes cannot be compared "
                 "at fixed tokens per step.")
         return Finding("interaction", title, text)
     return Finding("interaction", title, "Cannot tell: the study has too few batch sizes per bptt.")
@@ -544,18 +544,18 @@ def _equal_time(et: EqualTime | None, table: pd.DataFrame, extra: list[str]) -> 
         noise = " (no configuration has two runs there: the seed noise at that time is unknown, so this may not be real)"
     interval = et.table.set_index("config_key")["ppl_at_time_interval"] if "ppl_at_time_interval" in et.table else {}
     if et.disagree:
-        text = (f"No. At the study's budget the best is {label(bb, extra)} (perplexity {g(bb['val_ppl'])}); "
+        text = (f"No. At the study's budget the best is {label(bb, extra)} (perplexity {as_text(bb['val_ppl'])}); "
                 f"at equal training time — {et.seconds:.3g} s, the latest time every configuration reached — it is "
-                f"{label(tb, extra)} (perplexity {g(at[et.best_time])}, {interval.get(et.best_time) or 'n/a'}){rho}, "
+                f"{label(tb, extra)} (perplexity {as_text(at[et.best_time])}, {interval.get(et.best_time) or 'n/a'}){rho}, "
                 f"and the budget's best is separated from it{noise}.")
     elif et.best_time == et.best_budget:
         sep = " and separated from every other configuration" if lead is not None and lead.separated else ""
         text = (f"Yes. At equal training time — {et.seconds:.3g} s, the latest time every configuration reached — "
-                f"the study's best, {label(bb, extra)}, is still best{sep} (perplexity {g(at[et.best_budget])}){rho}"
+                f"the study's best, {label(bb, extra)}, is still best{sep} (perplexity {as_text(at[et.best_budget])}){rho}"
                 f"{noise if sep else ''}.")
     else:
         text = (f"Yes, within the noise. At equal training time — {et.seconds:.3g} s, the latest time every "
-                f"configuration reached — {label(tb, extra)} is lowest (perplexity {g(at[et.best_time])}), and the "
-                f"study's best, {label(bb, extra)} (perplexity {g(at[et.best_budget])}), is not separated from it"
+                f"configuration reached — {label(tb, extra)} is lowest (perplexity {as_text(at[et.best_time])}), and the "
+                f"study's best, {label(bb, extra)} (perplexity {as_text(at[et.best_budget])}), is not separated from it"
                 f"{noise}{rho}.")
     return Finding("equal_time", title, text + tail)

@@ -138,23 +138,33 @@ def _summary_row(c: pd.DataFrame, name: str, first: pd.DataFrame) -> dict:
 
 
 def what_differs(trials: pd.DataFrame, setups: dict[str, dict]) -> pd.DataFrame:
-    """Per result set: machine, torch, setup hash(es), the settings that differ from the first result set's,
-    and when its trials ran."""
+    """Per result set: machine, torch, the C allocator's setting, setup hash(es), the settings that differ from
+    the first result set's, and when its trials ran."""
     trials = trials.assign(machine=machine_labels(trials), result_set=result_sets(trials))
     order = list(dict.fromkeys(trials["result_set"]))
     ref_setup = trials["setup"].iloc[0] if "setup" in trials else None
+    ref_malloc = _recorded(trials[trials["result_set"] == order[0]], "malloc") if order else ""
     rows = []
     for name in order:
         g = trials[trials["result_set"] == name]
         hashes = list(dict.fromkeys(g["setup"].astype(str))) if "setup" in g else []
         differ = [differences(setups[ref_setup], setups[h]) for h in hashes
                   if ref_setup is not None and h != ref_setup and h in setups and ref_setup in setups]
+        malloc = _recorded(g, "malloc")
+        # Throughput depends on the allocator (bptt_harness/allocator.py); a record older than the column says
+        # nothing, so only two recorded settings can differ.
+        if malloc and ref_malloc and malloc != ref_malloc:
+            differ.append(f"malloc {ref_malloc!r} vs {malloc!r}")
         rows.append({"result_set": name, "source": g["source"].iloc[0] if "source" in g else "",
-                     "machine": g["machine"].iloc[0],
-                     "torch": ", ".join(dict.fromkeys(g["torch_version"].dropna().astype(str))) or "unknown",
-                     "setup": ", ".join(hashes), "differs": "; ".join(d for d in differ if d),
-                     "ran": _dates(g), "trials": len(g)})
+                     "machine": g["machine"].iloc[0], "torch": _recorded(g, "torch_version") or "unknown",
+                     "malloc": malloc or "not recorded", "setup": ", ".join(hashes),
+                     "differs": "; ".join(d for d in differ if d), "ran": _dates(g), "trials": len(g)})
     return pd.DataFrame(rows)
+
+
+def _recorded(g: pd.DataFrame, col: str) -> str:
+    """The values of ``col`` in a result set, each once, or "" where none was recorded."""
+    return ", ".join(dict.fromkeys(g[col].dropna().astype(str))) if col in g else ""
 
 
 def _dates(g: pd.DataFrame) -> str:
@@ -261,8 +271,8 @@ def _alike(differ: pd.DataFrame) -> str | None:
     same_machine = differ["machine"].nunique() == 1
     changed = [d for d in differ["differs"] if d]
     if same_machine and not changed:
-        return ("Same machine and same setup (corpus, model, train settings, torch release): differences between "
-                "these result sets are run-to-run variation.")
+        return ("Same machine and same setup (corpus, model, train settings, torch release, allocator where "
+                "recorded): differences between these result sets are run-to-run variation.")
     if same_machine:
         return "Same machine; the setups differ as listed: differences between the result sets are their effect."
     if not changed:
@@ -353,6 +363,7 @@ def _differ_table(differ: pd.DataFrame, letters: dict[str, str]) -> str:
     cols: list[Column] = [("", "key", lambda r: letters[r["result_set"]]),
                           ("l", "result set", lambda r: r["result_set"]),
                           ("l", "machine", lambda r: r["machine"]), ("l", "torch", lambda r: r["torch"]),
+                          ("l", "allocator", lambda r: r["malloc"]),
                           ("l", "setup", lambda r: r["setup"]),
                           ("wrap", "differs from the first in", lambda r: r["differs"] or ("—" if r.name else "(reference)")),
                           ("l", "ran (UTC)", lambda r: r["ran"]), ("", "trials", lambda r: str(r["trials"]))]

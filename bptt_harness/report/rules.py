@@ -26,6 +26,7 @@ import pandas as pd
 
 from bptt_harness.report import numbers
 from bptt_harness.report.memory import MemoryFit
+from bptt_harness.spec import RECORDED_MODEL_KEYS
 from bptt_harness.stats import t_quantile
 
 __all__ = ["MEMORY_SAME", "SPEED_SAME", "STEP_WORK", "TRAINING", "VERDICTS", "RuleCheck", "RulesOfThumb", "Verdict",
@@ -37,8 +38,9 @@ VERDICTS: tuple[Verdict, ...] = ("holds", "does not hold", "inconclusive", "not 
 
 # What decides the work and the memory of one training step besides its shape. lr and clip do not (a step
 # computes the same whatever its lr, and the norm is computed with clipping off too), so memory and speed
-# compare shapes across them; the machine does, so results of two machines are never compared.
-STEP_WORK = ("model", "nhid", "emsize", "layers", "dropout", "optimizer", "variable_bptt", "device", "machine_id")
+# compare shapes across them; the machine does, so results of two machines are never compared. The model's
+# keys are the ones every trial record keeps (a Transformer's heads and memory, the AWD-LSTM's dropouts).
+STEP_WORK = ("model", *RECORDED_MODEL_KEYS, "optimizer", "variable_bptt", "device", "machine_id")
 # What decides whether a run diverges besides its shape: everything above, the lr and the clip.
 TRAINING = (*STEP_WORK, "lr", "clip")
 # Reducing bptt and reducing bs "free the same memory per token" when their slopes differ by at most this.
