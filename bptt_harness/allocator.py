@@ -4,7 +4,8 @@ between trials.
 A CPU training step allocates and frees the same large buffers every step (the logits and their
 gradient: 28 MB each at bptt 35 x bs 20 over 10,000 words). With glibc's defaults the heap's free top is
 given back to the kernel once it passes the trim threshold, and the next step takes those pages again,
-one page fault each: 4-7 thousand faults a step at that shape, 5-13% of the step. PyTorch's CPU
+one page fault each: 4-15 thousand faults a step at that shape. Keeping them made ``bptt-harness trial``
+9% faster there (median of 5 alternated rounds of ``benchmarks/bench_trainer.py``; single runs 5-21%). PyTorch's CPU
 performance guide recommends an allocator that keeps freed memory (jemalloc, tcmalloc); :func:`keep_freed_memory`
 gets the same effect from glibc itself: blocks up to 32 MiB (glibc's largest mmap threshold) come from the
 heap, and the heap's free top is kept for the next step. Blocks above 32 MiB still come from fresh
@@ -20,11 +21,12 @@ set starts from what is live.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import functools
 import os
 from collections.abc import Mapping
 from typing import Any
+
+from bptt_harness.errors import HarnessError
 
 __all__ = ["KEPT", "MMAP_THRESHOLD", "OPT_OUT_ENV", "TRIM_THRESHOLD", "glibc_available", "keep_freed_memory", "left_alone",
            "setting", "trim"]
@@ -45,9 +47,10 @@ _asked: list[str] = []
 
 @functools.cache
 def _libc() -> Any:
-    name = ctypes.util.find_library("c")
+    """The process's own symbols (the C library among them): no search for the library's file, which
+    starts ``ldconfig`` and finds nothing in a slim container."""
     try:
-        return ctypes.CDLL(name) if name else None
+        return ctypes.CDLL(None)
     except OSError:
         return None
 
@@ -67,8 +70,12 @@ def glibc_available() -> bool:
 
 def left_alone(environ: Mapping[str, str]) -> str | None:
     """Why a process with this environment keeps its allocator as it is (the user's to set), or None."""
-    if environ.get(OPT_OUT_ENV, "").strip().lower() == "default":
+    opt_out = environ.get(OPT_OUT_ENV, "")
+    if opt_out.strip().lower() == "default":
         return f"default ({OPT_OUT_ENV}=default)"
+    if opt_out.strip():
+        raise HarnessError(f"{OPT_OUT_ENV}={opt_out!r}: the only value is 'default' (glibc's own settings); "
+                           "unset it to keep freed memory for the next step")
     preload = [p for p in environ.get("LD_PRELOAD", "").replace(":", " ").split() if "malloc" in p]
     if preload:
         return f"LD_PRELOAD {os.path.basename(preload[0])}"
@@ -82,8 +89,9 @@ def left_alone(environ: Mapping[str, str]) -> str | None:
 def keep_freed_memory() -> str:
     """Ask glibc to keep freed blocks of up to 32 MiB for reuse (see the module's docstring); the setting
     this process now runs with, as :func:`setting` gives it. Left as it is where the environment says
-    otherwise (``BPTT_HARNESS_MALLOC=default``, a preloaded allocator, glibc's own ``MALLOC_*`` or
-    ``GLIBC_TUNABLES=glibc.malloc.*``) or where the C library is not glibc."""
+    otherwise (``BPTT_HARNESS_MALLOC=default``, a preloaded allocator, glibc's malloc thresholds or arenas
+    in ``MALLOC_*`` or ``GLIBC_TUNABLES=glibc.malloc.*``) or where the C library is not glibc. Any other
+    value of ``BPTT_HARNESS_MALLOC`` is a ``HarnessError``."""
     why = left_alone(os.environ)
     libc = _glibc()
     if why is None and libc is not None:

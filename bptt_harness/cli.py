@@ -264,7 +264,11 @@ def entry() -> int:
     """``bptt-harness`` and ``python -m bptt_harness``: a process of its own, so its allocator keeps freed
     memory for the next step (:mod:`bptt_harness.allocator`); :func:`main` (also called in-process, by
     tests and scripts) leaves the allocator alone."""
-    allocator.keep_freed_memory()
+    try:
+        allocator.keep_freed_memory()
+    except HarnessError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
     return main()
 
 

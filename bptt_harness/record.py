@@ -216,6 +216,9 @@ class TrialConfig:
     model: str | None = col(None, "the model family (lstm, gru, ...), or a factory's module:function; the shape columns "
                                   "(nhid, emsize, layers, dropout) are those the family reads (a factory's: only the "
                                   "searched ones; n_params says its size)")
+    model_revision: int | None = col(None, "revision of the model family's code (spec.FamilyInfo.revision): two "
+                                           "revisions compute different models; empty in records older than "
+                                           "the column, which are revision 1")
     optimizer: str | None = col(None, "sgd or adamw")
     seed: int | None = col(None, "random seed of the trial")
     repeat: int | None = col(None, "repeat index of the configuration (0 for the first run)")

@@ -68,6 +68,9 @@ class FamilyInfo:
         memory_terms: the memory law's terms, fitted by the report (``window × bs`` for a recurrent model;
             attention without a fused kernel adds ``window² × bs``).
         check: further validation of a ``ModelConfig`` of this family (one-line ``HarnessError``).
+        revision: the version of what the family's model computes, raised whenever a change alters its
+            results (an activation, a position encoding, a dropout's random draws); recorded with every
+            trial, so ``bptt-harness compare`` names results of two revisions as different setups.
     """
 
     name: str
@@ -77,6 +80,7 @@ class FamilyInfo:
     evaluation: str | Callable[[ModelConfig], str] = "carried"
     memory_terms: tuple[MemoryTerm, ...] = (WINDOW_X_BS,)
     check: Callable[[ModelConfig], None] | None = None
+    revision: int = 1
 
     def __post_init__(self) -> None:
         if not re.match(r"^[a-z][a-z0-9_-]*$", self.name or ""):
@@ -155,7 +159,7 @@ GRU = FamilyInfo("gru", keys=_RNN_KEYS, shape="{layers}x{nhid}", check=_tied_siz
 TRANSFORMER = FamilyInfo("transformer", keys=("emsize", "nhid", "layers", "heads", "dropout", "mem_len", "tied"),
                          shape="{layers}x{emsize} h{heads} mem{mem_len}", carries_state=_carries_memory,
                          evaluation=_transformer_evaluation, memory_terms=(WINDOW_X_BS, WINDOW2_X_BS, BS),
-                         check=_check_transformer)
+                         check=_check_transformer, revision=2)   # 2: ReLU, complex rotary pairs, rand_like dropout
 # The AWD-LSTM of Merity et al. and the fastai course: weight-dropped recurrent weights, embedding,
 # input, hidden and output (``dropout``) dropout, tied weights (its last layer has emsize units).
 AWD_LSTM = FamilyInfo("awd-lstm", keys=("emsize", "nhid", "layers", "dropout", "embed_dropout", "input_dropout",

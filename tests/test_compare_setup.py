@@ -122,6 +122,21 @@ def test_the_allocator_setting_is_part_of_the_setup_where_recorded(tmp_path: Pat
     assert "not recorded" in paths.html.read_text().split('id="what-differs"')[1].split("</table>")[0]
 
 
+def test_results_of_two_revisions_of_a_familys_model_are_different_setups(tmp_path: Path) -> None:
+    """A record older than the column is revision 1; a family whose code changed its results is named."""
+    old = folder(tmp_path, "old", machine("GPU A", "aaaa"))
+    new = machine("GPU A", "aaaa")
+    for r in new:
+        r["config"]["model_revision"] = 2
+    paths = generate_compare([str(old), str(folder(tmp_path, "new", new))], out_root=tmp_path / "out")
+    assert "new differs from old: model_revision 1 vs 2" in paths.summary
+    same = machine("GPU A", "aaaa")
+    for r in same:
+        r["config"]["model_revision"] = 1
+    paths = generate_compare([str(old), str(folder(tmp_path, "same", same))], out_root=tmp_path / "out2")
+    assert "differs from" not in paths.summary
+
+
 def test_without_a_stored_study_file_the_records_decide(tmp_path: Path) -> None:
     a = folder(tmp_path, "a", machine("GPU A", "aaaa"), None)
     other = machine("GPU B", "bbbb")

@@ -207,6 +207,19 @@ def test_speed_is_inconclusive_within_the_noise_or_without_repeats() -> None:
     assert ruled.verdict == "holds" and "differ in lr, which does not change the work of a step" in ruled.text
 
 
+def test_speed_compares_shapes_only_under_one_allocator_setting() -> None:
+    """The allocator moves a CPU step's speed by up to 20%: shapes timed under two settings are not compared."""
+    records = synthetic_records(bptts=BPTTS, batch_sizes=BSS, repeats=2, law=SyntheticLaw(speed_bptt_exponent=0.5))
+    setting = dict(zip(BPTTS, ("kept", "default", "LD_PRELOAD libjemalloc.so.2")))   # each bptt its own
+    for rec in records:
+        rec["hardware"]["malloc"] = setting[rec["config"]["bptt"]]
+    r = check_speed(records_to_frame(records))
+    assert r.verdict == "not tested" and "also differ in malloc" in r.text
+    for rec in records:
+        rec["hardware"]["malloc"] = "kept"
+    assert check_speed(records_to_frame(records)).verdict == "holds"
+
+
 def test_speed_is_not_tested_without_shapes_at_equal_tokens_per_step() -> None:
     r = check_speed(frame(bptts=(35,)))
     assert r.verdict == "not tested" and "no two shapes in the study share tokens per step" in r.text

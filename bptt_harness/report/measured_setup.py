@@ -1,8 +1,9 @@
 """What a set of trials measures, as a short hash, so ``bptt-harness compare`` says what differs between result sets.
 
 The setup of a trial is its study's ``[corpus]``, ``[model]`` and ``[train]`` settings as the study
-stored them (defaults filled in; precision is ``amp`` and ``tf32`` there) and the torch release it ran
-on. The configuration itself (bptt, batch size, searched keys) is not part of it: that is ``config_key``.
+stored them (defaults filled in; precision is ``amp`` and ``tf32`` there), the revision of its model
+family's code (``model_revision``; 1 in records older than the column) and the torch release it ran on.
+The configuration itself (bptt, batch size, searched keys) is not part of it: that is ``config_key``.
 Two studies with the same setup measure the same thing on whatever machine they ran.
 """
 
@@ -43,13 +44,20 @@ def torch_release(version: Any) -> str:
     return str(version).split("+")[0] if isinstance(version, str) and version else "unknown"
 
 
+def revision(value: Any) -> int:
+    """A record's ``model_revision``; a record older than the column is revision 1."""
+    v = _value(value)
+    return v if isinstance(v, int) and not isinstance(v, bool) else 1
+
+
 def attach_setup(trials: pd.DataFrame, study_config: dict | None) -> tuple[pd.DataFrame, dict[str, dict]]:
     """``trials`` with a ``setup`` column (10 hex digits), and each setup's settings by its hash."""
     base = study_setup(study_config)
     keys, setups = [], {}
     for _, row in trials.iterrows():
         fields = base if base is not None else {"record": {k: _value(row.get(k)) for k in RECORD_FIELDS}}
-        setup = {**fields, "torch": torch_release(row.get("torch_version"))}
+        setup = {**fields, "model_revision": revision(row.get("model_revision")),
+                 "torch": torch_release(row.get("torch_version"))}
         key = hashlib.sha256(json.dumps(setup, sort_keys=True, default=str).encode()).hexdigest()[:10]
         setups[key] = setup
         keys.append(key)

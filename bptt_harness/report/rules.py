@@ -29,7 +29,7 @@ from bptt_harness.report.memory import MemoryFit
 from bptt_harness.spec import RECORDED_MODEL_KEYS
 from bptt_harness.stats import t_quantile
 
-__all__ = ["MEMORY_SAME", "SPEED_SAME", "STEP_WORK", "TRAINING", "VERDICTS", "RuleCheck", "RulesOfThumb", "Verdict",
+__all__ = ["MEMORY_SAME", "SPEED_SAME", "SPEED_WORK", "STEP_WORK", "TRAINING", "VERDICTS", "RuleCheck", "RulesOfThumb", "Verdict",
            "check_memory", "check_rules", "check_speed", "check_stability", "confounded", "equal_step_groups",
            "interval", "stratified_p", "within_slope"]
 
@@ -43,6 +43,8 @@ VERDICTS: tuple[Verdict, ...] = ("holds", "does not hold", "inconclusive", "not 
 STEP_WORK = ("model", *RECORDED_MODEL_KEYS, "optimizer", "variable_bptt", "device", "machine_id")
 # What decides whether a run diverges besides its shape: everything above, the lr and the clip.
 TRAINING = (*STEP_WORK, "lr", "clip")
+# What decides a step's speed besides its work: the C allocator (bptt_harness/allocator.py; up to 20% on a CPU).
+SPEED_WORK = (*STEP_WORK, "malloc")
 # Reducing bptt and reducing bs "free the same memory per token" when their slopes differ by at most this.
 MEMORY_SAME = 0.10
 # Speed: "the same" when the interval lies within this of equal; "slower" or "faster" only beyond the noise and
@@ -533,8 +535,8 @@ def check_speed(trials: pd.DataFrame, profile: pd.DataFrame | None = None) -> Ru
     title = "Speed: if training is too slow, reduce bptt"
     ok = trials[(trials["status"] == "ok") & (trials["tokens_per_s"] > 0)]
     # Repeats of one shape time the same work whatever their seed, lr or clip.
-    cv, dof = _pooled_cv(ok.assign(_shape=_keyed(ok, ("bptt", "batch_size", *STEP_WORK))), "_shape", "tokens_per_s")
-    t = _speed_groups(ok, STEP_WORK, cv, dof, "trials")
+    cv, dof = _pooled_cv(ok.assign(_shape=_keyed(ok, ("bptt", "batch_size", *SPEED_WORK))), "_shape", "tokens_per_s")
+    t = _speed_groups(ok, SPEED_WORK, cv, dof, "trials")
     p = pd.DataFrame()
     if profile is not None and len(profile):
         cells = profile[(profile["phase"] == "grid") & profile["status"].isin(_FIT) & (profile["tokens_per_s"] > 0)]
@@ -547,7 +549,7 @@ def check_speed(trials: pd.DataFrame, profile: pd.DataFrame | None = None) -> Ru
     expect = ("On a GPU a long window with a small batch should be slower per token" if _on_gpu(trials)
               else "On a CPU the time loop is not what limits a step, so it may not be")
     if t.empty and p.empty:
-        why = confounded(ok, STEP_WORK) if len(ok) else "no trial finished"
+        why = confounded(ok, SPEED_WORK) if len(ok) else "no trial finished"
         text = f"Not tested: {why}, and the study has no profile with such shapes, so tokens/s cannot be compared at equal tokens per step."
         return RuleCheck("speed", title, SPEED_CLAIM, "not tested", text, numbers, table)
     main, source = (t, "the trials") if len(t) else (p, "the profile")

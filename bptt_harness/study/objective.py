@@ -112,7 +112,7 @@ def make_record(info: StudyInfo, spec: TrialSpec, params: dict, repeat: int, res
     study's slices this configuration belongs to (:meth:`StudyConfig.slice_names`)."""
     # The model's own keys (a factory's: only the searched ones; n_params in the result says the rest).
     config = TrialConfig(values=recorded_values(spec, params), model=spec.model.factory or spec.model.type,
-                         optimizer=spec.train.optimizer, seed=spec.train.seed, repeat=repeat,
+                         model_revision=spec.model.info.revision, optimizer=spec.train.optimizer, seed=spec.train.seed, repeat=repeat,
                          slices=",".join(slices) or None)
     return TrialRecord(config_key=config_key(params), config=config, status=result.status, error=result.error,
                        result=result, lr_choice=lr_choice or LrChoice(), hardware=from_dict(Hardware, hardware),
