@@ -42,3 +42,36 @@ def write_study(tmp_path: Path, name: str = "tiny", *, sampler: str = "grid", ob
     path.write_text(TINY.format(name=name, sampler=sampler, objectives=objectives, top=top, train=train,
                                 tokens=tokens, corpus=source, search=search))
     return path
+
+
+# A tiny study of any model: the [model] table is the test's (a family, a factory, a registered type).
+MODEL_STUDY = """
+name = "{name}"
+sampler = "grid"
+
+[corpus]
+source = "synthetic:k=4,vocab=6,noise=2,tokens=6000"
+
+[model]
+{model}
+
+[train]
+optimizer = "adamw"
+lr = 0.01
+clip = 1.0
+tokens = 1200
+checkpoints = 2
+eval_bptt = 16
+warmup_steps = 1
+
+[search]
+bptt = {bptts}
+batch_size = {batch_sizes}
+"""
+
+
+def write_model_study(tmp_path: Path, name: str, model: str, *, bptts: str = "[4, 8]", batch_sizes: str = "[4]") -> Path:
+    """``tmp_path/<name>.toml``: :data:`MODEL_STUDY` with ``model`` as its ``[model]`` table."""
+    path = tmp_path / f"{name}.toml"
+    path.write_text(MODEL_STUDY.format(name=name, model=model, bptts=bptts, batch_sizes=batch_sizes))
+    return path

@@ -18,6 +18,7 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
+from studyfiles import write_model_study
 
 import bptt_harness
 from bptt_harness.awd_lstm import AWDLSTM, embedding_dropout, locked_dropout
@@ -302,39 +303,13 @@ def test_the_trial_command_trains_a_transformer(capsys: pytest.CaptureFixture) -
     assert "emsize=16 must split into heads=3" in capsys.readouterr().err
 
 
-STUDY = """
-name = "{name}"
-sampler = "grid"
-
-[corpus]
-source = "synthetic:k=4,vocab=6,noise=2,tokens=6000"
-
-[model]
-{model}
-
-[train]
-optimizer = "adamw"
-lr = 0.01
-clip = 1.0
-tokens = 1200
-checkpoints = 2
-eval_bptt = 16
-warmup_steps = 1
-
-[search]
-bptt = [4, 8, 16]
-batch_size = {batch_sizes}
-"""
-
-
 @pytest.mark.parametrize("name, model", [
     ("tf", 'type = "transformer"\nemsize = 16\nnhid = 32\nlayers = 1\nheads = 2'),
     ("awd", 'type = "awd-lstm"\nemsize = 8\nnhid = 12\nlayers = 2\ntied = true'),
 ])
 def test_a_study_of_each_family_reports_its_rule_and_shape(tmp_path: Path, name: str, model: str) -> None:
-    study = tmp_path / f"{name}.toml"
     # The transformer's law has three terms: it needs both window and batch size to vary.
-    study.write_text(STUDY.format(name=name, model=model, batch_sizes="[2, 4]" if name == "tf" else "[4]"))
+    study = write_model_study(tmp_path, name, model, bptts="[4, 8, 16]", batch_sizes="[2, 4]" if name == "tf" else "[4]")
     paths = bptt_harness.run_study(study, results_dir=tmp_path / "results", quiet=True)
     df = bptt_harness.load_results(paths.html.parent)
     assert set(df["status"]) == {"ok"} and len(df) == (6 if name == "tf" else 3)

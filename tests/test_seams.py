@@ -22,6 +22,7 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
+from studyfiles import write_model_study
 from synthetic import synthetic_records
 from torch import nn
 
@@ -247,34 +248,8 @@ def test_the_trial_command_builds_a_factory_model_once_per_trial_and_the_check(c
     assert len(BUILDS) == 3   # the one-line check before anything runs, then once per trial (it was 4)
 
 
-STUDY = """
-name = "{name}"
-sampler = "grid"
-
-[corpus]
-source = "synthetic:k=4,vocab=6,noise=2,tokens=6000"
-
-[model]
-{model}
-
-[train]
-optimizer = "adamw"
-lr = 0.01
-clip = 1.0
-tokens = 1200
-checkpoints = 2
-eval_bptt = 16
-warmup_steps = 1
-
-[search]
-bptt = [4, 8]
-batch_size = [4]
-"""
-
-
 def test_a_sweep_builds_a_factory_model_once_per_trial_and_describes_it_by_what_it_is(tmp_path: Path) -> None:
-    study = tmp_path / "own.toml"
-    study.write_text(STUDY.format(name="own", model=f'factory = "{FACTORY}"\nemsize = 8\nnhid = 12'))
+    study = write_model_study(tmp_path, "own", f'factory = "{FACTORY}"\nemsize = 8\nnhid = 12')
     BUILDS.clear()
     paths = bptt_harness.run_study(study, results_dir=tmp_path / "results", quiet=True)
     assert len(BUILDS) == 1 + 2   # the check before the study starts, then one per trial
@@ -336,8 +311,7 @@ def test_a_toy_family_trains_through_run_trial(bag: ModelFamily, syn: Corpus) ->
 
 
 def test_a_toy_family_is_a_study_key_and_reports(bag: ModelFamily, tmp_path: Path) -> None:
-    study = tmp_path / "bag.toml"
-    study.write_text(STUDY.format(name="bag", model='type = "bag"\nemsize = 8'))
+    study = write_model_study(tmp_path, "bag", 'type = "bag"\nemsize = 8')
     paths = bptt_harness.run_study(study, results_dir=tmp_path / "results", quiet=True)
     df = bptt_harness.load_results(paths.html.parent)
     assert len(df) == 2 and set(df["status"]) == {"ok"} and set(df["model"]) == {"bag"}

@@ -94,29 +94,34 @@ def _trained(doc: dict) -> list[dict]:
     return [r for r in doc.get("rows", []) if r.get("phase") == "trained" and r.get("curves")]
 
 
+def _with_curve(doc: dict, kind: str, points: str) -> list[tuple[dict, dict]]:
+    """(row, its ``kind`` curve) for each trained shape whose curve has ``points``."""
+    return [(r, r["curves"][kind]) for r in _trained(doc) if (r["curves"].get(kind) or {}).get(points)]
+
+
+def _measured(rows: Iterable[Mapping[str, Any]], column: str) -> list[str]:
+    """``bptt 20: 16`` for each row where ``column`` was measured."""
+    return [f"bptt {r['bptt']}: {numbers.count(r[column])}" for r in rows if _number(r.get(column)) is not None]
+
+
 def _name(r: Mapping[str, Any]) -> str:
     return f"bptt {r.get('bptt')} × bs {r.get('batch_size')}"
 
 
 def context_figure(doc: dict) -> Drawn | None:
     """Loss increase over the carried state against n (log axis), one line per shape, its bptt marked."""
-    fig, shown = go.Figure(), []
-    for r in _trained(doc):
-        c = r["curves"].get("context")
-        if not c or not c.get("n"):
-            continue
-        ref = c["carried_loss"]
-        inc = [None if v is None else v - ref for v in c["loss"]]
+    curves = _with_curve(doc, "context", "n")
+    if not curves:
+        return None
+    fig = go.Figure()
+    for r, c in curves:
+        inc = [None if v is None else v - c["carried_loss"] for v in c["loss"]]
         fig.add_trace(go.Scatter(x=c["n"], y=inc, mode="lines+markers", name=_name(r)))
         fig.add_vline(x=r["bptt"], line_dash="dot", line_color="gray", opacity=0.5)
-        shown.append(r)
-    if not shown:
-        return None
     fig.update_layout(**LAYOUT, xaxis=dict(title="n: real tokens before each prediction", type="log"),
                       yaxis=dict(title="loss increase over the carried state (nats)"))
-    tol = shown[0]["curves"]["context"].get("tolerance")
-    found = [f"bptt {r['bptt']}: {numbers.count(r['effective_context_tokens'])}" for r in shown
-             if _number(r.get("effective_context_tokens"))]
+    tol = curves[0][1].get("tolerance")
+    found = _measured((r for r, _ in curves), "effective_context_tokens")
     caption = (f"After {numbers.count(doc.get('tokens'))} training tokens per shape. Each point: the mean loss at the "
                "same sampled targets when only the last n tokens are real (the state warmed on text from elsewhere), "
                "minus the loss with the state carried; dotted lines mark each shape's training bptt. Effective "
@@ -126,20 +131,16 @@ def context_figure(doc: dict) -> Drawn | None:
 
 
 def reach_figure(doc: dict) -> Drawn | None:
-    fig, shown = go.Figure(), []
-    for r in _trained(doc):
-        c = r["curves"].get("reach")
-        if not c or not c.get("norm"):
-            continue
-        fig.add_trace(go.Scatter(x=list(range(len(c["norm"]))), y=c["norm"], mode="lines", name=_name(r)))
-        shown.append(r)
-    if not shown:
+    curves = _with_curve(doc, "reach", "norm")
+    if not curves:
         return None
+    fig = go.Figure()
+    for r, c in curves:
+        fig.add_trace(go.Scatter(x=list(range(len(c["norm"]))), y=c["norm"], mode="lines", name=_name(r)))
     fig.update_layout(**LAYOUT, xaxis=dict(title="lag k (tokens back)"),
                       yaxis=dict(title="|d loss / d embedding at lag k|", type="log"))
-    frac = shown[0]["curves"]["reach"].get("fraction")
-    found = [f"bptt {r['bptt']}: {numbers.count(r['gradient_reach_tokens'])}" for r in shown
-             if _number(r.get("gradient_reach_tokens")) is not None]
+    frac = curves[0][1].get("fraction")
+    found = _measured((r for r, _ in curves), "gradient_reach_tokens")
     caption = ("Mean gradient norm of the loss at sampled targets with respect to the input embedding k tokens back. "
                f"Reach (the last lag at {numbers.num(100 * frac) if frac else '?'}% of the largest norm): "
                + (", ".join(found) if found else "none measured") + ".")
@@ -147,16 +148,13 @@ def reach_figure(doc: dict) -> Drawn | None:
 
 
 def bias_figure(doc: dict) -> Drawn | None:
-    fig, shown = go.Figure(), []
-    for r in _trained(doc):
-        c = r["curves"].get("bias")
-        if not c or not c.get("k"):
-            continue
-        fig.add_trace(go.Scatter(x=c["k"], y=c["bias"], mode="lines+markers", name=_name(r)))
-        shown.append(r)
-    if not shown:
+    curves = _with_curve(doc, "bias", "k")
+    if not curves:
         return None
-    c0 = shown[0]["curves"]["bias"]
+    fig = go.Figure()
+    for r, c in curves:
+        fig.add_trace(go.Scatter(x=c["k"], y=c["bias"], mode="lines+markers", name=_name(r)))
+    c0 = curves[0][1]
     fig.add_hline(y=c0["tolerance"], line_dash="dot", line_color="gray")
     fig.update_layout(**LAYOUT, xaxis=dict(title="truncation length K (tokens)", type="log"),
                       yaxis=dict(title="||E[g_K − g_long]|| / ||E g_long||", type="log"))
